@@ -1,0 +1,429 @@
+"""Stage orchestration for ``recipes/distill.py``: squeeze -> record -> recover -> relabel ->
+evaluate -> export, every stage cached in ``output_dir`` and skipped when done.
+
+Layout of ``output_dir``::
+
+    data_spec.json                      dataset spec (resolution, channels, mean/std, classes)
+    teachers/<name>/                    Hub-ready teacher folders (safetensors, config, card)
+    statistics/<name>.safetensors       Conv statistics per teacher (Eq. 9) with provenance
+    recover/<method>/synthetic.safetensors  synthetic images (+ jobs/ checkpoints while running)
+    relabel/<method>/                   stored soft labels (parquet), relabel_mode=stored only
+    evaluate/results.json               one row per (method, labels, student, seed), last epoch
+    export/<dataset-name>/              Hub-ready dataset folder (parquet + card + grid)
+    stages.json                         which stages are done
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from transformers import HfArgumentParser
+
+from .configs import (
+    DataArguments,
+    GVBSMTrainingArguments,
+    PipelineArguments,
+    PublishArguments,
+    RelabelArguments,
+    SqueezeArguments,
+    StatisticsArguments,
+    SynthesisArguments,
+)
+from .errors import GVBSMError
+
+STAGES = ("squeeze", "record", "recover", "relabel", "evaluate", "export")
+RECIPE_CLASSES = (
+    DataArguments,
+    SqueezeArguments,
+    StatisticsArguments,
+    SynthesisArguments,
+    RelabelArguments,
+    GVBSMTrainingArguments,
+    PublishArguments,
+    PipelineArguments,
+)
+
+
+@dataclass
+class Recipe:
+    """All the arguments of one run, one dataclass per stage."""
+
+    data: DataArguments
+    squeeze: SqueezeArguments
+    stats: StatisticsArguments
+    synthesis: SynthesisArguments
+    relabel: RelabelArguments
+    training: GVBSMTrainingArguments
+    publish: PublishArguments
+    pipeline: PipelineArguments
+
+
+def recipe_parser() -> HfArgumentParser:
+    return HfArgumentParser(RECIPE_CLASSES)  # type: ignore[arg-type]
+
+
+def _known_fields() -> set[str]:
+    return {f.name for cls in RECIPE_CLASSES for f in fields(cls)}
+
+
+def load_recipe_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML and reject unknown keys (with suggestions)."""
+    path = Path(path)
+    if not path.exists():
+        raise GVBSMError(f"Recipe {path} does not exist; see recipes/ for the shipped recipes.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise GVBSMError(f"Recipe {path} must be a mapping of field: value.")
+    known = _known_fields()
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        hints = {k: get_close_matches(k, known, n=1) for k in unknown}
+        msg = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
+        raise GVBSMError(f"Unknown key(s) in recipe {path}: {msg}. Run `python recipes/distill.py --help` for all fields.")
+    return data
+
+
+def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
+    """``--config recipe.yaml`` plus command-line overrides (flags win over the YAML)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = recipe_parser()
+    config_path = None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise GVBSMError("--config needs a path to a recipe YAML.")
+        config_path = argv[i + 1]
+        del argv[i : i + 2]
+    if config_path:
+        parser.set_defaults(**load_recipe_yaml(config_path))
+    parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    *objs, remaining = parsed
+    if remaining:
+        raise GVBSMError(f"Unknown command-line argument(s) {remaining}; see `python recipes/distill.py --help`.")
+    recipe = Recipe(*objs)  # type: ignore[arg-type]
+    bad = [s for s in recipe.pipeline.stages + recipe.pipeline.redo if s not in STAGES]
+    if bad:
+        raise GVBSMError(f"Unknown stage(s) {bad}; stages are {STAGES}.")
+    return recipe
+
+
+class StageCache:
+    """``stages.json``: which stages finished, so a rerun skips them (``--redo`` recomputes)."""
+
+    def __init__(self, output_dir: Path, redo: Sequence[str]) -> None:
+        self.path = output_dir / "stages.json"
+        self.redo = set(redo)
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, stage: str) -> bool:
+        return stage not in self.redo and self.state.get(stage, {}).get("done", False)
+
+    def mark(self, stage: str, **info: Any) -> None:
+        self.state[stage] = {"done": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.path)
+
+    def redo_requested(self, stage: str) -> bool:
+        return stage in self.redo
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Every field of the recipe as plain JSON-able values (for provenance and cards)."""
+    out: dict[str, Any] = {}
+    for part in (recipe.data, recipe.squeeze, recipe.stats, recipe.synthesis, recipe.relabel, recipe.publish, recipe.pipeline):
+        out.update(asdict(part))
+    train = recipe.training
+    for name in ("student", "loss_type", "gamma", "kd_temperature", "student_augment", "student_crop_scale",
+                 "cutmix_prob", "eval_seeds", "eval_students", "num_train_epochs", "learning_rate",
+                 "per_device_train_batch_size", "weight_decay", "lr_scheduler_type", "optim", "warmup_steps"):
+        value = getattr(train, name, None)
+        out[name] = value.value if hasattr(value, "value") else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def is_teacher_reference(name: str) -> bool:
+    """A teacher given as a folder or Hub model id (loaded) rather than a backbone name (trained)."""
+    if os.path.isdir(name):
+        return True
+    return "/" in name and not name.startswith(("hf-hub:", "tv:", "timm:"))
+
+
+def teacher_dir_name(name: str, index: int, names: Sequence[str]) -> str:
+    base = name.replace("/", "--").replace(":", "-")
+    return f"{base}-{index}" if list(names).count(name) > 1 else base
+
+
+def _subset(split, max_samples: int | None, seed: int):
+    """A seeded class-balanced subset of a ``datasets`` split (``None``: the whole split)."""
+    from .data import class_balanced_indices
+
+    if max_samples is None or max_samples >= len(split):
+        return split
+    return split.select(class_balanced_indices(split["label"], total=max_samples, seed=seed))
+
+
+def _load_teachers(recipe: Recipe, spec, train, validation, accelerator, out: Path, cache: StageCache, logger):
+    """Squeeze stage: train each named backbone (or load a given folder / Hub id)."""
+    from .squeeze import train_teacher
+    from .teacher import TeacherModel, load_teacher
+
+    names = list(recipe.squeeze.teachers)
+    if not names:
+        raise GVBSMError("The recipe lists no teachers: set `teachers: [convnet128, ...]`.")
+    teachers, dirs = [], []
+    for i, name in enumerate(names):
+        folder = out / "teachers" / teacher_dir_name(name, i, names)
+        dirs.append(folder)
+        if is_teacher_reference(name):
+            logger.info(f"squeeze: loading teacher {name}")
+            teacher = load_teacher(name)
+        elif (folder / "model.safetensors").exists() and not cache.redo_requested("squeeze"):
+            teacher = load_teacher(folder)
+        elif recipe.squeeze.teacher_epochs == 0:
+            if not recipe.squeeze.teacher_pretrained:
+                raise GVBSMError(
+                    f"teacher_epochs: 0 with teacher_pretrained: false would use an untrained {name}; "
+                    "set teacher_epochs >= 1 or teacher_pretrained: true."
+                )
+            teacher = TeacherModel.from_backbone(name, spec, pretrained=True)
+            if accelerator.is_main_process:
+                teacher.save_pretrained(folder)
+        else:
+            logger.info(f"squeeze: training teacher {i + 1}/{len(names)}: {name}")
+            if cache.redo_requested("squeeze") and folder.exists() and accelerator.is_main_process:
+                import shutil
+
+                shutil.rmtree(folder)
+            accelerator.wait_for_everyone()
+            teacher = train_teacher(name, train, validation, spec, recipe.squeeze, accelerator=accelerator, output_dir=folder)
+        teacher.check_spec(spec) if hasattr(teacher, "check_spec") else None
+        teachers.append(teacher.eval())
+    accelerator.wait_for_everyone()
+    return teachers, dirs
+
+
+def run_pipeline(recipe: Recipe) -> dict[str, Any]:
+    """Run the stages of ``recipe.pipeline.stages`` (SPEC "Stages"), each cached in output_dir.
+
+    Returns a summary: results rows, and the paths of the dataset folder, card and grid.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+
+    from .data import get_dataset_spec, image_batches, load_image_dataset, to_uint8_tensors
+    from .relabel import StoredSoftLabels, TeacherEnsemble, relabel_stored
+    from .statistics import load_statistics, record_statistics, save_statistics, statistics_to_dataset
+    from .synthesis import SyntheticSet, recover
+    from .trainer import evaluate_students
+    from .utils import seed_everything
+    from .visualize import save_class_grid
+
+    logger = get_logger("gvbsm_hf.pipeline")
+    r = recipe
+    out = Path(r.training.output_dir)
+    report_to = [t for t in (r.training.report_to or []) if t not in ("none", "all")] if isinstance(r.training.report_to, list) else []
+    accelerator = Accelerator(cpu=bool(r.training.use_cpu), log_with=report_to or None, project_dir=str(out))
+    if report_to:
+        accelerator.init_trackers("gvbsm", config=recipe_to_dict(r))
+    out.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out, r.pipeline.redo)
+    stages = set(r.pipeline.stages)
+    seed_everything(r.training.seed)
+    if accelerator.is_main_process:
+        (out / "recipe.json").write_text(json.dumps(recipe_to_dict(r), indent=2))
+
+    # ---- data (validated before any compute) ----------------------------------------------
+    d = r.data
+    dsd = load_image_dataset(
+        d.dataset_name, config_name=d.dataset_config_name, image_column=d.image_column, label_column=d.label_column,
+        train_split=d.train_split, validation_split=d.validation_split, streaming=d.streaming,
+        max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=r.training.seed,
+    )
+    spec = get_dataset_spec(dsd, d.dataset_name)
+    if accelerator.is_main_process:
+        (out / "data_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    logger.info(f"data: {spec.name}: {spec.num_classes} classes, {spec.channels}x{spec.image_size}px")
+    need_tensors = bool(stages & {"squeeze", "recover", "evaluate"}) or r.synthesis.syn_init == "real"
+    train = to_uint8_tensors(dsd["train"], spec) if need_tensors and not d.streaming else None
+    validation = to_uint8_tensors(dsd["validation"], spec) if not d.streaming else None
+
+    # ---- squeeze ---------------------------------------------------------------------------
+    teachers, teacher_dirs = _load_teachers(r, spec, train, validation, accelerator, out, cache, logger)
+    cache.mark("squeeze", teachers=[str(p) for p in teacher_dirs])
+
+    # ---- record ----------------------------------------------------------------------------
+    methods = [r.synthesis.syn_method] + [b for b in r.pipeline.baselines if b != r.synthesis.syn_method]
+    statistics: list = [None] * len(teachers)
+    stats_dir = out / "statistics"
+    if "record" in stages and r.synthesis.syn_r_conv > 0:
+        stats_split = _subset(dsd["train"], r.stats.stats_max_samples, r.training.seed)
+        for i, (teacher, folder) in enumerate(zip(teachers, teacher_dirs)):
+            path = stats_dir / f"{folder.name}.safetensors"
+            if path.exists() and not cache.redo_requested("record"):
+                statistics[i] = load_statistics(
+                    path, expect_fingerprint=teacher.fingerprint, expect_patch_size=r.stats.stats_patch_size,
+                    expect_conv_target=r.stats.stats_conv_target,
+                )
+                continue
+            batches = image_batches(stats_split, spec, r.stats.stats_batch_size, process_index=accelerator.process_index,
+                                    num_processes=accelerator.num_processes)
+            statistics[i] = record_statistics(
+                teacher, batches, spec, accelerator=accelerator, patch_size=r.stats.stats_patch_size,
+                conv_target=r.stats.stats_conv_target, augment=r.stats.stats_augment,
+                crop_scale=tuple(r.synthesis.syn_crop_scale), seed=r.training.seed, teacher_name=folder.name,
+                dataset_name=spec.name, total_batches=-(-len(stats_split) // r.stats.stats_batch_size),
+            )
+            if accelerator.is_main_process:
+                save_statistics(statistics[i], path)
+        accelerator.wait_for_everyone()
+        cache.mark("record", files=sorted(str(p) for p in stats_dir.glob("*.safetensors")))
+
+    # ---- recover ---------------------------------------------------------------------------
+    synthetic: dict[str, SyntheticSet] = {}
+    for method in methods:
+        folder = out / "recover" / method.replace("+", "_")
+        if (folder / "synthetic.safetensors").exists() and not cache.redo_requested("recover"):
+            synthetic[method] = SyntheticSet.load(folder)
+            continue
+        if "recover" not in stages:
+            continue
+        if cache.redo_requested("recover") and folder.exists() and accelerator.is_main_process:
+            import shutil
+
+            shutil.rmtree(folder)
+        accelerator.wait_for_everyone()
+        args = dataclasses_replace(r.synthesis, syn_method=method)
+        logger.info(f"recover: {method}, ipc {args.ipc}")
+        result = recover(teachers, statistics, spec, args, stats_args=r.stats, accelerator=accelerator,
+                         output_dir=folder, real_train=train)
+        if accelerator.is_main_process:
+            result.save(folder)
+            save_class_grid(result.uint8_images(spec), result.labels, spec.class_names or
+                            [str(i) for i in range(spec.num_classes)], folder / "grid.png")
+        synthetic[method] = result
+    accelerator.wait_for_everyone()
+    if "recover" in stages:
+        cache.mark("recover", methods=methods)
+
+    # ---- relabel ---------------------------------------------------------------------------
+    relabel_teachers = teachers
+    if r.relabel.relabel_teachers:
+        idx = [i for i, n in enumerate(r.squeeze.teachers) if n in set(r.relabel.relabel_teachers)]
+        relabel_teachers = [teachers[i] for i in idx]
+    ensemble = TeacherEnsemble(relabel_teachers, logit_norm=r.relabel.relabel_logit_norm,
+                               mixed_precision=r.synthesis.syn_mixed_precision)
+    stored: dict[str, StoredSoftLabels] = {}
+    if r.relabel.relabel_mode == "stored" and "relabel" in stages:
+        for method, syn in synthetic.items():
+            folder = out / "relabel" / method.replace("+", "_")
+            if (folder / "stored_labels.parquet").exists() or (folder.exists() and any(folder.iterdir())):
+                if not cache.redo_requested("relabel"):
+                    stored[method] = StoredSoftLabels.load(folder)
+                    continue
+            stored[method] = relabel_stored(
+                syn.images, ensemble, num_views=r.relabel.relabel_num_views, out_size=spec.image_size,
+                crop_scale=tuple(r.training.student_crop_scale), seed=r.relabel.relabel_seed,
+                topk=r.relabel.relabel_topk, accelerator=accelerator,
+            )
+            if accelerator.is_main_process:
+                stored[method].save(folder)
+        cache.mark("relabel", mode="stored")
+    elif r.relabel.relabel_mode not in ("on_the_fly", "stored"):
+        raise GVBSMError(f"relabel_mode must be 'on_the_fly' or 'stored', got {r.relabel.relabel_mode!r}.")
+
+    # ---- evaluate --------------------------------------------------------------------------
+    results_path = out / "evaluate" / "results.json"
+    rows: list[dict[str, Any]] = json.loads(results_path.read_text()) if results_path.exists() else []
+    if cache.redo_requested("evaluate"):
+        rows = []
+    if "evaluate" in stages:
+        label_modes = ["soft"] + (["hard"] if r.pipeline.evaluate_hard_labels else [])
+        for method, syn in synthetic.items():
+            for label_mode in label_modes:
+                if label_mode == "hard" and method != r.synthesis.syn_method:
+                    continue
+                done = any(row["method"] == method and row["labels"] == label_mode for row in rows)
+                if done:
+                    continue
+                targs = dataclasses_replace(
+                    r.training, output_dir=str(out / "evaluate" / method.replace("+", "_") / label_mode),
+                    loss_type=r.training.loss_type if label_mode == "soft" else "ce",
+                )
+                res = evaluate_students(
+                    syn.images, syn.labels, validation, spec, targs,
+                    soft_labeler=ensemble if label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly" else None,
+                    stored=stored.get(method) if label_mode == "soft" else None,
+                )
+                for student, s in res["summary"].items():
+                    rows.append({"method": method, "labels": label_mode, "evaluator": student, "ipc": r.synthesis.ipc,
+                                 "mean": s["mean"], "std": s["std"], "n": s["n"],
+                                 "protocol": "last epoch, mean ± std over seeds",
+                                 "seeds": [run["seed"] for run in res["per_run"] if run["student"] == student],
+                                 "per_seed": [run["top1"] for run in res["per_run"] if run["student"] == student]})
+                if accelerator.is_main_process:
+                    results_path.parent.mkdir(parents=True, exist_ok=True)
+                    results_path.write_text(json.dumps(rows, indent=2))
+        cache.mark("evaluate", rows=len(rows))
+
+    # ---- export ----------------------------------------------------------------------------
+    summary: dict[str, Any] = {"results": rows, "output_dir": str(out)}
+    main = synthetic.get(r.synthesis.syn_method)
+    if "export" in stages and main is not None and accelerator.is_main_process:
+        from .hub import export_distilled_dataset, push_distilled_dataset, push_teacher
+
+        name = r.publish.dataset_repo_id or f"{spec.name.replace('_', '-')}-{r.synthesis.syn_method.replace('+', '-')}-ipc{r.synthesis.ipc}"
+        folder = out / "export" / name.split("/")[-1]
+        with torch.no_grad():
+            ensemble.to(accelerator.device)
+            soft = torch.cat([ensemble(b.to(accelerator.device)).float().cpu() for b in main.images.split(256)])
+        stats_table = statistics_to_dataset([s for s in statistics if s is not None]) if any(
+            s is not None for s in statistics) else None
+        views = stored[r.synthesis.syn_method].to_dataset() if r.synthesis.syn_method in stored else None
+        grid = out / "recover" / r.synthesis.syn_method.replace("+", "_") / "grid.png"
+        teacher_repos = ([f"{r.publish.teacher_repo_prefix}-{p.name}" for p in teacher_dirs]
+                         if r.publish.teacher_repo_prefix else [str(p) for p in teacher_dirs])
+        export_distilled_dataset(
+            folder, images=main.uint8_images(spec), labels=main.labels, spec=spec, soft_logits=soft,
+            slot_metadata={"slot": main.slots.tolist(), "job": main.jobs.tolist()}, stored_views=views,
+            statistics=stats_table, method=recipe_to_dict(r),
+            results=[row for row in rows], teacher_repos=teacher_repos,
+            grid_path=grid if grid.exists() else None, repo_id=r.publish.dataset_repo_id,
+            source_dataset=spec.source or spec.name, license=r.publish.dataset_license or spec.license,
+        )
+        summary.update(dataset_folder=str(folder), card=str(folder / "README.md"), grid=str(grid))
+        cache.mark("export", folder=str(folder))
+        if r.publish.push_dataset:
+            if not r.publish.dataset_repo_id:
+                raise GVBSMError("push_dataset: true needs dataset_repo_id: <org>/<name>.")
+            summary["dataset_url"] = push_distilled_dataset(folder, r.publish.dataset_repo_id)
+        if r.publish.teacher_repo_prefix:
+            summary["teacher_urls"] = [push_teacher(p, f"{r.publish.teacher_repo_prefix}-{p.name}") for p in teacher_dirs]
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def dataclasses_replace(obj, **changes):
+    """``dataclasses.replace`` that also works for ``TrainingArguments`` (re-runs __post_init__)."""
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
+def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of evaluation rows (method, labels, evaluator, IPC, top-1 mean ± std)."""
+    lines = ["| method | labels | evaluator | IPC | top-1 % (last epoch) | seeds |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['labels']} | {row['evaluator']} | {row['ipc']} | "
+                     f"{row['mean']:.2f} ± {row['std']:.2f} | {row['n']} |")
+    return "\n".join(lines)
