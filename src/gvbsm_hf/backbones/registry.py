@@ -1,0 +1,287 @@
+"""Backbone registry (timm style): the small-image zoo, torchvision (``tv:``), timm (``timm:`` or a
+bare timm name) and timm Hub models (``hf-hub:``).
+
+Every backbone maps normalised images ``(N, in_chans, S, S)`` to logits ``(N, num_classes)``.
+The teachers of the squeeze stage and the students of the evaluate stage (SPEC, "Stages") are
+created here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from ..errors import GVBSMError, OfflineError, UnknownBackboneError
+
+logger = logging.getLogger(__name__)
+
+BackboneFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, tuple[BackboneFactory, dict[str, Any]]] = {}
+
+TV_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
+HF_HUB_PREFIX = "hf-hub:"
+PROBE_TIMEOUT_S = 3.0
+_OFFLINE_FIX = (
+    "Fix: pass pretrained=False (teacher_pretrained: false) to train from scratch; or, on a machine "
+    "with network access, download the weights once into the local cache (HF_HOME / TORCH_HOME) and "
+    "copy the cache here; or pass a local teacher folder (written by TeacherModel.save_pretrained) "
+    "instead of a backbone name."
+)
+
+
+def register_backbone(name: str, **default_kwargs: Any) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Decorator registering ``fn(num_classes, in_chans, image_size, **kw) -> nn.Module`` as ``name``.
+
+    ``default_kwargs`` are passed to the factory unless :func:`create_backbone` overrides them, so one
+    factory can be registered under several names (``convnet`` / ``convnet128``).
+    """
+    if not name or ":" in name:
+        raise GVBSMError(f"Backbone name {name!r} must be non-empty and must not contain ':' (prefixes are reserved).")
+
+    def decorator(fn: BackboneFactory) -> BackboneFactory:
+        if name in _REGISTRY and _REGISTRY[name][0] is not fn:
+            raise GVBSMError(f"Backbone {name!r} is already registered; pick another name.")
+        _REGISTRY[name] = (fn, dict(default_kwargs))
+        return fn
+
+    return decorator
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered (zoo) backbones, sorted."""
+    return sorted(_REGISTRY)
+
+
+def is_backbone_name(name: str) -> bool:
+    """True if :func:`create_backbone` can resolve ``name`` without touching the network."""
+    if name in _REGISTRY or name.startswith(HF_HUB_PREFIX):
+        return True
+    if name.startswith(TV_PREFIX):
+        import torchvision
+
+        return name[len(TV_PREFIX):] in torchvision.models.list_models()
+    import timm
+
+    return timm.is_model(name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name)
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    image_size: int = 32,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a backbone mapping ``(N, in_chans, S, S)`` normalised images to ``(N, num_classes)`` logits.
+
+    Resolution order: zoo name; ``tv:<name>`` (torchvision ``get_model``, first conv and classifier
+    adapted); ``timm:<name>`` or a bare name timm knows; ``hf-hub:<repo>`` (timm from the Hub).
+    Raises :class:`UnknownBackboneError` with close matches, and :class:`OfflineError` (within
+    seconds) when pretrained weights are needed, not cached and the network is unreachable.
+    """
+    if name in _REGISTRY:
+        if pretrained:
+            raise GVBSMError(
+                f"Zoo backbone {name!r} has no pretrained weights. Use pretrained=False and train it with "
+                "gvbsm_hf.squeeze.train_teacher, or load a trained teacher folder with gvbsm_hf.teacher.load_teacher."
+            )
+        fn, defaults = _REGISTRY[name]
+        return fn(num_classes=num_classes, in_chans=in_chans, image_size=image_size, **{**defaults, **kwargs})
+    if name.startswith(TV_PREFIX):
+        return _create_torchvision(name[len(TV_PREFIX):], num_classes, in_chans, pretrained, **kwargs)
+    if name.startswith(HF_HUB_PREFIX):
+        repo = name[len(HF_HUB_PREFIX):]
+        if not _hf_cached(repo, ("config.json",)):
+            _require_network(f"timm Hub model {name!r}", _hf_endpoint_host())
+        return _create_timm(name, num_classes, in_chans, pretrained, **kwargs)
+    import timm
+
+    timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    if timm.is_model(timm_name):
+        return _create_timm(timm_name, num_classes, in_chans, pretrained, **kwargs)
+    raise UnknownBackboneError(_unknown_message(name))
+
+
+# --------------------------------------------------------------------------------------------- timm
+
+
+def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    if pretrained and not name.startswith(HF_HUB_PREFIX) and not _timm_weights_cached(name):
+        _require_network(f"pretrained timm weights for {name!r}", _hf_endpoint_host())
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    except (OSError, RuntimeError) as e:  # huggingface_hub offline / connection errors
+        if pretrained or name.startswith(HF_HUB_PREFIX):
+            raise OfflineError(f"Could not fetch weights for {name!r}: {e}. {_OFFLINE_FIX}") from e
+        raise
+
+
+def _timm_weights_cached(name: str) -> bool:
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - unknown tag: let timm raise its own error later
+        return False
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+        if _hf_cached(cfg.hf_hub_id, files):
+            return True
+    return bool(cfg.url) and _torch_hub_cached(cfg.url)
+
+
+# -------------------------------------------------------------------------------------- torchvision
+
+
+def _create_torchvision(name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise UnknownBackboneError(_unknown_message(TV_PREFIX + name))
+    if pretrained:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+        if not _torch_hub_cached(weights.url):
+            _require_network(f"pretrained torchvision weights for 'tv:{name}'", urlparse(weights.url).hostname or "")
+        model = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
+        _replace_classifier(model, num_classes)
+    else:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+    if in_chans != 3:
+        _adapt_first_conv(model, in_chans, pretrained)
+    return model
+
+
+def _adapt_first_conv(model: nn.Module, in_chans: int, pretrained: bool) -> None:
+    """Replace the first ``Conv2d`` by one with ``in_chans`` inputs.
+
+    Pretrained filters are averaged over the input channels and scaled by ``3 / in_chans``, so that a
+    grey image repeated on 3 channels gives the same activations as before (sum for 1 channel).
+    """
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            break
+    else:
+        raise GVBSMError(f"{type(model).__name__} has no Conv2d to adapt to in_chans={in_chans}; use in_chans=3.")
+    if module.groups != 1:
+        raise GVBSMError(f"The first conv of {type(model).__name__} is grouped; use in_chans=3 for this model.")
+    new = nn.Conv2d(
+        in_chans, module.out_channels, module.kernel_size, module.stride, module.padding, module.dilation,
+        1, module.bias is not None, module.padding_mode,
+    )
+    if pretrained:
+        with torch.no_grad():
+            w = module.weight.mean(dim=1, keepdim=True) * (module.in_channels / in_chans)
+            new.weight.copy_(w.expand(-1, in_chans, -1, -1))
+            if module.bias is not None:
+                new.bias.copy_(module.bias)
+    parent_path, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
+
+
+def _replace_classifier(model: nn.Module, num_classes: int) -> None:
+    """Replace the last ``Linear`` (or 1x1 ``Conv2d`` head, e.g. SqueezeNet) by a fresh one."""
+    last_path, last = None, None
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last_path, last = path, module
+    if last is None:
+        for path, module in model.named_modules():
+            if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+                last_path, last = path, module
+    if last is None or last_path is None:
+        raise GVBSMError(f"Cannot find the classifier of {type(model).__name__}; use pretrained=False.")
+    if isinstance(last, nn.Linear):
+        new: nn.Module = nn.Linear(last.in_features, num_classes, bias=last.bias is not None)
+    else:
+        new = nn.Conv2d(last.in_channels, num_classes, 1)
+    parent_path, _, attr = last_path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, attr, new)
+
+
+# ------------------------------------------------------------------------------- network and caches
+
+
+def _offline_env() -> bool:
+    """HF_HUB_OFFLINE read at call time (huggingface_hub reads it only at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hf_endpoint_host() -> str:
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def _hf_cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in filenames:
+        try:
+            path = try_to_load_from_cache(repo_id, filename)
+        except Exception:  # noqa: BLE001 - invalid repo id etc.: treat as not cached
+            return False
+        if isinstance(path, str) and os.path.exists(path):
+            return True
+    return False
+
+
+def _torch_hub_cached(url: str) -> bool:
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    return os.path.exists(path)
+
+
+def _require_network(what: str, host: str, fix: str = _OFFLINE_FIX) -> None:
+    """Raise :class:`OfflineError` within ~3 s if ``host`` cannot be reached (or HF_HUB_OFFLINE is set)."""
+    if _offline_env():
+        raise OfflineError(f"{what} are not in the local cache and HF_HUB_OFFLINE is set. {fix}")
+    try:
+        with socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as e:
+        raise OfflineError(
+            f"{what} are not in the local cache and {host}:443 is unreachable ({e}). {fix}"
+        ) from e
+
+
+# ----------------------------------------------------------------------------------- error messages
+
+
+def _unknown_message(name: str) -> str:
+    import timm
+    import torchvision
+
+    zoo = list_backbones()
+    tv = [TV_PREFIX + n for n in torchvision.models.list_models()]
+    if name.startswith(TV_PREFIX):
+        query, candidates = name, tv
+    elif name.startswith(TIMM_PREFIX):
+        query, candidates = name[len(TIMM_PREFIX):], timm.list_models()
+    else:
+        query, candidates = name, zoo + tv + timm.list_models()
+    matches = difflib.get_close_matches(query, candidates, n=5, cutoff=0.5)
+    if name.startswith(TIMM_PREFIX):
+        matches = [TIMM_PREFIX + m for m in matches]
+    hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
+    return (
+        f"Unknown backbone {name!r}.{hint} Zoo backbones (gvbsm_hf.backbones.list_backbones()): {', '.join(zoo)}. "
+        "timm models: timm.list_models('*pattern*'), used as 'timm:<name>' or the bare name; torchvision models: "
+        "torchvision.models.list_models(), used as 'tv:<name>'; timm models on the Hub: 'hf-hub:<org>/<repo>'."
+    )

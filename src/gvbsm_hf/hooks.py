@@ -1,0 +1,295 @@
+"""Forward hooks that compute BatchNorm and Conv statistics inside the hook (SPEC Eq. 1, 6, 9, 10).
+
+:class:`StatisticsHooks` attaches to every ``_BatchNorm`` layer with running statistics and every
+``nn.Conv2d`` of any model (timm, torchvision, the zoo) found by ``named_modules()``. Each hook
+reduces its feature map to a handful of small tensors right away, so no activation is ever stored;
+the statistics keep the autograd graph, so synthesis back-propagates through them.
+
+Statistics (all float32, variances biased):
+
+- BN layer ``l`` (Eq. 1/6): per-channel mean and variance of the layer's INPUT over batch and space.
+- Conv layer ``l`` (Eq. 9/10): ``channel_mean``/``channel_var`` (``C`` values, over batch and space)
+  and ``patch_mean``/``patch_var`` (over batch, channels and the pixels of each ``p x p`` patch; grid
+  ``ceil(H/p) x ceil(W/p)``; a partial last patch averages over its real pixels only).
+
+Conv statistics are taken on the Conv2d INPUT by default (authors' code); ``conv_target="output"``
+follows the paper's text (SPEC "Where the authors' public code differs").
+
+Efficiency: one elementwise pass ``x - shift`` (a detached per-channel shift taken from the first
+image, which makes ``E[x^2] - E[x]^2`` well conditioned), an in-place square, and two reductions
+over the batch dimension; the backward is one fused ``addcmul`` (custom autograd Function, which
+saves only the activation itself). Everything else (channel and patch reductions, patch pooling)
+runs on the ``(C, H, W)`` batch averages, ``N`` times smaller. Patch statistics use the exact identity
+``E[(x-t)^2] = E[(x-s_c)^2] + 2 (s_c-t) E[x-s_c] + (s_c-t)^2`` with the scalar ``t = mean_c s_c``
+on those small averages, so a large common offset cancels before any squaring.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+logger = logging.getLogger(__name__)
+
+CONV_STATISTICS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
+"""Keys of every ``conv_stats[layer]`` dict (and of :class:`gvbsm_hf.statistics.TeacherStatistics`)."""
+
+
+class _ShiftedBatchMoments(torch.autograd.Function):
+    """``(mean_n(x - s), mean_n((x - s)^2))`` over dim 0, float32, with a one-pass fused backward.
+
+    Forward squares in place (one temporary); backward is ``dx = (g1 + 2 g2 (x - s)) / N`` in two
+    elementwise passes. Only ``x`` itself is saved (no ``x - s`` copy is kept for backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xc = torch.sub(x, shift)  # float32 by type promotion (bf16/fp16 input is upcast in this pass)
+        s1 = xc.mean(dim=0)
+        s2 = xc.square_().mean(dim=0)
+        ctx.save_for_backward(x, shift)
+        return s1, s2
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g1: torch.Tensor, g2: torch.Tensor):
+        x, shift = ctx.saved_tensors
+        n = x.shape[0]
+        grad = torch.addcmul(g1 / n, torch.sub(x, shift), g2, value=2.0 / n)
+        return grad.to(x.dtype), None
+
+
+def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch averages of ``x - s`` and ``(x - s)^2``, shaped ``(C, H, W)``, and the shift ``s`` ``(C, 1, 1)``.
+
+    ``x`` is ``(N, C, H, W)`` in any dtype / memory format; the result is float32. ``s`` is the detached
+    per-channel mean of the first image (a cheap, well-placed shift; the statistics do not depend on it).
+    """
+    channels_last = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        xv = x.permute(0, 2, 3, 1)  # contiguous (N, H, W, C): reductions over N stream through memory
+        shift = xv[:1].detach().float().mean(dim=(1, 2), keepdim=True)  # (1, 1, 1, C)
+    else:
+        xv = x if x.is_contiguous() else x.contiguous()
+        shift = xv[:1].detach().float().mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
+    if xv.requires_grad and torch.is_grad_enabled():
+        s1, s2 = _ShiftedBatchMoments.apply(xv, shift)
+    else:  # no graph: skip the autograd.Function machinery
+        xc = torch.sub(xv, shift)
+        s1 = xc.mean(dim=0)
+        s2 = xc.square_().mean(dim=0)
+    shift = shift[0]
+    if channels_last:
+        s1, s2, shift = s1.permute(2, 0, 1), s2.permute(2, 0, 1), shift.permute(2, 0, 1)
+    return s1, s2, shift
+
+
+def _patch_average(t: torch.Tensor, p: int) -> torch.Tensor:
+    """Average of ``t`` ``(K, H, W)`` over each ``p x p`` patch -> ``(K, ceil(H/p), ceil(W/p))``.
+
+    A partial last patch is averaged over its real pixels only. Not ``avg_pool2d(ceil_mode=True)``:
+    Inductor's backward of that divides overhanging windows by ``p*p`` (pytorch/pytorch#198119),
+    so the map is zero-padded and divided by the pooled fraction of real pixels instead.
+    """
+    h, w = t.shape[-2:]
+    ph, pw = (-h) % p, (-w) % p
+    if ph == 0 and pw == 0:
+        return F.avg_pool2d(t, p, p)
+    padded = F.pad(torch.cat([t, t.new_ones((1, h, w))]), (0, pw, 0, ph))
+    pooled = F.avg_pool2d(padded, p, p)
+    return pooled[:-1] / pooled[-1:]
+
+
+def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` over every dimension but 1 (BN input, Eq. 1).
+
+    Accepts ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; float32 result.
+    """
+    if x.dim() != 4:
+        x = x.reshape(x.shape[0], x.shape[1], 1, -1)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        s1, s2, shift = _batch_moments(x)
+        a = s1.mean(dim=(1, 2))
+        mean = a + shift.view(-1)
+        var = (s2.mean(dim=(1, 2)) - a * a).clamp_min(0.0)
+    return mean, var
+
+
+def conv_statistics(x: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+    """Channel and patch mean / biased variance of a Conv feature map ``(N, C, H, W)`` (Eq. 9).
+
+    Returns ``channel_mean``, ``channel_var`` (``(C,)``) and ``patch_mean``, ``patch_var``
+    (``(ceil(H/p), ceil(W/p))``), float32, differentiable w.r.t. ``x``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"Conv statistics need a 4-D (N, C, H, W) feature map, got shape {tuple(x.shape)}.")
+    p = int(patch_size)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        s1, s2, shift = _batch_moments(x)  # (C, H, W), (C, H, W), (C, 1, 1)
+        # channel statistics, shifted per channel
+        a = s1.mean(dim=(1, 2))
+        channel_mean = a + shift.view(-1)
+        channel_var = (s2.mean(dim=(1, 2)) - a * a).clamp_min(0.0)
+        # patch statistics about one scalar shift t shared by all channels
+        t = shift.mean()
+        d = shift - t  # (C, 1, 1)
+        m_t = (s1 + d).mean(dim=0, keepdim=True)  # E_c[x - t] per pixel, (1, H, W)
+        q_t = (s2 + d * (2.0 * s1 + d)).mean(dim=0, keepdim=True)  # E_c[(x - t)^2] per pixel
+        pm_t, pq_t = _patch_average(torch.cat([m_t, q_t]), p).unbind(0)
+        patch_mean = pm_t + t
+        patch_var = (pq_t - pm_t * pm_t).clamp_min(0.0)
+    return {
+        "channel_mean": channel_mean,
+        "channel_var": channel_var,
+        "patch_mean": patch_mean,
+        "patch_var": patch_var,
+    }
+
+
+def _has_running_stats(module: nn.Module) -> bool:
+    return (
+        isinstance(module, _BatchNorm)
+        and bool(module.track_running_stats)
+        and getattr(module, "running_mean", None) is not None
+        and getattr(module, "running_var", None) is not None
+    )
+
+
+class StatisticsHooks:
+    """Forward hooks computing BN and Conv statistics of a model (SPEC Eq. 1, 6, 9, 10).
+
+    Use as a context manager (the hooks are removed on exit, also on exceptions) or call
+    :meth:`remove`. After a forward pass, ``bn_stats[name] = (mean, var)`` and
+    ``conv_stats[name] = {"channel_mean", "channel_var", "patch_mean", "patch_var"}`` hold the
+    statistics of the last batch that went through each hooked layer (with their autograd graph).
+
+    Args:
+        model: any ``nn.Module``; layers are found with ``named_modules()``.
+        bn: hook ``_BatchNorm`` layers that track running statistics (input statistics).
+        conv: hook every ``nn.Conv2d`` (grouped and depthwise included).
+        conv_target: ``"input"`` (authors' code, default) or ``"output"`` (paper text) of each Conv2d.
+        patch_size: patch side ``Np`` of the patch statistics (4 small datasets, 16 ImageNet).
+        layer_filter: optional ``(name, module) -> bool``; only layers where it is True are hooked.
+        enabled: compute statistics (switch off cheaply with ``hooks.enabled = False``).
+
+    Works under ``torch.compile`` (hooks registered before the compiled call are traced into the
+    graph; toggling ``enabled`` recompiles once per value) and with channels_last inputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        bn: bool = True,
+        conv: bool = True,
+        conv_target: Literal["input", "output"] = "input",
+        patch_size: int = 4,
+        layer_filter: Callable[[str, nn.Module], bool] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        if conv_target not in ("input", "output"):
+            raise ValueError(f"conv_target must be 'input' or 'output', got {conv_target!r} (stats_conv_target).")
+        if int(patch_size) < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r} (stats_patch_size).")
+        self.conv_target = conv_target
+        self.patch_size = int(patch_size)
+        self.enabled = enabled
+        self.bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.conv_stats: dict[str, dict[str, torch.Tensor]] = {}
+        self.bn_layers: list[str] = []
+        self.conv_layers: list[str] = []
+        self._bn_modules: dict[str, nn.Module] = {}
+        self._fired: dict[str, None] = {}  # insertion order = order of first forward
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for name, module in model.named_modules():
+            if layer_filter is not None and not layer_filter(name, module):
+                continue
+            if bn and _has_running_stats(module):
+                self.bn_layers.append(name)
+                self._bn_modules[name] = module
+                self._handles.append(module.register_forward_hook(self._bn_hook(name), with_kwargs=True))
+            elif conv and isinstance(module, nn.Conv2d):
+                self.conv_layers.append(name)
+                self._handles.append(module.register_forward_hook(self._conv_hook(name), with_kwargs=True))
+        if not self._handles:
+            logger.warning("StatisticsHooks found no layer to hook (bn=%s, conv=%s) in %s.", bn, conv, type(model).__name__)
+
+    # ----------------------------------------------------------------------------- hooks
+    @staticmethod
+    def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["input"]
+
+    def _bn_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            if not self.enabled:
+                return
+            self._fired[name] = None
+            self.bn_stats[name] = channel_statistics(self._first_input(args, kwargs))
+
+        return hook
+
+    def _conv_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+            if not self.enabled:
+                return
+            self._fired[name] = None
+            x = self._first_input(args, kwargs) if self.conv_target == "input" else output
+            self.conv_stats[name] = conv_statistics(x, self.patch_size)
+
+        return hook
+
+    # ----------------------------------------------------------------------------- API
+    @property
+    def layer_names(self) -> list[str]:
+        """Hooked layer names in forward order (registration order for layers not run yet)."""
+        fired = list(self._fired)
+        seen = set(fired)
+        return fired + [n for n in self._registered_order() if n not in seen]
+
+    def _registered_order(self) -> list[str]:
+        order = {n: None for n in self.bn_layers}
+        order.update({n: None for n in self.conv_layers})
+        return list(order)
+
+    def bn_targets(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{name: (running_mean, running_var)}`` of the hooked BN layers (detached float32 copies)."""
+        return {
+            name: (m.running_mean.detach().float().clone(), m.running_var.detach().float().clone())
+            for name, m in self._bn_modules.items()
+        }
+
+    def clear(self) -> None:
+        """Drop the statistics of the last forward pass (and their graphs)."""
+        self.bn_stats.clear()
+        self.conv_stats.clear()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still attached."""
+        return bool(self._handles)
+
+    def __enter__(self) -> "StatisticsHooks":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove()
+
+    def __len__(self) -> int:
+        return len(self.bn_layers) + len(self.conv_layers)
+
+    def __repr__(self) -> str:
+        return (
+            f"StatisticsHooks(bn_layers={len(self.bn_layers)}, conv_layers={len(self.conv_layers)}, "
+            f"conv_target={self.conv_target!r}, patch_size={self.patch_size}, enabled={self.enabled})"
+        )

@@ -1,0 +1,606 @@
+"""Relabel: ensemble soft labels (SPEC Eq. 8), on the fly or stored.
+
+* :class:`TeacherEnsemble` runs every teacher on the SAME (augmented) batch and averages the
+  logits (optionally with logit normalisation), ``z~ = ensemble_logits([f(x) for f in S])``; the
+  soft label is ``softmax(z~ / tau)``.
+* :func:`relabel_stored` precomputes, for every synthetic image, ``num_views`` augmented views
+  (random resized crop + flip parameters) and the ensemble logits of each view (FKD-style,
+  SPEC "Where the authors' code differs"). The student then replays exactly those views
+  (:class:`gvbsm_hf.trainer.GVBSMTrainer`), so that each soft label matches its view.
+
+View parameters of image ``i`` come from a CPU ``torch.Generator`` seeded with
+``derive_seed(seed, i)``: they do not depend on the batch size, on the order of the batches or on
+the number of processes. By default every view is a random resized crop (the student's own
+augmentation); ``clean_view=True`` makes view 0 the whole unflipped image (useful for inspecting
+or publishing one label per image) without changing views ``1..V-1``. Logits are stored in fp16,
+optionally only the top-k (missing classes are filled with ``min(kept) - fill_margin`` when
+densified, finite so that both the MSE of Eq. 11 and a softmax work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import CropFlipParams, apply_crop_flip, sample_crop_flip
+from .errors import DataValidationError, GVBSMError
+from .losses import ensemble_logits, soft_labels
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+    from accelerate import Accelerator
+
+__all__ = [
+    "TeacherEnsemble",
+    "StoredSoftLabels",
+    "relabel_stored",
+    "derive_seed",
+    "sample_image_views",
+]
+
+STORED_LABELS_FILE = "soft_labels.parquet"
+STORED_META_FILE = "soft_labels_meta.json"
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit generator seed from a tuple of integers (e.g. ``(seed, image_index)``).
+
+    sha256-based, so nearby keys give unrelated streams and ``(a, b)`` never aliases ``(a', b')``.
+    """
+    h = hashlib.sha256(",".join(str(int(k)) for k in keys).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher ensemble (Eq. 8)
+# --------------------------------------------------------------------------------------------
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers whose logits are averaged on the same input (SPEC Eq. 8).
+
+    Args:
+        teachers: modules mapping a normalised batch ``(B, C, H, W)`` to logits ``(B, K)``
+            (``TeacherModel`` or any backbone).
+        logit_norm: rescale each teacher's logits to the mean Frobenius norm before averaging
+            (Eq. 8 with LN, used for ImageNet-1k).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` autocast for the teacher forwards
+            (the ensemble is always returned in float32).
+        channels_last: feed the teachers a ``channels_last`` batch.
+
+    The teachers stay in eval mode (``.train()`` is a no-op) with ``requires_grad=False``, and
+    the forward runs under ``torch.no_grad()``: the result can be used as a target of a loss.
+    """
+
+    def __init__(
+        self,
+        teachers: Sequence[nn.Module],
+        *,
+        logit_norm: bool = False,
+        mixed_precision: str = "no",
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(teachers) == 0:
+            raise GVBSMError("TeacherEnsemble needs at least one teacher: pass a non-empty list of teacher models.")
+        if mixed_precision not in ("no", "bf16", "fp16"):
+            raise GVBSMError(f"mixed_precision={mixed_precision!r}: use 'no', 'bf16' or 'fp16'.")
+        declared = {self._declared_classes(t) for t in teachers} - {None}
+        if len(declared) > 1:
+            raise GVBSMError(
+                f"The teachers predict different numbers of classes {sorted(declared)}: ensemble only teachers "
+                "trained on the same dataset."
+            )
+        self.teachers = nn.ModuleList(teachers)
+        self.logit_norm = bool(logit_norm)
+        self.mixed_precision = mixed_precision
+        self.channels_last = bool(channels_last)
+        if channels_last:
+            self.teachers.to(memory_format=torch.channels_last)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "TeacherEnsemble":  # noqa: D401 - nn.Module API
+        """Teachers are always in eval mode (BatchNorm running statistics, no dropout)."""
+        return super().train(False)
+
+    @staticmethod
+    def _declared_classes(teacher: nn.Module) -> int | None:
+        k = getattr(teacher, "num_classes", None)
+        if k is None:
+            cfg = getattr(teacher, "config", None)
+            k = cfg.get("num_classes") if isinstance(cfg, Mapping) else getattr(cfg, "num_classes", None)
+        return int(k) if isinstance(k, int) else None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of classes the teachers declare (``TeacherModel.num_classes``), ``None`` if unknown."""
+        return self._declared_classes(self.teachers[0])
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def _autocast(self, device: torch.device):
+        if self.mixed_precision == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+
+    def teacher_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per-teacher float32 logits on the same batch ``x`` (no gradient)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), self._autocast(x.device):
+            return [t(x).float() for t in self.teachers]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Ensemble logits ``z~`` of a normalised batch (Eq. 8), float32, no gradient."""
+        with torch.no_grad():
+            return ensemble_logits(self.teacher_logits(x), logit_norm=self.logit_norm).float()
+
+    def soft_labels(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Soft labels ``softmax(z~ / tau)`` (Eq. 8)."""
+        return soft_labels(self(x), temperature)
+
+
+# --------------------------------------------------------------------------------------------
+# Stored soft labels
+# --------------------------------------------------------------------------------------------
+
+
+def _identity_boxes(n: int, height: int, width: int) -> torch.Tensor:
+    """Boxes ``(x1, y1, x2, y2)`` covering the whole image (the augment module's box format)."""
+    return torch.tensor([0.0, 0.0, float(width), float(height)]).expand(n, 4).clone()
+
+
+def sample_image_views(
+    image_index: int,
+    num_views: int,
+    height: int,
+    width: int,
+    *,
+    seed: int = 0,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    flip_prob: float = 0.5,
+    clean_view: bool = False,
+) -> CropFlipParams:
+    """The ``num_views`` crop/flip parameters of image ``image_index`` (deterministic).
+
+    Drawn by :func:`gvbsm_hf.augment.sample_crop_flip` from a generator seeded with
+    ``derive_seed(seed, image_index)``. With ``clean_view`` view 0 is replaced by the identity
+    (whole image, no flip); views ``1..V-1`` are the same with or without it.
+    """
+    g = torch.Generator().manual_seed(derive_seed(seed, image_index))
+    params = sample_crop_flip(
+        num_views, height, width, scale=tuple(crop_scale), flip_prob=flip_prob, generator=g
+    )
+    boxes = params.boxes.detach().to("cpu", torch.float32).clone()
+    flip = params.flip.detach().to("cpu").bool().clone()
+    if clean_view:
+        boxes[0] = _identity_boxes(1, height, width)[0]
+        flip[0] = False
+    return CropFlipParams(boxes=boxes, flip=flip)
+
+
+@dataclass
+class StoredSoftLabels:
+    """Precomputed ensemble logits of ``V`` augmented views of ``N`` images (Eq. 8, FKD-style).
+
+    Attributes:
+        boxes: ``(N, V, 4)`` float32 crop boxes in source-pixel coordinates (augment's format).
+        flip: ``(N, V)`` bool horizontal flips (applied after the crop).
+        logits: ``(N, V, K)`` dense ensemble logits (fp16 by default), or ``None`` with top-k.
+        topk_values / topk_indices: ``(N, V, k)`` kept logits (descending) and their classes
+            (int16 when K <= 32767, else int32) when stored with ``topk``.
+        num_classes: K.
+        image_size: ``(H, W)`` of the source images the boxes refer to.
+        out_size: side of the crops fed to the teachers (the student must use the same).
+        seed, crop_scale, clean_view, logit_norm: how the views / logits were made (provenance).
+        fill_margin: top-k reconstruction fills missing classes with
+            ``min(kept values) - fill_margin`` (finite, so MSE and softmax both work; the top-k
+            values stay exact and strictly on top when ``fill_margin > 0``).
+    """
+
+    boxes: torch.Tensor
+    flip: torch.Tensor
+    num_classes: int
+    image_size: tuple[int, int]
+    out_size: int
+    logits: torch.Tensor | None = None
+    topk_values: torch.Tensor | None = None
+    topk_indices: torch.Tensor | None = None
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    clean_view: bool = False
+    logit_norm: bool = False
+    fill_margin: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        if (self.logits is None) == (self.topk_values is None):
+            raise GVBSMError("StoredSoftLabels needs exactly one of `logits` (dense) or `topk_values`/`topk_indices`.")
+        if self.topk_values is not None and self.topk_indices is None:
+            raise GVBSMError("StoredSoftLabels: `topk_values` given without `topk_indices`.")
+        if self.boxes.ndim != 3 or self.boxes.shape[-1] != 4:
+            raise GVBSMError(f"boxes must be (N, V, 4), got {tuple(self.boxes.shape)}.")
+        n, v = self.boxes.shape[:2]
+        if tuple(self.flip.shape) != (n, v):
+            raise GVBSMError(f"flip must be (N, V) = {(n, v)}, got {tuple(self.flip.shape)}.")
+        values = self.logits if self.logits is not None else self.topk_values
+        if tuple(values.shape[:2]) != (n, v):
+            raise GVBSMError(f"logits must start with (N, V) = {(n, v)}, got {tuple(values.shape)}.")
+
+    # ---- shape ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.boxes.shape[1])
+
+    @property
+    def topk(self) -> int | None:
+        return None if self.topk_values is None else int(self.topk_values.shape[-1])
+
+    # ---- access --------------------------------------------------------------------------
+    def _select(self, view_index: torch.Tensor | int, image_index: torch.Tensor | None):
+        if image_index is None:
+            image_index = torch.arange(len(self))
+        image_index = torch.as_tensor(image_index, dtype=torch.long).reshape(-1).cpu()
+        view_index = torch.as_tensor(view_index, dtype=torch.long).reshape(-1).cpu()
+        if view_index.numel() == 1:
+            view_index = view_index.expand(image_index.numel())
+        if view_index.numel() != image_index.numel():
+            raise GVBSMError(
+                f"view_index has {view_index.numel()} entries for {image_index.numel()} images: "
+                "pass one view per image (or a single int)."
+            )
+        if image_index.numel() and (image_index.min() < 0 or image_index.max() >= len(self)):
+            raise GVBSMError(
+                f"image index out of range [0, {len(self)}): the stored labels do not cover these images; "
+                "re-run relabel_stored on the same image set."
+            )
+        if view_index.numel() and (view_index.min() < 0 or view_index.max() >= self.num_views):
+            raise GVBSMError(f"view index out of range [0, {self.num_views}).")
+        return image_index, view_index
+
+    def view_params(self, view_index: torch.Tensor | int, image_index: torch.Tensor | None = None) -> CropFlipParams:
+        """Crop/flip parameters of view ``view_index[j]`` of image ``image_index[j]`` (CPU)."""
+        i, v = self._select(view_index, image_index)
+        return CropFlipParams(boxes=self.boxes[i, v].float(), flip=self.flip[i, v].bool())
+
+    def dense_logits(self, view_index: torch.Tensor | int, image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Float32 logits ``(B, K)`` of the selected views (top-k: missing classes filled, see class doc)."""
+        i, v = self._select(view_index, image_index)
+        if self.logits is not None:
+            return self.logits[i, v].float()
+        vals = self.topk_values[i, v].float()
+        idx = self.topk_indices[i, v].long()
+        fill = vals.min(dim=-1, keepdim=True).values - float(self.fill_margin)
+        out = fill.expand(vals.shape[0], self.num_classes).clone()
+        return out.scatter_(-1, idx, vals)
+
+    # ---- tables --------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able description needed by :meth:`from_rows` (everything but the per-image rows)."""
+        return {
+            "num_classes": int(self.num_classes),
+            "image_size": list(self.image_size),
+            "out_size": int(self.out_size),
+            "num_views": self.num_views,
+            "topk": self.topk,
+            "logits_dtype": str(self.logits.dtype if self.logits is not None else self.topk_values.dtype).replace(
+                "torch.", ""
+            ),
+            "index_dtype": None if self.topk_indices is None else str(self.topk_indices.dtype).replace("torch.", ""),
+            "seed": int(self.seed),
+            "crop_scale": list(self.crop_scale),
+            "clean_view": bool(self.clean_view),
+            "logit_norm": bool(self.logit_norm),
+            "fill_margin": float(self.fill_margin),
+            "box_format": "xyxy_pixels",
+            "extra": dict(self.extra),
+        }
+
+    def to_rows(self) -> dict[str, list]:
+        """Columns of a ``datasets`` table, one row per image (dict of lists).
+
+        ``views_boxes`` ``(V, 4)``, ``views_flip`` ``(V,)`` and either ``soft_logits`` ``(V, K)``
+        or ``topk_values`` / ``topk_indices`` ``(V, k)``. Lists of python numbers: exact for
+        fp16/float32/int values. Use :meth:`features` for the matching ``datasets.Features``.
+        """
+        rows: dict[str, list] = {
+            "views_boxes": self.boxes.float().numpy().tolist(),
+            "views_flip": self.flip.bool().numpy().tolist(),
+        }
+        if self.logits is not None:
+            rows["soft_logits"] = self.logits.cpu().numpy().tolist()
+        else:
+            rows["topk_values"] = self.topk_values.cpu().numpy().tolist()
+            rows["topk_indices"] = self.topk_indices.cpu().numpy().tolist()
+        return rows
+
+    def features(self) -> "datasets.Features":
+        """``datasets.Features`` of :meth:`to_rows` (fixed-shape arrays, original dtypes)."""
+        import datasets
+
+        v = self.num_views
+        feats = {
+            "views_boxes": datasets.Array2D(shape=(v, 4), dtype="float32"),
+            "views_flip": datasets.List(datasets.Value("bool"), length=v),
+        }
+        if self.logits is not None:
+            feats["soft_logits"] = datasets.Array2D(
+                shape=(v, self.num_classes), dtype=str(self.logits.dtype).replace("torch.", "")
+            )
+        else:
+            k = self.topk
+            feats["topk_values"] = datasets.Array2D(
+                shape=(v, k), dtype=str(self.topk_values.dtype).replace("torch.", "")
+            )
+            feats["topk_indices"] = datasets.Array2D(
+                shape=(v, k), dtype=str(self.topk_indices.dtype).replace("torch.", "")
+            )
+        return datasets.Features(feats)
+
+    def to_dataset(self) -> "datasets.Dataset":
+        """A ``datasets.Dataset`` holding :meth:`to_rows` (metadata in ``info.description`` as JSON)."""
+        import datasets
+
+        features = self.features()
+        info = datasets.DatasetInfo(
+            description=json.dumps({"gvbsm_stored_soft_labels": self.metadata()}), features=features
+        )
+        return datasets.Dataset.from_dict(self.to_rows(), features=features, info=info)
+
+    @classmethod
+    def from_rows(cls, rows: Any, metadata: Mapping[str, Any] | None = None, **overrides: Any) -> "StoredSoftLabels":
+        """Inverse of :meth:`to_rows`.
+
+        ``rows``: a dict of lists, a list of row dicts or a ``datasets.Dataset``. ``metadata``:
+        :meth:`metadata` (read from a dataset's ``info.description`` when omitted); keyword
+        ``overrides`` replace single entries (e.g. ``out_size=32``).
+        """
+        meta: dict[str, Any] = {}
+        if metadata is None and hasattr(rows, "info") and getattr(rows.info, "description", None):
+            try:
+                meta = dict(json.loads(rows.info.description).get("gvbsm_stored_soft_labels", {}))
+            except (ValueError, AttributeError):
+                meta = {}
+        elif metadata is not None:
+            meta = dict(metadata)
+        meta.update(overrides)
+
+        table = None
+        if not isinstance(rows, (Mapping, list)):  # datasets.Dataset: all columns as numpy at once
+            table = rows.with_format("numpy")[:]
+
+        def column(name: str) -> np.ndarray | None:
+            if table is not None:
+                col = table.get(name)
+            elif isinstance(rows, Mapping):
+                col = rows.get(name)
+            elif isinstance(rows, list):
+                col = [r[name] for r in rows] if rows and name in rows[0] else None
+            else:
+                col = None
+            if col is None:
+                return None
+            if isinstance(col, np.ndarray) and col.dtype != object:
+                return col
+            return np.stack([np.asarray(c) for c in col]) if len(col) else np.asarray(col)
+
+        boxes = column("views_boxes")
+        flip = column("views_flip")
+        if boxes is None or flip is None:
+            raise DataValidationError(
+                "Stored soft-label rows need 'views_boxes' and 'views_flip' columns: build them with "
+                "StoredSoftLabels.to_rows() / relabel_stored()."
+            )
+        dtype = getattr(torch, meta.get("logits_dtype", "float16"))
+        dense = column("soft_logits")
+        kwargs: dict[str, Any] = {}
+        if dense is not None:
+            kwargs["logits"] = torch.from_numpy(np.ascontiguousarray(dense)).to(dtype)
+            num_classes = int(meta.get("num_classes", dense.shape[-1]))
+        else:
+            values, indices = column("topk_values"), column("topk_indices")
+            if values is None or indices is None:
+                raise DataValidationError(
+                    "Stored soft-label rows need 'soft_logits' or 'topk_values' + 'topk_indices' columns."
+                )
+            kwargs["topk_values"] = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+            kwargs["topk_indices"] = torch.from_numpy(np.ascontiguousarray(indices)).to(
+                getattr(torch, meta.get("index_dtype") or "int32")
+            )
+            if "num_classes" not in meta:
+                raise DataValidationError("Top-k stored soft labels need metadata['num_classes'] (see .metadata()).")
+            num_classes = int(meta["num_classes"])
+        boxes_t = torch.from_numpy(np.ascontiguousarray(boxes)).float()
+        if "image_size" not in meta or "out_size" not in meta:
+            raise DataValidationError(
+                "Stored soft labels need metadata with 'image_size' and 'out_size': pass "
+                "metadata=stored.metadata() (saved beside the table by StoredSoftLabels.save)."
+            )
+        return cls(
+            boxes=boxes_t,
+            flip=torch.from_numpy(np.ascontiguousarray(flip)).bool(),
+            num_classes=num_classes,
+            image_size=tuple(meta["image_size"]),
+            out_size=int(meta["out_size"]),
+            seed=int(meta.get("seed", 0)),
+            crop_scale=tuple(meta.get("crop_scale", (0.08, 1.0))),
+            clean_view=bool(meta.get("clean_view", False)),
+            logit_norm=bool(meta.get("logit_norm", False)),
+            fill_margin=float(meta.get("fill_margin", 1.0)),
+            extra=dict(meta.get("extra", {})),
+            **kwargs,
+        )
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``soft_labels.parquet`` (``datasets``) and ``soft_labels_meta.json`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.to_dataset().to_parquet(str(folder / STORED_LABELS_FILE))
+        (folder / STORED_META_FILE).write_text(json.dumps(self.metadata(), indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "StoredSoftLabels":
+        """Read what :meth:`save` wrote."""
+        import datasets
+
+        folder = Path(folder)
+        meta_path, table_path = folder / STORED_META_FILE, folder / STORED_LABELS_FILE
+        if not meta_path.exists() or not table_path.exists():
+            raise GVBSMError(
+                f"No stored soft labels in {folder} (need {STORED_LABELS_FILE} and {STORED_META_FILE}): "
+                "run the relabel stage with relabel_mode='stored' first."
+            )
+        meta = json.loads(meta_path.read_text())
+        ds = datasets.Dataset.from_parquet(str(table_path), keep_in_memory=True)
+        return cls.from_rows(ds, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# relabel_stored
+# --------------------------------------------------------------------------------------------
+
+
+def relabel_stored(
+    images: torch.Tensor,
+    ensemble: TeacherEnsemble,
+    *,
+    num_views: int,
+    out_size: int,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    flip_prob: float = 0.5,
+    seed: int = 0,
+    batch_size: int = 256,
+    topk: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    clean_view: bool = False,
+    fill_margin: float = 1.0,
+    accelerator: "Accelerator | None" = None,
+    device: torch.device | str | None = None,
+    show_progress: bool = True,
+) -> StoredSoftLabels:
+    """Ensemble logits (Eq. 8) of ``num_views`` augmented views of every image.
+
+    Args:
+        images: normalised float ``(N, C, H, W)`` (CPU or device).
+        ensemble: the teachers; they run on the same crops (one forward each per batch).
+        num_views: ``V`` views per image, view ``v`` of image ``i`` drawn with
+            :func:`sample_image_views` (generator seeded by ``(seed, i)``).
+        out_size: crop output side (the student's input side).
+        clean_view: make view 0 the whole, unflipped image (default ``False``: every view is a
+            random resized crop, like the student's training augmentation).
+        topk: keep only the ``k`` largest logits per view (see :meth:`StoredSoftLabels.dense_logits`).
+        batch_size: images per forward batch (``batch_size * V`` crops); results do not depend on it.
+        accelerator: shards batches (``batch % num_processes == process_index``) and gathers the
+            logits; every process returns the full result.
+    """
+    if images.ndim != 4:
+        raise DataValidationError(f"images must be (N, C, H, W) normalised floats, got shape {tuple(images.shape)}.")
+    if not images.is_floating_point():
+        raise DataValidationError("images must be normalised floats: call spec.normalize(uint8_images) first.")
+    if num_views < 1:
+        raise GVBSMError(f"num_views={num_views}: need at least 1 view per image.")
+    if batch_size < 1:
+        raise GVBSMError(f"batch_size={batch_size} must be >= 1.")
+    n, _, h, w = images.shape
+    if device is None:
+        device = accelerator.device if accelerator is not None else ensemble.device
+    device = torch.device(device)
+    ensemble.to(device)
+
+    # View parameters: cheap and deterministic, computed for every image on every process.
+    is_main = accelerator.is_local_main_process if accelerator is not None else True
+    boxes = torch.empty(n, num_views, 4, dtype=torch.float32)
+    flip = torch.empty(n, num_views, dtype=torch.bool)
+    for i in tqdm(range(n), desc="relabel views", disable=not (show_progress and is_main and n >= 10_000)):
+        p = sample_image_views(
+            i, num_views, h, w, seed=seed, crop_scale=crop_scale, flip_prob=flip_prob, clean_view=clean_view
+        )
+        boxes[i], flip[i] = p.boxes, p.flip
+
+    num_procs = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    num_batches = math.ceil(n / batch_size)
+    my_batches = [b for b in range(num_batches) if b % num_procs == rank]
+
+    k = None if topk is None else int(topk)
+    out_chunks: list[torch.Tensor] = []
+    idx_chunks: list[torch.Tensor] = []
+    num_classes: int | None = None
+    for b in tqdm(my_batches, desc="relabel", disable=not (show_progress and is_main)):
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        x = images[lo:hi].to(device, non_blocking=True)
+        # crops ordered image-major: row j -> image lo + j // V, view j % V
+        xr = x.repeat_interleave(num_views, dim=0)
+        params = CropFlipParams(boxes=boxes[lo:hi].reshape(-1, 4), flip=flip[lo:hi].reshape(-1)).to(device)
+        z = ensemble(apply_crop_flip(xr, params, out_size)).float()
+        num_classes = z.shape[-1]
+        z = z.reshape(hi - lo, num_views, num_classes)
+        if k is not None:
+            if not 1 <= k <= num_classes:
+                raise GVBSMError(f"topk={k} must be in [1, num_classes={num_classes}].")
+            vals, inds = z.topk(k, dim=-1)
+            z = torch.cat([vals, inds.float()], dim=-1)  # indices < 2**24: exact in float32
+        out_chunks.append(z)
+        idx_chunks.append(torch.arange(lo, hi, device=device))
+
+    if accelerator is not None and num_procs > 1:
+        # processes without a batch do not know K: agree on it first
+        nc = torch.tensor([num_classes if num_classes is not None else -1], device=device)
+        num_classes = int(accelerator.gather(nc).max().item())
+        num_classes = None if num_classes < 0 else num_classes
+    if num_classes is None:
+        raise GVBSMError("Cannot tell the number of classes of an empty image set: relabel at least one image.")
+    width = (2 * k) if k is not None else num_classes
+    local = torch.cat(out_chunks) if out_chunks else torch.empty(0, num_views, width, device=device)
+    local_idx = torch.cat(idx_chunks) if idx_chunks else torch.empty(0, dtype=torch.long, device=device)
+    if accelerator is not None and num_procs > 1:
+        local = accelerator.pad_across_processes(local, dim=0)
+        local_idx = accelerator.pad_across_processes(local_idx, dim=0, pad_index=-1)
+        local, local_idx = accelerator.gather(local), accelerator.gather(local_idx)
+        keep = local_idx >= 0
+        local, local_idx = local[keep], local_idx[keep]
+    full = torch.empty(n, num_views, width, dtype=torch.float32)
+    full[local_idx.cpu()] = local.cpu()
+
+    if k is None:
+        kwargs = {"logits": full.to(dtype)}
+    else:
+        idx_dtype = torch.int16 if num_classes <= torch.iinfo(torch.int16).max else torch.int32
+        kwargs = {"topk_values": full[..., :k].to(dtype), "topk_indices": full[..., k:].round().to(idx_dtype)}
+    return StoredSoftLabels(
+        boxes=boxes,
+        flip=flip,
+        num_classes=int(num_classes),
+        image_size=(h, w),
+        out_size=int(out_size),
+        seed=int(seed),
+        crop_scale=tuple(crop_scale),
+        clean_view=bool(clean_view),
+        logit_norm=bool(ensemble.logit_norm),
+        fill_margin=float(fill_margin),
+        **kwargs,
+    )

@@ -1,0 +1,289 @@
+"""Relabel (SPEC Eq. 8): teacher ensemble and stored soft labels."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import datasets
+import pytest
+import torch
+from torch import nn
+
+from gvbsm_hf.augment import apply_crop_flip
+from gvbsm_hf.data import DatasetSpec
+from gvbsm_hf.errors import DataValidationError, GVBSMError
+from gvbsm_hf.relabel import (
+    StoredSoftLabels,
+    TeacherEnsemble,
+    derive_seed,
+    relabel_stored,
+    sample_image_views,
+)
+
+SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
+
+
+def digits_uint8(n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits, 8 -> 16 px, uint8 (N, 1, 16, 16)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    x = nn.functional.interpolate(x, size=16, mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    y = torch.tensor(d.target, dtype=torch.long)
+    return (x[:n], y[:n]) if n else (x, y)
+
+
+def tiny_teacher(seed: int, width: int = 8) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(16 * width, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    x, _ = digits_uint8(24)
+    return SPEC.normalize(x)
+
+
+@pytest.fixture(scope="module")
+def ensemble() -> TeacherEnsemble:
+    return TeacherEnsemble([tiny_teacher(1), tiny_teacher(2, width=12)])
+
+
+# ---- ensemble -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("logit_norm", [False, True])
+def test_ensemble_is_eq8_on_the_same_batch(logit_norm: bool) -> None:
+    teachers = [tiny_teacher(1), tiny_teacher(2, width=12), tiny_teacher(3, width=4)]
+    for t in teachers:  # BN with non-trivial running stats so eval/train modes differ
+        for m in t.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    ens = TeacherEnsemble(teachers, logit_norm=logit_norm)
+    ens.train()  # must stay in eval mode
+    assert all(not m.training for m in ens.modules())
+    assert all(not p.requires_grad for p in ens.parameters())
+
+    x = torch.randn(6, 1, 16, 16)
+    z = ens(x)
+    assert z.dtype == torch.float32 and not z.requires_grad
+
+    # float64 reference of Eq. 8, written here from the equation
+    with torch.no_grad():
+        logits = [t.double()(x.double()) for t in [_copy_double(s) for s in teachers]]
+    if logit_norm:
+        norms = torch.stack([f.norm() for f in logits])
+        ref = sum(norms.mean() / n * f for n, f in zip(norms, logits)) / len(logits)
+    else:
+        ref = sum(logits) / len(logits)
+    torch.testing.assert_close(z.double(), ref, rtol=1e-5, atol=1e-5)
+
+    tau = 3.0
+    torch.testing.assert_close(ens.soft_labels(x, tau).double(), torch.softmax(ref / tau, -1), rtol=1e-5, atol=1e-6)
+
+
+def _copy_double(m: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(m).double().eval()
+
+
+def test_ensemble_output_usable_as_loss_target(ensemble: TeacherEnsemble) -> None:
+    student = nn.Sequential(nn.Flatten(), nn.Linear(256, 10))
+    x = torch.randn(4, 1, 16, 16)
+    loss = ((student(x) - ensemble(x)) ** 2).mean()
+    loss.backward()
+    assert student[1].weight.grad is not None
+    assert all(p.grad is None for p in ensemble.parameters())
+
+
+def test_ensemble_rejects_empty_and_mismatched_teachers() -> None:
+    with pytest.raises(GVBSMError, match="at least one teacher"):
+        TeacherEnsemble([])
+    a, b = tiny_teacher(1), tiny_teacher(2)
+    a.num_classes, b.num_classes = 10, 100
+    with pytest.raises(GVBSMError, match="same dataset"):
+        TeacherEnsemble([a, b])
+
+
+# ---- stored views ------------------------------------------------------------------------
+
+
+def test_view_params_are_per_image_and_independent_of_batching(images, ensemble) -> None:
+    a = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=5, batch_size=4, show_progress=False)
+    b = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=5, batch_size=7, show_progress=False)
+    sub = relabel_stored(images[:9], ensemble, num_views=3, out_size=16, seed=5, batch_size=100, show_progress=False)
+    assert torch.equal(a.boxes, b.boxes) and torch.equal(a.flip, b.flip)
+    assert torch.equal(a.boxes[:9], sub.boxes) and torch.equal(a.flip[:9], sub.flip)
+    torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(a.logits[:9].float(), sub.logits.float(), atol=2e-3, rtol=2e-3)
+    # the views are those of the per-image generator (seed, i), and they differ between images/seeds
+    p7 = sample_image_views(7, 3, 16, 16, seed=5)
+    assert torch.equal(a.boxes[7], p7.boxes) and torch.equal(a.flip[7], p7.flip)
+    assert not torch.equal(a.boxes[0], a.boxes[1])
+    c = relabel_stored(images[:4], ensemble, num_views=3, out_size=16, seed=6, show_progress=False)
+    assert not torch.equal(a.boxes[:4], c.boxes)
+    assert a.logits.dtype == torch.float16 and a.logits.shape == (24, 3, 10)
+    assert derive_seed(0, 1) != derive_seed(1, 0)
+
+
+def test_stored_logits_are_the_ensemble_of_each_view(images, ensemble) -> None:
+    st = relabel_stored(images, ensemble, num_views=4, out_size=12, seed=1, batch_size=5, show_progress=False)
+    assert st.out_size == 12 and st.image_size == (16, 16)
+    for i in (0, 3, 17):
+        for v in range(4):
+            x = apply_crop_flip(images[i : i + 1], st.view_params(v, torch.tensor([i])), 12)
+            assert x.shape == (1, 1, 12, 12)
+            z = ensemble(x)[0]
+            torch.testing.assert_close(st.logits[i, v].float(), z.half().float(), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(st.dense_logits(v, torch.tensor([i]))[0], st.logits[i, v].float())
+
+
+def test_clean_view_is_identity_and_keeps_other_views(images, ensemble) -> None:
+    plain = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=2, show_progress=False)
+    clean = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=2, clean_view=True, show_progress=False)
+    assert torch.equal(plain.boxes[:, 1:], clean.boxes[:, 1:]) and torch.equal(plain.flip[:, 1:], clean.flip[:, 1:])
+    assert not clean.flip[:, 0].any()
+    # identity crop: the view is the image itself and the stored logits are the ensemble of the image
+    x0 = apply_crop_flip(images, clean.view_params(0), 16)
+    torch.testing.assert_close(x0, images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(clean.logits[:, 0].float(), ensemble(images).half().float(), atol=1e-3, rtol=1e-3)
+
+
+# ---- top-k -------------------------------------------------------------------------------
+
+
+def test_topk_keeps_the_topk_exact(images, ensemble) -> None:
+    dense = relabel_stored(images, ensemble, num_views=2, out_size=16, seed=3, show_progress=False)
+    top = relabel_stored(images, ensemble, num_views=2, out_size=16, seed=3, topk=3, show_progress=False)
+    assert top.logits is None and top.topk == 3
+    assert top.topk_indices.dtype == torch.int16 and top.topk_values.dtype == torch.float16
+    for v in range(2):
+        full = dense.dense_logits(v)
+        rec = top.dense_logits(v)
+        assert rec.shape == full.shape and torch.isfinite(rec).all()
+        kept_idx = top.topk_indices[:, v].long()
+        # kept classes: exactly the dense fp16 values, and exactly the 3 largest classes
+        torch.testing.assert_close(rec.gather(1, kept_idx), full.gather(1, kept_idx), rtol=0, atol=0)
+        assert torch.equal(rec.topk(3, dim=1).indices.sort(1).values, full.topk(3, dim=1).indices.sort(1).values)
+        # missing classes: min(kept) - fill_margin, strictly below the kept ones
+        mask = torch.ones_like(rec, dtype=torch.bool).scatter_(1, kept_idx, False)
+        kept_min = rec.gather(1, kept_idx).min(1, keepdim=True).values
+        expected_fill = (kept_min - top.fill_margin).expand_as(rec)
+        torch.testing.assert_close(rec[mask], expected_fill[mask])
+    with pytest.raises(GVBSMError, match="topk"):
+        relabel_stored(images[:2], ensemble, num_views=1, out_size=16, topk=11, show_progress=False)
+
+
+# ---- tables ------------------------------------------------------------------------------
+
+
+def _assert_same(a: StoredSoftLabels, b: StoredSoftLabels) -> None:
+    assert torch.equal(a.boxes, b.boxes) and a.boxes.dtype == b.boxes.dtype
+    assert torch.equal(a.flip, b.flip) and b.flip.dtype == torch.bool
+    for name in ("logits", "topk_values", "topk_indices"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        assert (ta is None) == (tb is None)
+        if ta is not None:
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb), name
+    assert a.metadata() == b.metadata()
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_rows_round_trip_exact(images, ensemble, tmp_path, topk) -> None:
+    st = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=4, topk=topk, show_progress=False)
+    rows = st.to_rows()
+    assert len(rows["views_boxes"]) == len(images)
+    assert set(rows) == ({"views_boxes", "views_flip", "soft_logits"} if topk is None
+                         else {"views_boxes", "views_flip", "topk_values", "topk_indices"})
+    _assert_same(st, StoredSoftLabels.from_rows(rows, st.metadata()))
+    # list of row dicts
+    row_list = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+    _assert_same(st, StoredSoftLabels.from_rows(row_list, st.metadata()))
+
+    # through a datasets table and a parquet file
+    ds = st.to_dataset()
+    assert isinstance(ds, datasets.Dataset) and len(ds) == len(images)
+    _assert_same(st, StoredSoftLabels.from_rows(ds))  # metadata read from ds.info
+    path = tmp_path / "labels.parquet"
+    ds.to_parquet(str(path))
+    back = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
+    _assert_same(st, StoredSoftLabels.from_rows(back, json.loads(json.dumps(st.metadata()))))
+
+    # save / load folder
+    st.save(tmp_path / "stored")
+    _assert_same(st, StoredSoftLabels.load(tmp_path / "stored"))
+
+
+def test_bad_inputs_name_the_fix(images, ensemble, tmp_path) -> None:
+    raw, _ = digits_uint8(4)
+    with pytest.raises(DataValidationError, match="normalize"):
+        relabel_stored(raw, ensemble, num_views=1, out_size=16)
+    st = relabel_stored(images[:3], ensemble, num_views=2, out_size=16, show_progress=False)
+    meta = st.metadata()
+    del meta["out_size"]
+    with pytest.raises(DataValidationError, match="metadata"):
+        StoredSoftLabels.from_rows(st.to_rows(), meta)
+    with pytest.raises(GVBSMError, match="relabel"):
+        StoredSoftLabels.load(tmp_path / "missing")
+    with pytest.raises(GVBSMError, match="re-run relabel_stored"):
+        st.dense_logits(0, torch.tensor([5]))
+    with pytest.raises(GVBSMError, match="one view per image"):
+        st.dense_logits(torch.tensor([0, 1]), torch.tensor([0, 1, 2]))
+
+
+# ---- two processes -----------------------------------------------------------------------
+
+TWO_PROC_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+    from gvbsm_hf.relabel import TeacherEnsemble, relabel_stored
+
+    def teacher():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(16, 10)).eval()
+
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == int(sys.argv[2]), acc.num_processes
+    x = torch.randn(11, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    st = relabel_stored(x, TeacherEnsemble([teacher()]), num_views=2, out_size=16, batch_size=3, accelerator=acc,
+                        show_progress=False)
+    st.save(sys.argv[1] + f"/rank{acc.process_index}")
+    """
+)
+
+
+def test_two_processes_give_the_single_process_result(tmp_path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(TWO_PROC_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"out{nproc}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(script), str(out), str(nproc)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[nproc] = [StoredSoftLabels.load(out / f"rank{r}") for r in range(nproc)]
+    ref = results[1][0]
+    # batches 0, 2 on rank 0 and 1, 3 on rank 1; every process returns the full, identical result
+    for got in results[2]:
+        _assert_same(ref, got)

@@ -1,0 +1,321 @@
+"""Student training (SPEC Eq. 11) with ``GVBSMTrainer`` and the evaluation protocol."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import default_data_collator
+
+import gvbsm_hf.trainer as trainer_mod
+from gvbsm_hf import losses
+from gvbsm_hf.augment import apply_crop_flip
+from gvbsm_hf.configs import GVBSMTrainingArguments
+from gvbsm_hf.data import DatasetSpec
+from gvbsm_hf.errors import DataValidationError, GVBSMError, UnknownBackboneError
+from gvbsm_hf.relabel import TeacherEnsemble, relabel_stored
+from gvbsm_hf.trainer import (
+    GVBSMTrainer,
+    RealImageDataset,
+    SyntheticImageDataset,
+    evaluate_students,
+)
+
+SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
+STUDENT_KW = {"width": 16, "depth": 2}
+
+
+def digits_uint8() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn digits, 8 -> 16 px, uint8 (N, 1, 16, 16)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=16, mode="bilinear", align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), torch.tensor(d.target, dtype=torch.long)
+
+
+def mlp_student(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, y = digits_uint8()
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    x, y = x[perm], y[perm]
+    return {
+        "train": (x[:1000], y[:1000]),
+        "distilled": (x[1000:1060], y[1000:1060]),
+        "val": (x[1400:1700], y[1400:1700]),
+    }
+
+
+@pytest.fixture(scope="module")
+def teachers(data):
+    """Two small teachers trained for a few hundred steps on real digits (~1 s)."""
+    xs, ys = data["train"]
+    xs = SPEC.normalize(xs)
+    out = []
+    for i, width in enumerate((8, 12)):
+        torch.manual_seed(10 + i)
+        t = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(4 * width, 10),
+        )
+        opt = torch.optim.Adam(t.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(i)
+        for _ in range(150):
+            idx = torch.randint(len(ys), (64,), generator=g)
+            loss = F.cross_entropy(t(xs[idx]), ys[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out.append(t.eval())
+    return out
+
+
+def make_args(tmp_path, **kw) -> GVBSMTrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=128,
+        learning_rate=5e-3,
+        num_train_epochs=1,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+        use_cpu=True,
+        loss_type="mse_gt",
+        gamma=0.15,
+        eval_seeds=[0],
+    )
+    base.update(kw)
+    return GVBSMTrainingArguments(**base)
+
+
+def a_batch(ds, n: int = 12) -> dict[str, torch.Tensor]:
+    return default_data_collator([ds[i] for i in range(n)])
+
+
+# ---- the loss on a batch is Eq. 11 / KL / CE of the augmented view -----------------------
+
+
+def _reference_loss(loss_type, s, z, targets, args) -> torch.Tensor:
+    """float64 references written from the equations (SPEC Eq. 11, SRe2L KL, CE)."""
+    s, z = s.double(), z.double()
+    k = s.shape[-1]
+    y = targets.double() if targets.is_floating_point() else F.one_hot(targets, k).double()
+    ce = -(y * torch.log_softmax(s, -1)).sum(-1).mean()
+    if loss_type == "mse_gt":
+        return ((s - z) ** 2).mean() + args.gamma * ce
+    if loss_type == "kl":
+        t = args.kd_temperature
+        p = torch.softmax(z / t, -1)
+        return (p * (torch.log(p) - torch.log_softmax(s / t, -1))).sum(-1).mean()
+    return ce
+
+
+@pytest.mark.parametrize("loss_type", ["mse_gt", "kl", "ce"])
+@pytest.mark.parametrize("cutmix_prob", [0.0, 1.0])
+def test_loss_equals_hand_computation_on_same_view(tmp_path, data, teachers, monkeypatch, loss_type, cutmix_prob):
+    args = make_args(tmp_path, loss_type=loss_type, cutmix_prob=cutmix_prob, gamma=0.3, kd_temperature=3.0)
+    ens = TeacherEnsemble(teachers)
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    student = mlp_student()
+    tr = GVBSMTrainer(student, args, ds, None, spec=SPEC, soft_labeler=ens)
+
+    seen = {}
+    real_sample, real_cutmix = trainer_mod.sample_crop_flip, trainer_mod.cutmix
+
+    def record_sample(*a, **k):
+        seen["params"] = real_sample(*a, **k)
+        return seen["params"]
+
+    def record_cutmix(x, **k):
+        seen["mix"] = real_cutmix(x, **k)
+        return seen["mix"]
+
+    monkeypatch.setattr(trainer_mod, "sample_crop_flip", record_sample)
+    monkeypatch.setattr(trainer_mod, "cutmix", record_cutmix)
+
+    batch = a_batch(ds)
+    tr.state.global_step = 3
+    loss = tr.compute_loss(student, dict(batch))
+    grads = torch.autograd.grad(loss, list(student.parameters()))
+
+    # by hand, from the recorded view (and mix)
+    x = apply_crop_flip(batch["pixel_values"], seen["params"], 16)
+    assert not torch.equal(x, batch["pixel_values"])  # really augmented
+    y = batch["labels"]
+    targets = y
+    if cutmix_prob:
+        x, perm, lam = seen["mix"]
+        lam = torch.as_tensor(lam, dtype=torch.float64).reshape(-1, 1)
+        oh = F.one_hot(y, 10).double()
+        targets = lam * oh + (1 - lam) * oh[torch.as_tensor(perm)]
+    else:
+        assert "mix" not in seen
+    z = ens(x)  # the teachers see the same augmented (mixed) batch
+    s = student(x)
+    ref = _reference_loss(loss_type, s, z, targets, args)
+    ref_grads = torch.autograd.grad(ref, list(student.parameters()))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-6)
+    # and the library functions agree
+    if loss_type == "mse_gt":
+        lib = losses.mse_gt_loss(s, z, targets.float() if cutmix_prob else targets, gamma=args.gamma)
+        torch.testing.assert_close(loss, lib, rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_depends_on_seed_and_step(tmp_path, data, teachers):
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    batch = a_batch(ds)
+
+    def view(seed, step):
+        tr = GVBSMTrainer(mlp_student(), make_args(tmp_path, seed=seed, loss_type="ce"), ds, spec=SPEC)
+        tr.state.global_step = step
+        return tr.prepare_batch(batch["pixel_values"], batch["labels"], batch["index"], tr.step_generator())[0]
+
+    assert torch.equal(view(0, 2), view(0, 2))
+    assert not torch.equal(view(0, 2), view(0, 3))
+    assert not torch.equal(view(0, 2), view(1, 2))
+
+
+def test_hard_label_mode_uses_ce(tmp_path, data):
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    tr = GVBSMTrainer(mlp_student(), make_args(tmp_path, loss_type="mse_gt", student_augment=False), ds, spec=SPEC)
+    assert tr.label_mode == "hard"
+    batch = a_batch(ds)
+    loss = tr.compute_loss(tr.model, dict(batch))
+    s = tr.model(batch["pixel_values"])
+    ref = -torch.log_softmax(s.double(), -1)[torch.arange(12), batch["labels"]].mean()
+    torch.testing.assert_close(loss.double(), ref)
+
+
+# ---- stored vs on-the-fly -------------------------------------------------------------------
+
+
+def test_stored_and_on_the_fly_give_same_soft_labels_for_same_view(tmp_path, data, teachers, monkeypatch):
+    ens = TeacherEnsemble(teachers)
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    stored = relabel_stored(ds.images, ens, num_views=3, out_size=16, seed=7, batch_size=16, show_progress=False)
+    args = make_args(tmp_path)
+    batch = a_batch(ds)
+
+    tr_s = GVBSMTrainer(mlp_student(), args, ds, spec=SPEC, stored_labels=stored)
+    assert tr_s.label_mode == "stored"
+    tr_s.state.epoch = 4.5  # view 4 % 3 = 1
+    x_s, z_s, _ = tr_s.prepare_batch(batch["pixel_values"], batch["labels"], batch["index"], tr_s.step_generator())
+
+    # on the fly on exactly that view
+    monkeypatch.setattr(trainer_mod, "sample_crop_flip", lambda *a, **k: stored.view_params(1, batch["index"]))
+    tr_o = GVBSMTrainer(mlp_student(), make_args(tmp_path), ds, spec=SPEC, soft_labeler=ens)
+    x_o, z_o, _ = tr_o.prepare_batch(batch["pixel_values"], batch["labels"], batch["index"], tr_o.step_generator())
+    assert torch.equal(x_s, x_o)
+    torch.testing.assert_close(z_s, z_o, atol=2e-3, rtol=2e-3)  # fp16 storage
+    assert z_s.dtype == torch.float32
+
+    # random policy: each image gets one of its own views, label and view matching
+    tr_r = GVBSMTrainer(mlp_student(), make_args(tmp_path), ds, spec=SPEC, stored_labels=stored,
+                        stored_view_policy="random")
+    x_r, z_r, _ = tr_r.prepare_batch(batch["pixel_values"], batch["labels"], batch["index"], tr_r.step_generator())
+    z_direct = ens(x_r)
+    torch.testing.assert_close(z_r, z_direct, atol=2e-3, rtol=2e-3)
+
+
+def test_stored_labels_count_mismatch_names_the_fix(tmp_path, data, teachers):
+    ens = TeacherEnsemble(teachers)
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    stored = relabel_stored(ds.images[:10], ens, num_views=1, out_size=16, show_progress=False)
+    with pytest.raises(DataValidationError, match="re-run relabel_stored") as e:
+        GVBSMTrainer(mlp_student(), make_args(tmp_path), ds, spec=SPEC, stored_labels=stored)
+    assert "10" in str(e.value) and str(len(ds)) in str(e.value)
+    with pytest.raises(DataValidationError, match="re-run relabel_stored"):
+        evaluate_students(*data["distilled"], data["val"], SPEC, make_args(tmp_path), stored=stored,
+                          students=["convnet"])
+
+
+def test_bad_arguments(tmp_path, data, teachers):
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    with pytest.raises(GVBSMError, match="loss_type"):
+        GVBSMTrainer(mlp_student(), make_args(tmp_path, loss_type="mse"), ds, spec=SPEC)
+    with pytest.raises(GVBSMError, match="not both"):
+        ens = TeacherEnsemble(teachers)
+        st = relabel_stored(ds.images, ens, num_views=1, out_size=16, show_progress=False)
+        GVBSMTrainer(mlp_student(), make_args(tmp_path), ds, spec=SPEC, soft_labeler=ens, stored_labels=st)
+    with pytest.raises(GVBSMError, match="classes"):
+        other = DatasetSpec(name="x", num_classes=7, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
+        GVBSMTrainer(mlp_student(), make_args(tmp_path), ds, spec=other, stored_labels=st)
+    with pytest.raises(UnknownBackboneError, match="convnett"):
+        evaluate_students(*data["distilled"], data["val"], SPEC, make_args(tmp_path), students=["convnett"])
+
+
+# ---- training runs -------------------------------------------------------------------------
+
+
+def _top1_by_hand(model: nn.Module, val) -> float:
+    x, y = val
+    model.eval()
+    with torch.no_grad():
+        pred = model(SPEC.normalize(x).to(next(model.parameters()).device)).argmax(-1).cpu()
+    return 100.0 * (pred == y).double().mean().item()
+
+
+def test_short_run_lowers_loss_and_reports_last_epoch(tmp_path, data, teachers):
+    ens = TeacherEnsemble(teachers)
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    val = RealImageDataset(*data["val"], spec=SPEC)
+    args = make_args(tmp_path, num_train_epochs=6, eval_strategy="epoch", load_best_model_at_end=False)
+    torch.manual_seed(0)
+    student = mlp_student()
+    tr = GVBSMTrainer(student, args, ds, val, spec=SPEC, soft_labeler=ens)
+    tr.train()
+    losses_ = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    evals = [h for h in tr.state.log_history if "eval_top1" in h]
+    assert len(evals) == 6 and len(losses_) >= 20
+    assert sum(losses_[-4:]) / 4 < 0.7 * sum(losses_[:4]) / 4
+    final = tr.evaluate()
+    assert final["eval_top1"] == pytest.approx(_top1_by_hand(tr.model, data["val"]), abs=1e-6)
+    assert final["eval_top1"] == pytest.approx(evals[-1]["eval_top1"], abs=1e-6)  # last epoch, not best
+    assert final["eval_top1"] > 20.0  # well above chance (10 %) after 6 short epochs
+    assert math.isfinite(final["eval_loss"])
+    # the teachers were not prepared / wrapped and are not part of the checkpointed model
+    assert tr.soft_labeler is ens and not any(n.startswith("soft_labeler") for n in tr.model.state_dict())
+
+
+def test_evaluate_students_two_seeds_mean_std_and_determinism(tmp_path, data, teachers):
+    ens = TeacherEnsemble(teachers)
+    xs, ys = data["distilled"]
+    stored = relabel_stored(SPEC.normalize(xs), ens, num_views=2, out_size=16, seed=0, show_progress=False)
+    args = make_args(tmp_path, num_train_epochs=2, student="convnet")
+    res = evaluate_students(xs, ys, data["val"], SPEC, args, stored=stored, seeds=[0, 1],
+                            backbone_kwargs=STUDENT_KW)
+    runs = res["per_run"]
+    assert [(r["student"], r["seed"]) for r in runs] == [("convnet", 0), ("convnet", 1)]
+    assert len({r["output_dir"] for r in runs}) == 2
+    accs = torch.tensor([r["top1"] for r in runs], dtype=torch.float64)
+    summ = res["summary"]["convnet"]
+    assert summ["n"] == 2
+    assert summ["mean"] == pytest.approx(accs.mean().item())
+    assert summ["std"] == pytest.approx(accs.std(unbiased=True).item())
+    saved = json.loads((tmp_path / "out" / "evaluation_summary.json").read_text())
+    assert saved["summary"] == res["summary"]
+
+    args_b = make_args(tmp_path / "b", num_train_epochs=2, student="convnet")
+    again = evaluate_students(xs, ys, data["val"], SPEC, args_b, stored=stored, seeds=[0], backbone_kwargs=STUDENT_KW)
+    assert again["per_run"][0]["top1"] == runs[0]["top1"]
+    assert again["per_run"][0]["train_loss"] == runs[0]["train_loss"]
