@@ -26,23 +26,24 @@ def digits_uint8() -> tuple[torch.Tensor, torch.Tensor]:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), torch.tensor(d.target, dtype=torch.long)
 
 
-def make_teachers(n: int = 2) -> list[torch.nn.Module]:
-    """Random-weight small ConvNets whose BatchNorm running statistics are set from real data
-    (cumulative average), so BN matching has meaningful targets without training."""
-    images, _ = digits_uint8()
-    x = SPEC.normalize(images[:512])
+def make_teachers(n: int = 2, epochs: int = 3) -> list[torch.nn.Module]:
+    """Small ConvNets trained briefly on digits (a second on the CPU), deterministic for a seed,
+    so CE and BN matching have meaningful targets."""
+    images, labels = digits_uint8()
+    x = SPEC.normalize(images)
     teachers = []
     for i in range(n):
         torch.manual_seed(100 + i)
         m = create_backbone("convnet", num_classes=10, in_chans=1, image_size=16, width=8 + 8 * i, depth=2)
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.reset_running_stats()
-                mod.momentum = None
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
         m.train()
-        with torch.no_grad():
-            for chunk in x.split(128):
-                m(chunk)
+        g = torch.Generator().manual_seed(i)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=g).split(64):
+                loss = torch.nn.functional.cross_entropy(m(x[idx]), labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
         teachers.append(m.eval())
     return teachers
 

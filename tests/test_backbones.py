@@ -10,7 +10,7 @@ from gvbsm_hf.backbones import create_backbone, list_backbones, register_backbon
 from gvbsm_hf.backbones import registry
 from gvbsm_hf.errors import GVBSMError, OfflineError, UnknownBackboneError
 
-ZOO = ["convnet", "convnet128", "resnet18_cifar", "wrn_16_2", "mobilenetv2_050", "shufflenetv2_050"]
+ZOO = ["convnet", "convnet128", "convnet32", "convnet32_d2", "resnet18_cifar", "wrn_16_2", "mobilenetv2_050", "shufflenetv2_050"]
 CASES = [(name, size, chans) for name in ZOO for size in (28, 32) for chans in (1, 3)]
 CASES += [(name, 16, 1) for name in ZOO]  # digits (8 px upsampled to 16)
 

@@ -52,7 +52,7 @@ class SqueezeArguments:
     )
     teacher_epochs: int = field(default=5, metadata={"help": "Epochs per teacher (SPEC: few epochs)."})
     teacher_lr: float = field(default=0.05, metadata={"help": "Peak learning rate (SGD, cosine)."})
-    teacher_batch_size: int = field(default=128, metadata={"help": "Per-process batch size."})
+    teacher_batch_size: int = field(default=128, metadata={"help": "Global batch size (split across processes, so 1 and N processes train the same teacher)."})
     teacher_weight_decay: float = field(default=5e-4)
     teacher_momentum: float = field(default=0.9)
     teacher_label_smoothing: float = field(default=0.0)

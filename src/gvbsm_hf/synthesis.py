@@ -245,6 +245,8 @@ def _ema_to_tensors(prefix: str, emas: dict) -> dict[str, torch.Tensor]:
 def _ema_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, kind: str) -> dict:
     out: dict = {}
     for key, t in tensors.items():
+        if key.count("|") < 2:  # pixels, Adam moments, RNG state
+            continue
         p, layer, stat = key.split("|", 2)
         if p != prefix:
             continue
@@ -382,7 +384,14 @@ class _JobRunner:
                 beta_dr=args.syn_beta_dr, generator=self.generator, layer_weights=slot.conv_weights,
             )
         if args.syn_dd:
-            dd = data_densification_loss(x.float(), self.labels, tau=args.syn_dd_tau, pool_size=args.syn_dd_pool_size)
+            try:
+                dd = data_densification_loss(
+                    x.float(), self.labels, tau=args.syn_dd_tau, pool_size=args.syn_dd_pool_size
+                )
+            except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
+                if bool(torch.isfinite(x).all()):
+                    raise
+                raise self.non_finite_error("pixels, seen by the DD eigenvalues") from err
         loss = args.syn_ce_weight * ce + args.syn_r_bn * bn + args.syn_r_conv * conv + args.syn_dd_weight * dd
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -394,6 +403,18 @@ class _JobRunner:
         slot.hooks.clear()
         self.iteration += 1
 
+    def non_finite_error(self, what: str) -> NonFiniteLossError:
+        where = (
+            f"the last good checkpoint {self.ckpt_path} (iteration of its metadata) is kept"
+            if self.ckpt_path.exists()
+            else "no checkpoint was written yet"
+        )
+        return NonFiniteLossError(
+            f"Synthesis job {self.job.index} hit a non-finite loss ({what}) before iteration {self.iteration}; "
+            f"{where}. Lower syn_lr (now {self.args.syn_lr}) or the loss weights, or disable "
+            "syn_mixed_precision, then rerun: the run resumes from that checkpoint."
+        )
+
     def flush_components(self) -> dict[str, float]:
         """Mean loss components since the last flush (one host sync). Raises on NaN/inf."""
         values = (self.sums / max(self.sums_count, 1)).tolist()
@@ -402,16 +423,7 @@ class _JobRunner:
         comps = dict(zip(LOSS_COMPONENTS, values))
         bad = [k for k, v in comps.items() if not math.isfinite(v)]
         if bad or not bool(torch.isfinite(self.x).all()):
-            where = (
-                f"the last good checkpoint {self.ckpt_path} (iteration of its metadata) is kept"
-                if self.ckpt_path.exists()
-                else "no checkpoint was written yet"
-            )
-            raise NonFiniteLossError(
-                f"Synthesis job {self.job.index} hit a non-finite loss ({', '.join(bad) or 'pixels'}) before "
-                f"iteration {self.iteration}; {where}. Lower syn_lr (now {self.args.syn_lr}) or the loss weights, "
-                "or disable syn_mixed_precision, then rerun: the run resumes from that checkpoint."
-            )
+            raise self.non_finite_error(", ".join(bad) or "pixels")
         record = {"iteration": self.iteration, **comps, "teachers_used": sorted(self.teachers_used)}
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")

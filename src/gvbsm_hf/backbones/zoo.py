@@ -86,6 +86,18 @@ def convnet128(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwar
     return ConvNet(num_classes, in_chans, image_size, **kwargs)
 
 
+@register_backbone("convnet32", width=32, depth=3, norm="batchnorm")
+def convnet32(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> ConvNet:
+    """ConvNet of width 32, depth 3: a cheap CPU teacher (about 1/16 of ConvNet-128's FLOPs)."""
+    return ConvNet(num_classes, in_chans, image_size, **kwargs)
+
+
+@register_backbone("convnet32_d2", width=32, depth=2, norm="batchnorm")
+def convnet32_d2(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> ConvNet:
+    """ConvNet of width 32, depth 2: a second, shallower CPU teacher (backbone diversity, GBM)."""
+    return ConvNet(num_classes, in_chans, image_size, **kwargs)
+
+
 # ------------------------------------------------------------------------------------- ResNet-18
 
 
