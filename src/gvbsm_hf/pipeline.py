@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 from transformers import HfArgumentParser
@@ -38,6 +38,9 @@ from .configs import (
     SynthesisArguments,
 )
 from .errors import GVBSMError
+
+if TYPE_CHECKING:
+    import torch
 
 STAGES = ("squeeze", "record", "recover", "relabel", "evaluate", "export")
 RECIPE_CLASSES = (
@@ -115,19 +118,102 @@ def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     return recipe
 
 
-class StageCache:
-    """``stages.json``: which stages finished, so a rerun skips them (``--redo`` recomputes)."""
+_TRAINING_FIELDS = ("student", "loss_type", "gamma", "kd_temperature", "student_augment", "student_crop_scale",
+                   "cutmix_prob", "eval_seeds", "eval_students", "num_train_epochs", "learning_rate",
+                   "per_device_train_batch_size", "weight_decay", "lr_scheduler_type", "optim", "warmup_steps",
+                   "warmup_ratio", "max_steps", "seed", "bf16", "fp16")
 
-    def __init__(self, output_dir: Path, redo: Sequence[str]) -> None:
+
+def stage_configs(recipe: "Recipe") -> dict[str, dict[str, Any]]:
+    """The recipe fields each stage's output depends on (its own and, through the chain in
+    :func:`stage_fingerprints`, those of every earlier stage)."""
+    r = recipe
+    train = {name: getattr(r.training, name, None) for name in _TRAINING_FIELDS}
+    train = {k: (v.value if hasattr(v, "value") else v) for k, v in train.items()}
+    data = {k: v for k, v in asdict(r.data).items() if k != "dataloader_workers"}
+    configs = {
+        "squeeze": data | asdict(r.squeeze),
+        "record": asdict(r.stats) | {"syn_crop_scale": r.synthesis.syn_crop_scale, "seed": r.training.seed},
+        "recover": asdict(r.synthesis) | {"baselines": r.pipeline.baselines},
+        "relabel": asdict(r.relabel) | {"student_crop_scale": r.training.student_crop_scale},
+        "evaluate": train | {"evaluate_hard_labels": r.pipeline.evaluate_hard_labels},
+        "export": asdict(r.publish),
+    }
+    return json.loads(json.dumps(configs, default=str))
+
+
+def stage_fingerprints(recipe: "Recipe") -> dict[str, str]:
+    """Chained hashes: a stage's fingerprint changes when its fields or any earlier stage's do."""
+    import hashlib
+
+    out, previous = {}, ""
+    for stage, cfg in stage_configs(recipe).items():
+        previous = hashlib.sha256((previous + json.dumps(cfg, sort_keys=True)).encode()).hexdigest()[:16]
+        out[stage] = previous
+    return out
+
+
+class StageCache:
+    """``stages.json``: which stages finished, so a rerun skips them (``--redo`` recomputes).
+
+    Each finished stage stores the fingerprint of the recipe fields it depends on; a rerun with a
+    changed recipe recomputes the first changed stage and every later one (and logs which fields
+    changed), instead of silently reusing results computed with other settings."""
+
+    def __init__(self, output_dir: Path, redo: Sequence[str], recipe: "Recipe | None" = None) -> None:
         self.path = output_dir / "stages.json"
         self.redo = set(redo)
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.fingerprints = stage_fingerprints(recipe) if recipe is not None else {}
+        self.configs = stage_configs(recipe) if recipe is not None else {}
+        self.changed: dict[str, list[str]] = {}
+        for stage in STAGES:
+            old = self.state.get(stage, {})
+            if "fingerprint" not in old or stage not in self.fingerprints:
+                continue
+            if old.get("fingerprint") != self.fingerprints[stage]:
+                before = old.get("config", {})
+                self.changed[stage] = sorted(
+                    k for k in set(before) | set(self.configs[stage]) if before.get(k) != self.configs[stage].get(k)
+                )
+                self.redo.add(stage)
+        if self.changed:  # a changed stage invalidates every later one
+            first = min(STAGES.index(s) for s in self.changed)
+            self.redo.update(STAGES[first:])
+
+    def describe_changes(self) -> str:
+        """One line per stage recomputed because the recipe changed (empty when none)."""
+        return "\n".join(
+            f"recipe changed for stage {stage!r} ({', '.join(keys) or 'an earlier stage'}): recomputing it and later stages"
+            for stage, keys in self.changed.items()
+            if keys
+        )
 
     def done(self, stage: str) -> bool:
         return stage not in self.redo and self.state.get(stage, {}).get("done", False)
 
     def mark(self, stage: str, **info: Any) -> None:
+        """Record ``stage`` as done. A stage that was already done, not redone, and whose ``info``
+        is unchanged keeps its entry (and ``finished`` time): a rerun that skips it leaves it alone."""
+        old = self.state.get(stage, {})
+        if self.done(stage) and {k: v for k, v in old.items() if k not in ("done", "finished", "fingerprint", "config")} == json.loads(
+            json.dumps(info, default=str)
+        ):
+            return
         self.state[stage] = {"done": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **info}
+        if stage in self.fingerprints:
+            self.state[stage] |= {"fingerprint": self.fingerprints[stage], "config": self.configs[stage]}
+        self._write()
+
+    def start(self, stage: str) -> None:
+        """Record that ``stage`` is being computed with this recipe, so that a run killed inside it
+        and restarted with a changed recipe recomputes it rather than resuming stale checkpoints."""
+        if self.done(stage) or stage not in self.fingerprints:
+            return
+        self.state[stage] = {"done": False, "fingerprint": self.fingerprints[stage], "config": self.configs[stage]}
+        self._write()
+
+    def _write(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
         tmp.replace(self.path)
@@ -163,16 +249,37 @@ def teacher_dir_name(name: str, index: int, names: Sequence[str]) -> str:
 
 
 def _subset(split, max_samples: int | None, seed: int):
-    """A seeded class-balanced subset of a ``datasets`` split (``None``: the whole split)."""
+    """A seeded class-balanced subset of a ``datasets`` split (``None``: the whole split); for a
+    streaming split, the first ``max_samples`` rows after a seeded shuffle."""
+    import datasets
+
     from .data import class_balanced_indices
 
-    if max_samples is None or max_samples >= len(split):
+    if max_samples is None:
+        return split
+    if isinstance(split, datasets.IterableDataset):
+        return split.shuffle(seed=seed, buffer_size=10_000).take(max_samples)
+    if max_samples >= len(split):
         return split
     return split.select(class_balanced_indices(split["label"], total=max_samples, seed=seed))
 
 
-def _load_teachers(recipe: Recipe, spec, train, validation, accelerator, out: Path, cache: StageCache, logger):
-    """Squeeze stage: train each named backbone (or load a given folder / Hub id)."""
+RealTensors = Callable[[str], "tuple[torch.Tensor, torch.Tensor]"]
+"""``real(split)``: the uint8 images and labels of ``train`` or ``validation``, decoded on first use."""
+
+
+def _random_real_rows(split, ipc: int, seed: int, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the train rows the ``random_real`` baseline keeps (``class_balanced_indices(labels,
+    n_per_class=ipc, seed)``), decoded in index order: ``random_real_subset`` on them returns the
+    same images in the same order as on the whole split, without decoding the whole split."""
+    from .data import class_balanced_indices, to_uint8_tensors
+
+    return to_uint8_tensors(split.select(class_balanced_indices(split["label"], n_per_class=ipc, seed=seed)), spec)
+
+
+def _load_teachers(recipe: Recipe, spec, real: RealTensors, accelerator, out: Path, cache: StageCache, logger):
+    """Squeeze stage: train each named backbone (or load a given folder / Hub id). The real splits
+    are decoded (``real``) only when a teacher is actually trained."""
     from .squeeze import train_teacher
     from .teacher import TeacherModel, load_teacher
 
@@ -204,7 +311,8 @@ def _load_teachers(recipe: Recipe, spec, train, validation, accelerator, out: Pa
 
                 shutil.rmtree(folder)
             accelerator.wait_for_everyone()
-            teacher = train_teacher(name, train, validation, spec, recipe.squeeze, accelerator=accelerator, output_dir=folder)
+            teacher = train_teacher(name, real("train"), real("validation"), spec, recipe.squeeze,
+                                    accelerator=accelerator, output_dir=folder)
         teacher.check_spec(spec) if hasattr(teacher, "check_spec") else None
         teachers.append(teacher.eval())
     accelerator.wait_for_everyone()
@@ -236,7 +344,9 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     if report_to:
         accelerator.init_trackers("gvbsm", config=recipe_to_dict(r))
     out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(out, r.pipeline.redo)
+    cache = StageCache(out, r.pipeline.redo, recipe)
+    if cache.changed:
+        logger.warning(cache.describe_changes())
     stages = set(r.pipeline.stages)
     seed_everything(r.training.seed)
     if accelerator.is_main_process:
@@ -253,20 +363,29 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     if accelerator.is_main_process:
         (out / "data_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
     logger.info(f"data: {spec.name}: {spec.num_classes} classes, {spec.channels}x{spec.image_size}px")
-    need_tensors = bool(stages & {"squeeze", "recover", "evaluate"}) or r.synthesis.syn_init == "real"
-    train = to_uint8_tensors(dsd["train"], spec) if need_tensors and not d.streaming else None
-    validation = to_uint8_tensors(dsd["validation"], spec) if not d.streaming else None
+    # Real splits as uint8 tensors, decoded only by the stages that need them (ImageNet-1k's train
+    # split would be ~190 GB: it is never decoded whole unless teachers are trained or syn_init=real).
+    decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def real(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in decoded:
+            decoded[split] = to_uint8_tensors(dsd[split], spec)
+        return decoded[split]
 
     # ---- squeeze ---------------------------------------------------------------------------
-    teachers, teacher_dirs = _load_teachers(r, spec, train, validation, accelerator, out, cache, logger)
+    if accelerator.is_main_process:
+        cache.start("squeeze")
+    teachers, teacher_dirs = _load_teachers(r, spec, real, accelerator, out, cache, logger)
     cache.mark("squeeze", teachers=[str(p) for p in teacher_dirs])
 
     # ---- record ----------------------------------------------------------------------------
     methods = [r.synthesis.syn_method] + [b for b in r.pipeline.baselines if b != r.synthesis.syn_method]
     statistics: list = [None] * len(teachers)
     stats_dir = out / "statistics"
-    if "record" in stages and r.synthesis.syn_r_conv > 0:
-        stats_split = _subset(dsd["train"], r.stats.stats_max_samples, r.training.seed)
+    if r.synthesis.syn_r_conv > 0:  # recorded statistics are loaded for recover/export even without the stage
+        stats_split = _subset(dsd["train"], r.stats.stats_max_samples, r.training.seed) if "record" in stages else None
+        if "record" in stages and accelerator.is_main_process:
+            cache.start("record")
         for i, (teacher, folder) in enumerate(zip(teachers, teacher_dirs)):
             path = stats_dir / f"{folder.name}.safetensors"
             if path.exists() and not cache.redo_requested("record"):
@@ -275,21 +394,27 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
                     expect_conv_target=r.stats.stats_conv_target,
                 )
                 continue
+            if stats_split is None:  # "record" not in stages: recover says what is missing
+                continue
             batches = image_batches(stats_split, spec, r.stats.stats_batch_size, process_index=accelerator.process_index,
                                     num_processes=accelerator.num_processes)
             statistics[i] = record_statistics(
                 teacher, batches, spec, accelerator=accelerator, patch_size=r.stats.stats_patch_size,
                 conv_target=r.stats.stats_conv_target, augment=r.stats.stats_augment,
                 crop_scale=tuple(r.synthesis.syn_crop_scale), seed=r.training.seed, teacher_name=folder.name,
-                dataset_name=spec.name, total_batches=-(-len(stats_split) // r.stats.stats_batch_size),
+                dataset_name=spec.name,
+                total_batches=None if d.streaming else -(-len(stats_split) // r.stats.stats_batch_size),
             )
             if accelerator.is_main_process:
                 save_statistics(statistics[i], path)
         accelerator.wait_for_everyone()
-        cache.mark("record", files=sorted(str(p) for p in stats_dir.glob("*.safetensors")))
+        if "record" in stages:
+            cache.mark("record", files=sorted(str(p) for p in stats_dir.glob("*.safetensors")))
 
     # ---- recover ---------------------------------------------------------------------------
     synthetic: dict[str, SyntheticSet] = {}
+    if "recover" in stages and accelerator.is_main_process:
+        cache.start("recover")
     for method in methods:
         folder = out / "recover" / method.replace("+", "_")
         if (folder / "synthetic.safetensors").exists() and not cache.redo_requested("recover"):
@@ -304,8 +429,14 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
         accelerator.wait_for_everyone()
         args = dataclasses_replace(r.synthesis, syn_method=method)
         logger.info(f"recover: {method}, ipc {args.ipc}")
+        if method == "random_real" and not d.streaming:
+            real_train = _random_real_rows(dsd["train"], args.ipc, args.syn_seed, spec)
+        elif method == "random_real" or args.syn_init == "real":
+            real_train = real("train")
+        else:
+            real_train = None
         result = recover(teachers, statistics, spec, args, stats_args=r.stats, accelerator=accelerator,
-                         output_dir=folder, real_train=train)
+                         output_dir=folder, real_train=real_train)
         if accelerator.is_main_process:
             result.save(folder)
             save_class_grid(result.uint8_images(spec), result.labels, spec.class_names or
@@ -340,6 +471,8 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
         cache.mark("relabel", mode="stored")
     elif r.relabel.relabel_mode not in ("on_the_fly", "stored"):
         raise GVBSMError(f"relabel_mode must be 'on_the_fly' or 'stored', got {r.relabel.relabel_mode!r}.")
+    elif "relabel" in stages:  # on the fly: the ensemble labels every student batch in evaluate
+        cache.mark("relabel", mode="on_the_fly")
 
     # ---- evaluate --------------------------------------------------------------------------
     results_path = out / "evaluate" / "results.json"
@@ -360,7 +493,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
                     loss_type=r.training.loss_type if label_mode == "soft" else "ce",
                 )
                 res = evaluate_students(
-                    syn.images, syn.labels, validation, spec, targs,
+                    syn.images, syn.labels, real("validation"), spec, targs,
                     soft_labeler=ensemble if label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly" else None,
                     stored=stored.get(method) if label_mode == "soft" else None,
                 )
