@@ -115,7 +115,18 @@ def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     bad = [s for s in recipe.pipeline.stages + recipe.pipeline.redo if s not in STAGES]
     if bad:
         raise GVBSMError(f"Unknown stage(s) {bad}; stages are {STAGES}.")
+    for option, subset in (("syn_teachers", recipe.synthesis.syn_teachers),
+                           ("relabel_teachers", recipe.relabel.relabel_teachers)):
+        unknown = [n for n in subset or [] if n not in recipe.squeeze.teachers]
+        if unknown:
+            raise GVBSMError(f"{option} lists {unknown}, which are not in teachers {recipe.squeeze.teachers}: "
+                             "name teachers exactly as in `teachers`.")
     return recipe
+
+
+def _teacher_subset(names: Sequence[str], subset: Sequence[str] | None) -> list[int]:
+    """Indices of the teachers named in ``subset`` (``syn_teachers`` / ``relabel_teachers``); None: all."""
+    return [i for i, n in enumerate(names) if not subset or n in set(subset)]
 
 
 _TRAINING_FIELDS = ("student", "loss_type", "gamma", "kd_temperature", "student_augment", "student_crop_scale",
@@ -214,7 +225,9 @@ class StageCache:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        # one temporary file per process: every process of a multi-process run marks the stages, and
+        # a shared name would let one process move another's half-written file into place
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.state, indent=2))
         tmp.replace(self.path)
 
@@ -329,7 +342,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     from accelerate.logging import get_logger
 
     from .data import get_dataset_spec, image_batches, load_image_dataset, to_uint8_tensors
-    from .relabel import StoredSoftLabels, TeacherEnsemble, relabel_stored
+    from .relabel import STORED_META_FILE, StoredSoftLabels, TeacherEnsemble, relabel_stored
     from .statistics import load_statistics, record_statistics, save_statistics, statistics_to_dataset
     from .synthesis import SyntheticSet, recover
     from .trainer import evaluate_students
@@ -435,8 +448,9 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
             real_train = real("train")
         else:
             real_train = None
-        result = recover(teachers, statistics, spec, args, stats_args=r.stats, accelerator=accelerator,
-                         output_dir=folder, real_train=real_train)
+        syn_idx = _teacher_subset(r.squeeze.teachers, r.synthesis.syn_teachers)
+        result = recover([teachers[i] for i in syn_idx], [statistics[i] for i in syn_idx], spec, args,
+                         stats_args=r.stats, accelerator=accelerator, output_dir=folder, real_train=real_train)
         if accelerator.is_main_process:
             result.save(folder)
             save_class_grid(result.uint8_images(spec), result.labels, spec.class_names or
@@ -447,20 +461,18 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
         cache.mark("recover", methods=methods)
 
     # ---- relabel ---------------------------------------------------------------------------
-    relabel_teachers = teachers
-    if r.relabel.relabel_teachers:
-        idx = [i for i, n in enumerate(r.squeeze.teachers) if n in set(r.relabel.relabel_teachers)]
-        relabel_teachers = [teachers[i] for i in idx]
+    relabel_teachers = [teachers[i] for i in _teacher_subset(r.squeeze.teachers, r.relabel.relabel_teachers)]
     ensemble = TeacherEnsemble(relabel_teachers, logit_norm=r.relabel.relabel_logit_norm,
                                mixed_precision=r.synthesis.syn_mixed_precision)
     stored: dict[str, StoredSoftLabels] = {}
-    if r.relabel.relabel_mode == "stored" and "relabel" in stages:
+    if r.relabel.relabel_mode == "stored":  # stored labels are loaded for evaluate/export even without the stage
         for method, syn in synthetic.items():
             folder = out / "relabel" / method.replace("+", "_")
-            if (folder / "stored_labels.parquet").exists() or (folder.exists() and any(folder.iterdir())):
-                if not cache.redo_requested("relabel"):
-                    stored[method] = StoredSoftLabels.load(folder)
-                    continue
+            if (folder / STORED_META_FILE).exists() and not cache.redo_requested("relabel"):  # written last
+                stored[method] = StoredSoftLabels.load(folder)
+                continue
+            if "relabel" not in stages:
+                continue
             stored[method] = relabel_stored(
                 syn.images, ensemble, num_views=r.relabel.relabel_num_views, out_size=spec.image_size,
                 crop_scale=tuple(r.training.student_crop_scale), seed=r.relabel.relabel_seed,
@@ -468,7 +480,8 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
             )
             if accelerator.is_main_process:
                 stored[method].save(folder)
-        cache.mark("relabel", mode="stored")
+        if "relabel" in stages:
+            cache.mark("relabel", mode="stored")
     elif r.relabel.relabel_mode not in ("on_the_fly", "stored"):
         raise GVBSMError(f"relabel_mode must be 'on_the_fly' or 'stored', got {r.relabel.relabel_mode!r}.")
     elif "relabel" in stages:  # on the fly: the ensemble labels every student batch in evaluate

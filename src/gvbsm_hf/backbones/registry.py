@@ -194,7 +194,8 @@ def _adapt_first_conv(model: nn.Module, in_chans: int, pretrained: bool) -> None
 
 
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
-    """Replace the last ``Linear`` (or 1x1 ``Conv2d`` head, e.g. SqueezeNet) by a fresh one."""
+    """Replace the last ``Linear`` (or 1x1 ``Conv2d`` head, e.g. SqueezeNet) by a fresh one, unless it
+    already has ``num_classes`` outputs (ImageNet-1k: the pretrained head is kept)."""
     last_path, last = None, None
     for path, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -205,6 +206,8 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
                 last_path, last = path, module
     if last is None or last_path is None:
         raise GVBSMError(f"Cannot find the classifier of {type(model).__name__}; use pretrained=False.")
+    if (last.out_features if isinstance(last, nn.Linear) else last.out_channels) == num_classes:
+        return
     if isinstance(last, nn.Linear):
         new: nn.Module = nn.Linear(last.in_features, num_classes, bias=last.bias is not None)
     else:

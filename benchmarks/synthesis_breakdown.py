@@ -1,0 +1,171 @@
+"""Cost of one synthesis (recover) iteration, SRe2L mode vs full G-VBSM, on the same backbone.
+
+Runs the real synthesis step (``gvbsm_hf.synthesis``: augmentation, teacher forward/backward,
+hooks, losses, Adam, clipping) on one batch of ``--ipc`` x ``--classes`` images, for four settings
+that add one component at a time:
+
+    ce_only        CE only, no hooks                        -> forward/backward (+ crop, Adam)
+    sre2l          + BN matching (Eq. 1, alpha 0)           -> BN cost
+    sre2l+conv     + Conv matching of every layer (Eq. 10)  -> Conv (GSM) cost
+    gvbsm          + DD (Eq. 5) + SDS EMA (alpha 0.8)       -> DD cost; the full method
+
+Each is timed over ``--iterations`` steps, ``--repeats`` times interleaved (median). The FLOPs of
+one teacher forward+backward are counted with ``torch.utils.flop_counter`` and divided by the
+``ce_only`` time to give the achieved rate, compared with a float32 matmul measured here.
+Statistics targets come from a record pass over random pixels (cost does not depend on content).
+
+    python benchmarks/synthesis_breakdown.py                    # convnet128, Fashion-MNIST shape
+    python benchmarks/synthesis_breakdown.py --backbone resnet18_cifar --iterations 5
+
+Writes ``benchmarks/results/synthesis_breakdown.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics as pystats
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gvbsm_hf.backbones import create_backbone
+from gvbsm_hf.configs import StatisticsArguments, SynthesisArguments
+from gvbsm_hf.data import DatasetSpec
+from gvbsm_hf.statistics import record_statistics
+from gvbsm_hf.synthesis import _JobRunner, _TeacherSlot, plan_jobs, resolve_method
+
+VARIANTS = {
+    "ce_only": dict(syn_method="gvbsm", syn_r_bn=0.0, syn_r_conv=0.0, syn_dd=False, syn_alpha=0.0),
+    "sre2l": dict(syn_method="sre2l"),
+    "sre2l+conv": dict(syn_method="gvbsm", syn_dd=False, syn_alpha=0.0),
+    "gvbsm": dict(syn_method="gvbsm"),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def teacher_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = x.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), y).backward()
+    return int(counter.get_total_flops())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="convnet128")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--ipc", type=int, default=10, help="batch = ipc x classes (one reorder-loop job)")
+    p.add_argument("--iterations", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--output", default=str(Path(__file__).parent / "results" / "synthesis_breakdown.json"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    spec = DatasetSpec(name="bench", num_classes=args.classes, image_size=args.image_size, channels=args.channels,
+                       mean=(0.5,) * args.channels, std=(0.25,) * args.channels)
+    teacher = create_backbone(args.backbone, args.classes, args.channels, args.image_size).to(device).eval()
+    stats_args = StatisticsArguments(stats_patch_size=args.patch_size, stats_conv_target="input")
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 256, (128, args.channels, args.image_size, args.image_size), generator=g,
+                              dtype=torch.uint8), torch.zeros(128, dtype=torch.long)) for _ in range(4)]
+    stats = record_statistics(teacher, batches, spec, patch_size=args.patch_size, conv_target="input")
+
+    runners: dict[str, _JobRunner] = {}
+    stack = ExitStack()
+    for name, kw in VARIANTS.items():
+        syn, single = resolve_method(SynthesisArguments(
+            ipc=args.ipc, syn_iterations=10**6, syn_mixed_precision=args.mixed_precision,
+            syn_channels_last=args.channels_last, **kw))
+        slot = _TeacherSlot(teacher, stats, syn, stats_args, device, stack)
+        slot.hooks.enabled = False
+        job = plan_jobs(args.classes, args.ipc, None, None)[0]
+        runners[name] = _JobRunner(job, [slot], spec, syn, device, Path("/nonexistent"), None)
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    for r in range(args.warmup + args.repeats):
+        for name, runner in runners.items():
+            for other in runners.values():
+                other.slots[0].hooks.enabled = False
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(args.iterations):
+                runner.step()
+            runner.sums.zero_()
+            sync(device)
+            if r >= args.warmup:
+                samples[name].append((time.perf_counter() - t) / args.iterations)
+    stack.close()
+    ms = {k: 1e3 * pystats.median(v) for k, v in samples.items()}
+    batch = args.ipc * args.classes
+    x = torch.randn(batch, args.channels, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.classes, (batch,), device=device)
+    flops = teacher_flops(teacher, x, y)
+    peak = matmul_gflops(device)
+    achieved = flops / (ms["ce_only"] / 1e3) / 1e9
+    result = {
+        "backbone": args.backbone,
+        "input_shape": [args.channels, args.image_size, args.image_size],
+        "batch_size": batch,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "mixed_precision": args.mixed_precision,
+        "channels_last": args.channels_last,
+        "ms_per_iteration": {k: round(v, 2) for k, v in ms.items()},
+        "breakdown_ms": {
+            "forward_backward_adam": round(ms["ce_only"], 2),
+            "bn_matching": round(ms["sre2l"] - ms["ce_only"], 2),
+            "conv_matching": round(ms["sre2l+conv"] - ms["sre2l"], 2),
+            "dd_and_sds": round(ms["gvbsm"] - ms["sre2l+conv"], 2),
+        },
+        "gvbsm_over_sre2l": round(ms["gvbsm"] / ms["sre2l"], 3),
+        "goal_gvbsm_over_sre2l": 1.5,
+        "meets_goal": ms["gvbsm"] / ms["sre2l"] <= 1.5,
+        "teacher_forward_backward_gflop": round(flops / 1e9, 3),
+        "achieved_gflops_forward_backward": round(achieved, 1),
+        "matmul_peak_gflops_measured": round(peak, 1),
+        "fraction_of_matmul_peak": round(achieved / peak, 3),
+        "command": "python benchmarks/synthesis_breakdown.py " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items() if k != "output" and v is not None and v is not False),
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
