@@ -319,3 +319,24 @@ def test_evaluate_students_two_seeds_mean_std_and_determinism(tmp_path, data, te
     again = evaluate_students(xs, ys, data["val"], SPEC, args_b, stored=stored, seeds=[0], backbone_kwargs=STUDENT_KW)
     assert again["per_run"][0]["top1"] == runs[0]["top1"]
     assert again["per_run"][0]["train_loss"] == runs[0]["train_loss"]
+
+
+def test_channels_last_student_trains_the_same(tmp_path, data, teachers):
+    """``student_channels_last`` changes the memory format only: same run, same numbers (to
+    float rounding), and the student really is channels_last."""
+    ens = TeacherEnsemble(teachers)
+    xs, ys = data["distilled"]
+    results = {}
+    for cl in (False, True):
+        args = make_args(tmp_path / str(cl), num_train_epochs=2, student="convnet", student_channels_last=cl)
+        res = evaluate_students(xs, ys, data["val"], SPEC, args, soft_labeler=ens, seeds=[0], backbone_kwargs=STUDENT_KW)
+        results[cl] = res["per_run"][0]
+    assert results[True]["train_loss"] == pytest.approx(results[False]["train_loss"], rel=1e-4)
+    assert abs(results[True]["top1"] - results[False]["top1"]) <= 100.0 / len(data["val"][1]) + 1e-9
+    from gvbsm_hf.backbones import create_backbone
+
+    student = create_backbone("convnet", 10, 1, 16, **STUDENT_KW).to(memory_format=torch.channels_last)
+    args = make_args(tmp_path / "fmt", student_channels_last=True)
+    tr = GVBSMTrainer(student, args, SyntheticImageDataset(xs, ys, spec=SPEC), spec=SPEC, soft_labeler=ens)
+    batch = a_batch(SyntheticImageDataset(xs, ys, spec=SPEC))
+    assert tr._memory_format(batch["pixel_values"]).is_contiguous(memory_format=torch.channels_last)

@@ -148,6 +148,9 @@ class GVBSMTrainingArguments(TrainingArguments):
     student_augment: bool = field(default=True)
     student_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     cutmix_prob: float = field(default=0.0, metadata={"help": "Probability of CutMix on a batch."})
+    student_channels_last: bool = field(
+        default=False, metadata={"help": "channels_last memory format for the student and its batches (faster convs)."}
+    )
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds, mean +- std."})
     eval_students: Optional[list[str]] = field(
         default=None, metadata={"help": "Several evaluators (cross-architecture table); None: [student]."}

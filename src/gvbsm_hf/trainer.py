@@ -337,6 +337,9 @@ class GVBSMTrainer(Trainer):
             soft = self.soft_labeler(x)
         return x, soft, targets
 
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.args.student_channels_last else x
+
     def student_loss(
         self, student_logits: torch.Tensor, soft_logits: torch.Tensor | None, targets: torch.Tensor
     ) -> torch.Tensor:
@@ -360,7 +363,7 @@ class GVBSMTrainer(Trainer):
         x, soft, targets = self.prepare_batch(
             inputs["pixel_values"], inputs["labels"], inputs.get("index"), self.step_generator()
         )
-        logits = _logits_of(model(x))
+        logits = _logits_of(model(self._memory_format(x)))
         loss = self.student_loss(logits, soft, targets)
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -375,7 +378,7 @@ class GVBSMTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
         with torch.no_grad(), self.compute_loss_context_manager():
-            logits = _logits_of(model(inputs["pixel_values"])).float()
+            logits = _logits_of(model(self._memory_format(inputs["pixel_values"]))).float()
             loss = F.cross_entropy(logits, labels.long())
         if prediction_loss_only:
             return loss.detach(), None, None
@@ -449,6 +452,8 @@ def evaluate_students(
                 student, spec.num_classes, in_chans=spec.channels, image_size=spec.image_size,
                 **dict(backbone_kwargs or {}),
             )
+            if run_args.student_channels_last:
+                model = model.to(memory_format=torch.channels_last)
             trainer = GVBSMTrainer(
                 model=model,
                 args=run_args,
