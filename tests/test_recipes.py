@@ -591,3 +591,24 @@ def test_ci_runs_exactly_the_readme_test_command():
     # the main command is the documented default recipe on the CPU accelerate config
     (main,) = [body for marker, body in _fenced_blocks(README.read_text()) if marker == "<!-- main-command -->"]
     assert "recipes/accelerate_configs/cpu.yaml" in main and "recipes/fashion_mnist/gvbsm_ipc10_cpu.yaml" in main
+
+
+def test_stage_cache_redo_and_recipe_changes_invalidate_later_stages(tmp_path):
+    """``--redo recover`` and a changed recover field both recompute recover and every later
+    stage, never an earlier one; an unchanged recipe recomputes nothing."""
+    from gvbsm_hf.pipeline import STAGES, StageCache
+
+    recipe = parse_recipe(["--config", str(SMOKE), "--output_dir", str(tmp_path)])
+    cache = StageCache(tmp_path, [], recipe)
+    for stage in STAGES:
+        cache.mark(stage)
+    assert not any(StageCache(tmp_path, [], recipe).redo_requested(s) for s in STAGES)
+    redo = StageCache(tmp_path, ["recover"], recipe)
+    assert [s for s in STAGES if redo.redo_requested(s)] == ["recover", "relabel", "evaluate", "export"]
+    changed = parse_recipe(["--config", str(SMOKE), "--output_dir", str(tmp_path), "--syn_lr", "0.123"])
+    cache = StageCache(tmp_path, [], changed)
+    assert [s for s in STAGES if cache.redo_requested(s)] == ["recover", "relabel", "evaluate", "export"]
+    assert cache.changed["recover"] == ["syn_lr"]
+    assert "syn_lr" in cache.describe_changes()
+    student = parse_recipe(["--config", str(SMOKE), "--output_dir", str(tmp_path), "--num_train_epochs", "7"])
+    assert [s for s in STAGES if StageCache(tmp_path, [], student).redo_requested(s)] == ["evaluate", "export"]

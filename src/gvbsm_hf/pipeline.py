@@ -188,8 +188,8 @@ class StageCache:
                     k for k in set(before) | set(self.configs[stage]) if before.get(k) != self.configs[stage].get(k)
                 )
                 self.redo.add(stage)
-        if self.changed:  # a changed stage invalidates every later one
-            first = min(STAGES.index(s) for s in self.changed)
+        if self.redo:  # a redone or changed stage invalidates every later one (no stale results)
+            first = min(STAGES.index(s) for s in self.redo)
             self.redo.update(STAGES[first:])
 
     def describe_changes(self) -> str:
