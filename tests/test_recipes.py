@@ -336,6 +336,9 @@ def test_smoke_recipe_runs_end_to_end(smoke_run):
     pixels = torch.stack([torch.from_numpy(np.array(im)) for im in train["image"]]).unsqueeze(1)
     assert torch.equal(pixels, syn.uint8_images(spec))
     assert train["label"] == syn.labels.tolist()
+    on_disk = datasets.load_from_disk(str(out / "recover" / "gvbsm" / "dataset"))  # recover's own Dataset
+    assert on_disk["label"] == syn.labels.tolist() and on_disk["slot"] == syn.slots.tolist()
+    assert np.array_equal(np.stack([np.array(im) for im in on_disk["image"]]), syn.uint8_images(spec)[:, 0].numpy())
 
     card = Path(summary["card"])
     assert card == folder / "README.md"

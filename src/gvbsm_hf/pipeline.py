@@ -6,7 +6,7 @@ Layout of ``output_dir``::
     data_spec.json                      dataset spec (resolution, channels, mean/std, classes)
     teachers/<name>/                    Hub-ready teacher folders (safetensors, config, card)
     statistics/<name>.safetensors       Conv statistics per teacher (Eq. 9) with provenance
-    recover/<method>/synthetic.safetensors  synthetic images (+ jobs/ checkpoints while running)
+    recover/<method>/synthetic.safetensors  synthetic images (+ dataset/, grid.png; jobs/ checkpoints)
     relabel/<method>/                   stored soft labels (parquet), relabel_mode=stored only
     evaluate/results.json               one row per (method, labels, student, seed), last epoch
     export/<dataset-name>/              Hub-ready dataset folder (parquet + card + grid)
@@ -453,6 +453,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
                          stats_args=r.stats, accelerator=accelerator, output_dir=folder, real_train=real_train)
         if accelerator.is_main_process:
             result.save(folder)
+            result.to_dataset(spec).save_to_disk(str(folder / "dataset"))  # datasets.load_from_disk
             save_class_grid(result.uint8_images(spec), result.labels, spec.class_names or
                             [str(i) for i in range(spec.num_classes)], folder / "grid.png")
         synthetic[method] = result
