@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -43,7 +44,8 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help="Baselines beside gvbsm (default: the recipe's random_real sre2l sre2l+dd sre2l+gbm).")
     p.add_argument("--recipe-settings", action="store_true", help="No overrides: the recipes as shipped.")
-    p.add_argument("--extra", nargs="*", default=[], help="More `--field value` overrides for every IPC.")
+    p.add_argument("--extra", nargs="*", default=[],
+                   help="More overrides for every IPC, quoted: --extra \"--syn_init real\" \"--gamma 0.15\".")
     p.add_argument("--work-dir", default="runs/evaluate_fashion_mnist")
     p.add_argument("--out", default="benchmarks/results/evaluate_fashion_mnist.json")
     args = p.parse_args()
@@ -63,7 +65,7 @@ def main() -> None:
                 argv += ["--eval_seeds", *map(str, args.seeds)]
             if args.methods:
                 argv += ["--baselines", *args.methods]
-            argv += list(args.extra)
+            argv += [tok for item in args.extra for tok in shlex.split(item)]
         argv += ["--stages", "squeeze", "record", "recover", "relabel", "evaluate"]
         recipe = parse_recipe(argv)
         start = time.perf_counter()
@@ -87,8 +89,8 @@ def main() -> None:
         "runs": runs,
         "rows": all_rows,
         "command": "python benchmarks/evaluate_fashion_mnist.py " + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
-            for k, v in vars(args).items() if v not in (None, False, []) and k != "out"),
+            f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(shlex.quote(str(x)) for x in v) if isinstance(v, list) else shlex.quote(str(v))))
+            for k, v in vars(args).items() if v not in (None, False, [])),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     order = {"random_real": 0, "sre2l": 1, "sre2l+dd": 2, "sre2l+gbm": 3, "gvbsm": 4}
