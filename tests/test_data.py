@@ -333,6 +333,21 @@ def test_image_batches_one_vs_two_processes_cover_the_same_batches(streaming, dr
         assert torch.equal(unshuffled, full) and not torch.equal(allx, full[:m])  # shuffle=True reorders
 
 
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_image_batches_with_worker_processes_equal_in_process_decoding(process_index):
+    n, bs = 27, 4
+    dsd = _dsd(_rgb(n, size=6, seed=8), [i % 3 for i in range(n)])
+    spec = DatasetSpec("t", 3, 6, 3, (0.5,) * 3, (0.5,) * 3)
+    kw = dict(shuffle=True, seed=5, process_index=process_index, num_processes=2)
+    here = list(image_batches(dsd["train"], spec, bs, **kw))
+    workers = list(image_batches(dsd["train"], spec, bs, num_workers=2, **kw))
+    assert len(here) == len(workers) == len(range(process_index, -(-n // bs), 2))
+    for (xa, ya), (xb, yb) in zip(here, workers):  # same batches, same order
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    with pytest.raises(GVBSMError, match="num_workers"):
+        next(image_batches(dsd["train"], spec, bs, num_workers=-1))
+
+
 def test_streaming_digits_give_the_same_tensors():
     plain = load_image_dataset("digits")
     streamed = load_image_dataset("digits", streaming=True)

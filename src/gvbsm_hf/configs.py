@@ -38,7 +38,9 @@ class DataArguments:
         default=None, metadata={"help": "Use only this many training images (class-balanced, seeded)."}
     )
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Cap on validation images."})
-    dataloader_workers: int = field(default=0, metadata={"help": "Worker processes for real-data loaders."})
+    dataloader_workers: int = field(
+        default=0, metadata={"help": "DataLoader worker processes decoding images in the record stage (0: in-process)."}
+    )
 
 
 @dataclass
@@ -131,7 +133,6 @@ class RelabelArguments:
     )
     relabel_teachers: Optional[list[str]] = field(default=None, metadata={"help": "Subset (None: all)."})
     relabel_logit_norm: bool = field(default=False, metadata={"help": "Logit normalisation (ImageNet-1k)."})
-    relabel_temperature: float = field(default=1.0, metadata={"help": "tau of softmax(z/tau)."})
     relabel_num_views: int = field(default=4, metadata={"help": "Stored augmented views per image."})
     relabel_topk: Optional[int] = field(default=None, metadata={"help": "Keep only top-k logits (stored)."})
     relabel_seed: int = field(default=0)
@@ -144,7 +145,9 @@ class GVBSMTrainingArguments(TrainingArguments):
     student: str = field(default="convnet128", metadata={"help": "Evaluator backbone name."})
     loss_type: str = field(default="mse_gt", metadata={"help": "'mse_gt' (Eq. 11), 'kl' (SRe2L) or 'ce'."})
     gamma: float = field(default=0.1, metadata={"help": "GT cross-entropy weight (0.15 CIFAR in code)."})
-    kd_temperature: float = field(default=4.0, metadata={"help": "Temperature for loss_type='kl'."})
+    kd_temperature: float = field(
+        default=4.0, metadata={"help": "tau of Eq. 8's softmax(z/tau) for loss_type='kl' (teacher and student); mse_gt uses raw logits."}
+    )
     student_augment: bool = field(default=True)
     student_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     cutmix_prob: float = field(default=0.0, metadata={"help": "Probability of CutMix on a batch."})

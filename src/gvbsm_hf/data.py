@@ -882,14 +882,20 @@ def image_batches(
     process_index: int = 0,
     num_processes: int = 1,
     drop_last: bool = False,
+    num_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 ``(B, C, H, W)`` / int64 label batches decoded on the fly (data larger than memory).
 
     Global batch ``i`` (after an optional seeded shuffle) goes to process ``i % num_processes``,
     so 1 and N processes see the same set of batches (Eq. 9 averages over all of them).
+    ``num_workers > 0`` decodes the batches of a map-style split in that many
+    ``torch.utils.data.DataLoader`` worker processes (same batches, same order); a streamed split
+    is always decoded in this process.
     """
     if batch_size < 1:
         raise GVBSMError(f"batch_size={batch_size} must be >= 1.")
+    if num_workers < 0:
+        raise GVBSMError(f"num_workers={num_workers} must be >= 0 (0 decodes in this process).")
     if not 0 <= process_index < num_processes:
         raise GVBSMError(f"process_index={process_index} must be in [0, num_processes={num_processes}).")
     raw = split.cast_column("image", datasets.Image(decode=False))
@@ -910,10 +916,29 @@ def image_batches(
     n = len(split)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     num_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
-    for i in range(process_index, num_batches, num_processes):
-        idx = order[i * batch_size : (i + 1) * batch_size].tolist()
-        rows = raw[idx]
-        yield _decode_batch(rows["image"], spec), torch.as_tensor(rows["label"], dtype=torch.int64)
+    shard = _DecodedBatches(raw, spec, order, batch_size, list(range(process_index, num_batches, num_processes)))
+    if num_workers == 0:
+        for k in range(len(shard)):
+            yield shard[k]
+        return
+    loader = torch.utils.data.DataLoader(shard, batch_size=None, shuffle=False, num_workers=num_workers)
+    yield from loader
+
+
+class _DecodedBatches(torch.utils.data.Dataset):
+    """Item ``k``: the decoded ``k``-th batch of one process's shard (see :func:`image_batches`)."""
+
+    def __init__(self, raw: datasets.Dataset, spec: DatasetSpec, order: torch.Tensor, batch_size: int,
+                 batch_ids: list[int]) -> None:
+        self.raw, self.spec, self.order, self.batch_size, self.batch_ids = raw, spec, order, batch_size, batch_ids
+
+    def __len__(self) -> int:
+        return len(self.batch_ids)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self.batch_ids[k]
+        rows = self.raw[self.order[i * self.batch_size : (i + 1) * self.batch_size].tolist()]
+        return _decode_batch(rows["image"], self.spec), torch.as_tensor(rows["label"], dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------- spec

@@ -460,7 +460,7 @@ def build_dataset_card(
     source_link = f"https://huggingface.co/datasets/{source}" if source and "/" in source and " " not in source else "#source-data-and-license"
     hp = dict(hyperparameters)
     main_keys = ["syn_iterations", "syn_lr", "syn_r_bn", "syn_r_conv", "syn_alpha", "syn_beta_dr", "syn_dd",
-                 "syn_backbone_choice", "stats_patch_size", "teachers", "relabel_mode", "relabel_temperature",
+                 "syn_backbone_choice", "stats_patch_size", "teachers", "relabel_mode", "relabel_logit_norm",
                  "student", "loss_type", "gamma", "num_train_epochs"]
     hyper_rows = [(k, hp[k]) for k in main_keys if k in hp] or sorted(hp.items())[:20]
     template = resources.files("gvbsm_hf").joinpath("templates/dataset_card.md").read_text(encoding="utf-8")

@@ -410,7 +410,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
             if stats_split is None:  # "record" not in stages: recover says what is missing
                 continue
             batches = image_batches(stats_split, spec, r.stats.stats_batch_size, process_index=accelerator.process_index,
-                                    num_processes=accelerator.num_processes)
+                                    num_processes=accelerator.num_processes, num_workers=d.dataloader_workers)
             statistics[i] = record_statistics(
                 teacher, batches, spec, accelerator=accelerator, patch_size=r.stats.stats_patch_size,
                 conv_target=r.stats.stats_conv_target, augment=r.stats.stats_augment,
