@@ -56,10 +56,10 @@ def main() -> None:
         if not args.recipe_settings:
             if args.teachers:
                 argv += ["--teachers", *args.teachers]
-            if args.syn_iterations:
+            if args.syn_iterations is not None:  # 0 is meaningful: keep the initial images (syn_init real)
                 argv += ["--syn_iterations", str(args.syn_iterations),
                          "--syn_checkpoint_every", str(max(1, args.syn_iterations // 5))]
-            if args.epochs:
+            if args.epochs is not None:
                 argv += ["--num_train_epochs", str(args.epochs)]
             if args.seeds:
                 argv += ["--eval_seeds", *map(str, args.seeds)]
