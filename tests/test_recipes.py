@@ -523,7 +523,7 @@ def _distill_args(cmd: list[str]) -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/stages.md", "docs/scaling.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/stages.md", "docs/scaling.md", "docs/results.md"])
 def test_doc_commands_refer_to_existing_files(doc):
     path = REPO / doc
     if not path.exists():
