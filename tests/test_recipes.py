@@ -20,6 +20,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -498,10 +499,12 @@ def test_stored_relabel_resumes_and_feeds_later_stages(smoke_run, tmp_path):
 
 
 def _fenced_blocks(text: str, lang: str = "bash") -> list[tuple[str, str]]:
-    """(marker comment before the fence or "", body) of every ```lang block."""
+    """(marker comment before the fence or "", body) of every ```lang block, also indented ones
+    (a block inside a list item), whose body is dedented."""
     out = []
-    for m in re.finditer(rf"(?:(<!--[^>]*-->)\s*\n)?```{lang}\n(.*?)\n```", text, flags=re.S):
-        out.append((m.group(1) or "", m.group(2)))
+    pattern = rf"(?:(<!--[^>]*-->)\s*\n)?^([ \t]*)```{lang}\n(.*?)\n\2```"
+    for m in re.finditer(pattern, text, flags=re.S | re.M):
+        out.append((m.group(1) or "", textwrap.dedent(m.group(3))))
     return out
 
 
