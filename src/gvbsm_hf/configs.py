@@ -3,22 +3,133 @@
 Field names are unique across the dataclasses so that one flat YAML recipe (trl /
 alignment-handbook style) can fill all of them and any field can be overridden on the command
 line. Stage prefixes (``teacher_``, ``stats_``, ``syn_``, ``relabel_``) keep them apart.
-Defaults follow ``SPEC.md`` (small-dataset settings of the authors' code unless noted).
+
+Every choice is a ``Literal`` (``HfArgumentParser`` turns it into argparse ``choices``) and every
+value is checked in ``__post_init__`` (:class:`ValidatedArguments`), i.e. when the recipe is
+parsed, before any data is loaded: a YAML default is not seen by argparse's ``choices``, so the
+check is repeated there. Method-specific synthesis fields default to ``None``, meaning "the
+registered method's own default" (:mod:`gvbsm_hf.methods`); baselines are always built from
+their own defaults. Equations: docs/method.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from difflib import get_close_matches
+from typing import Any, Literal, Optional
 
 from transformers import TrainingArguments
 
-SYNTHESIS_METHODS = ("gvbsm", "sre2l", "sre2l+dd", "sre2l+gbm", "random_real")
-"""Presets for :class:`SynthesisArguments.syn_method` (baselines and ablations, issue 4)."""
+from .errors import GVBSMError
+
+STAGES = ("squeeze", "record", "recover", "relabel", "evaluate", "export")
+
+BackboneChoice = Literal["uniform", "round_robin"]
+SynInit = Literal["noise", "real"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+ConvTarget = Literal["input", "output"]
+RelabelMode = Literal["on_the_fly", "stored"]
+LossType = Literal["mse_gt", "kl", "ce"]
+
+
+class RecipeError(GVBSMError):
+    """A recipe value is invalid; the message names the field and the fix."""
+
+
+def _suggest(value: Any, choices: typing.Sequence[Any]) -> str:
+    close = get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), type(None) in typing.get_args(tp)
+    return tp, False
+
+
+def check_choice(name: str, value: Any, choices: typing.Sequence[Any]) -> None:
+    """Raise :class:`RecipeError` naming ``name`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise RecipeError(f"{name}={value!r} is not one of {list(choices)}{_suggest(value, choices)}. "
+                          f"Set `{name}:` in the recipe or `--{name}` to one of them.")
+
+
+def check_range(name: str, value: float | int | None, low: float | None = None, high: float | None = None,
+                *, low_open: bool = False, high_open: bool = False, allow_none: bool = False) -> None:
+    """Raise :class:`RecipeError` unless ``low <= value <= high`` (open ends as flagged) and finite."""
+    if value is None:
+        if allow_none:
+            return
+        raise RecipeError(f"{name} must be set.")
+    v = float(value)
+    bad = not math.isfinite(v)
+    if low is not None:
+        bad |= v <= low if low_open else v < low
+    if high is not None:
+        bad |= v >= high if high_open else v > high
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise RecipeError(f"{name}={value!r} is out of range: it must be a finite number in {interval}. "
+                          f"Fix `{name}:` in the recipe or `--{name}`.")
+
+
+class ValidatedArguments:
+    """Mixin: type-check every field and enforce ``Literal`` choices in ``__post_init__``.
+
+    Subclasses add range checks in ``validate()``."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name not in hints:
+                continue
+            check_value(f.name, hints[f.name], getattr(self, f.name))
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks of the subclass (raise :class:`RecipeError`)."""
+
+
+def check_value(name: str, tp: Any, value: Any) -> None:
+    """Raise :class:`RecipeError` unless ``value`` fits the annotation ``tp`` (Literal choices included)."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return
+        raise RecipeError(f"{name} must not be null; remove it from the recipe to use the default.")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        check_choice(name, value, typing.get_args(tp))
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{name}={value!r} must be true or false.")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{name}={value!r} must be an integer (got {type(value).__name__}).")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{name}={value!r} must be a number (got {type(value).__name__}).")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{name}={value!r} must be a string (got {type(value).__name__}).")
+    elif origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{name}={value!r} must be a list, e.g. `{name}: [a, b]` or `--{name} a b`.")
+        (item,) = typing.get_args(tp) or (Any,)
+        for i, v in enumerate(value):
+            check_value(f"{name}[{i}]", item, v)
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ValidatedArguments):
     """Which dataset to distill and how to read it (``gvbsm_hf.data``)."""
 
     dataset_name: str = field(
@@ -42,9 +153,14 @@ class DataArguments:
         default=0, metadata={"help": "DataLoader worker processes decoding images in the record stage (0: in-process)."}
     )
 
+    def validate(self) -> None:
+        check_range("max_train_samples", self.max_train_samples, 1, allow_none=True)
+        check_range("max_eval_samples", self.max_eval_samples, 1, allow_none=True)
+        check_range("dataloader_workers", self.dataloader_workers, 0)
+
 
 @dataclass
-class SqueezeArguments:
+class SqueezeArguments(ValidatedArguments):
     """Teacher backbones: train them (squeeze) or load them by folder / Hub id."""
 
     teachers: list[str] = field(
@@ -52,7 +168,7 @@ class SqueezeArguments:
         metadata={"help": "Backbone names to train (zoo, 'tv:' torchvision, 'timm:' timm, 'hf-hub:'), "
                   "or teacher folders / Hub ids (loaded, not trained)."},
     )
-    teacher_epochs: int = field(default=5, metadata={"help": "Epochs per teacher (SPEC: few epochs)."})
+    teacher_epochs: int = field(default=5, metadata={"help": "Epochs per teacher (few epochs, docs/method.md)."})
     teacher_lr: float = field(default=0.05, metadata={"help": "Peak learning rate (SGD, cosine)."})
     teacher_batch_size: int = field(default=128, metadata={"help": "Global batch size (split across processes, so 1 and N processes train the same teacher)."})
     teacher_weight_decay: float = field(default=5e-4)
@@ -64,13 +180,23 @@ class SqueezeArguments:
     )
     teacher_seed: int = field(default=0)
 
+    def validate(self) -> None:
+        if not self.teachers:
+            raise RecipeError("teachers is empty: list at least one backbone, e.g. `teachers: [convnet128]`.")
+        check_range("teacher_epochs", self.teacher_epochs, 0)
+        check_range("teacher_lr", self.teacher_lr, 0, low_open=True)
+        check_range("teacher_batch_size", self.teacher_batch_size, 1)
+        check_range("teacher_weight_decay", self.teacher_weight_decay, 0)
+        check_range("teacher_momentum", self.teacher_momentum, 0, 1, high_open=True)
+        check_range("teacher_label_smoothing", self.teacher_label_smoothing, 0, 1, high_open=True)
+
 
 @dataclass
-class StatisticsArguments:
-    """Global Conv statistics (GSM, Eq. 9)."""
+class StatisticsArguments(ValidatedArguments):
+    """Global Conv statistics (GSM, docs/method.md Eq. 9)."""
 
     stats_patch_size: int = field(default=4, metadata={"help": "Patch side Np: 4 small datasets, 16 ImageNet."})
-    stats_conv_target: str = field(
+    stats_conv_target: ConvTarget = field(
         default="input",
         metadata={"help": "Match the Conv2d 'input' (authors' code, default) or 'output' (paper text)."},
     )
@@ -78,15 +204,27 @@ class StatisticsArguments:
     stats_augment: bool = field(default=True, metadata={"help": "Apply the synthesis augmentation to real data."})
     stats_max_samples: Optional[int] = field(default=None, metadata={"help": "Cap on images in the pass."})
 
+    def validate(self) -> None:
+        check_range("stats_patch_size", self.stats_patch_size, 1)
+        check_range("stats_batch_size", self.stats_batch_size, 1)
+        check_range("stats_max_samples", self.stats_max_samples, 1, allow_none=True)
+
+
+METHOD_FIELD_HELP = " Default (null): the method's own default (docs/method.md \"Baselines and ablations\")."
+
 
 @dataclass
-class SynthesisArguments:
-    """Recover: synthesise ``ipc`` images per class (Eq. 2, 5, 6, 7, 10)."""
+class SynthesisArguments(ValidatedArguments):
+    """Recover: synthesise ``ipc`` images per class (docs/method.md Eq. 2, 5, 6, 7, 10).
+
+    The fields up to ``syn_seed`` are the *protocol*, shared by the main method and every
+    baseline. The fields after it belong to the method (``syn_method``): left unset (``None``),
+    the registered method's config class supplies its own default; baselines never see them."""
 
     syn_method: str = field(
         default="gvbsm",
-        metadata={"help": f"Preset, one of {SYNTHESIS_METHODS}. Presets set the flags below; explicit "
-                  "flags in the recipe win."},
+        metadata={"help": "Registered synthesis method (gvbsm, sre2l, sre2l+dd, sre2l+gbm, random_real, ...; "
+                  "see gvbsm_hf.methods.list_methods())."},
     )
     ipc: int = field(default=10, metadata={"help": "Images per class."})
     syn_iterations: int = field(default=1000, metadata={"help": "Optimisation steps per batch (code: 4000)."})
@@ -97,38 +235,67 @@ class SynthesisArguments:
     )
     syn_slots_per_batch: Optional[int] = field(
         default=None,
-        metadata={"help": "IPC slots of each class per batch ('reorder loop', SPEC). None: all ipc."},
-    )
-    syn_backbone_choice: str = field(
-        default="uniform", metadata={"help": "'uniform' sampling (paper, Eq. 7) or 'round_robin' (authors' code)."}
+        metadata={"help": "IPC slots of each class per batch (the 'reorder loop'). None: all ipc."},
     )
     syn_teachers: Optional[list[str]] = field(
         default=None, metadata={"help": "Subset of teachers used in synthesis (None: all)."}
     )
-    syn_ce_weight: float = field(default=1.0)
-    syn_r_bn: float = field(default=0.01, metadata={"help": "BN matching weight."})
-    syn_r_conv: float = field(default=0.01, metadata={"help": "Conv matching weight (0 disables GSM)."})
-    syn_first_layer_multiplier: float = field(default=10.0)
-    syn_alpha: float = field(default=0.8, metadata={"help": "SDS EMA factor (0 = plain Eq. 1)."})
-    syn_beta_dr: float = field(default=0.4, metadata={"help": "Drop probability of each Conv statistic."})
-    syn_dd: bool = field(default=True, metadata={"help": "Data densification (Eq. 5)."})
-    syn_dd_weight: float = field(default=1.0)
-    syn_dd_tau: float = field(default=4.0)
-    syn_dd_pool_size: int = field(default=32)
     syn_augment: bool = field(default=True, metadata={"help": "Random resized crop + flip each iteration."})
     syn_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    syn_init: str = field(default="noise", metadata={"help": "'noise' or 'real' (RDED/EDC-style) init."})
-    syn_mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' autocast."})
+    syn_mixed_precision: MixedPrecision = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' autocast."})
     syn_channels_last: bool = field(default=False)
     syn_checkpoint_every: int = field(default=100, metadata={"help": "Iterations between checkpoints."})
     syn_seed: int = field(default=0)
+    # ---- method fields (None: the method's default) ----------------------------------------
+    syn_init: Optional[SynInit] = field(default=None, metadata={"help": "'noise' or 'real' (RDED/EDC-style) init." + METHOD_FIELD_HELP})
+    syn_backbone_choice: Optional[BackboneChoice] = field(
+        default=None, metadata={"help": "'uniform' sampling (paper, Eq. 7) or 'round_robin' (authors' code)." + METHOD_FIELD_HELP}
+    )
+    syn_single_teacher: Optional[bool] = field(default=None, metadata={"help": "Use only the first teacher (SRe2L)." + METHOD_FIELD_HELP})
+    syn_ce_weight: Optional[float] = field(default=None, metadata={"help": "CE weight." + METHOD_FIELD_HELP})
+    syn_r_bn: Optional[float] = field(default=None, metadata={"help": "BN matching weight." + METHOD_FIELD_HELP})
+    syn_r_conv: Optional[float] = field(default=None, metadata={"help": "Conv matching weight (0 disables GSM)." + METHOD_FIELD_HELP})
+    syn_first_layer_multiplier: Optional[float] = field(default=None, metadata={"help": "Weight of the first layer's terms." + METHOD_FIELD_HELP})
+    syn_alpha: Optional[float] = field(default=None, metadata={"help": "SDS EMA factor (0 = plain Eq. 1)." + METHOD_FIELD_HELP})
+    syn_beta_dr: Optional[float] = field(default=None, metadata={"help": "Drop probability of each Conv statistic." + METHOD_FIELD_HELP})
+    syn_dd: Optional[bool] = field(default=None, metadata={"help": "Data densification (Eq. 5)." + METHOD_FIELD_HELP})
+    syn_dd_weight: Optional[float] = field(default=None, metadata={"help": "DD weight." + METHOD_FIELD_HELP})
+    syn_dd_tau: Optional[float] = field(default=None, metadata={"help": "DD temperature tau." + METHOD_FIELD_HELP})
+    syn_dd_pool_size: Optional[int] = field(default=None, metadata={"help": "DD pooling side." + METHOD_FIELD_HELP})
+
+    def validate(self) -> None:
+        from .methods import list_methods
+
+        check_choice("syn_method", self.syn_method, list_methods())
+        check_range("ipc", self.ipc, 1)
+        check_range("syn_iterations", self.syn_iterations, 0)
+        check_range("syn_lr", self.syn_lr, 0, low_open=True)
+        if len(self.syn_adam_betas) != 2:
+            raise RecipeError(f"syn_adam_betas={self.syn_adam_betas} must be two numbers, e.g. [0.5, 0.9].")
+        for i, b in enumerate(self.syn_adam_betas):
+            check_range(f"syn_adam_betas[{i}]", b, 0, 1, high_open=True)
+        check_range("syn_classes_per_batch", self.syn_classes_per_batch, 1, allow_none=True)
+        check_range("syn_slots_per_batch", self.syn_slots_per_batch, 1, allow_none=True)
+        check_crop_scale("syn_crop_scale", self.syn_crop_scale)
+        check_range("syn_checkpoint_every", self.syn_checkpoint_every, 1)
+        for name in ("syn_ce_weight", "syn_r_bn", "syn_r_conv", "syn_first_layer_multiplier", "syn_dd_weight"):
+            check_range(name, getattr(self, name), 0, allow_none=True)
+        check_range("syn_alpha", self.syn_alpha, 0, 1, high_open=True, allow_none=True)
+        check_range("syn_beta_dr", self.syn_beta_dr, 0, 1, allow_none=True)
+        check_range("syn_dd_tau", self.syn_dd_tau, 0, low_open=True, allow_none=True)
+        check_range("syn_dd_pool_size", self.syn_dd_pool_size, 1, allow_none=True)
+
+
+def check_crop_scale(name: str, scale: list[float]) -> None:
+    if len(scale) != 2 or not (0 < float(scale[0]) <= float(scale[1]) <= 1):
+        raise RecipeError(f"{name}={scale} must be [min, max] with 0 < min <= max <= 1, e.g. [0.08, 1.0].")
 
 
 @dataclass
-class RelabelArguments:
-    """Relabel: ensemble soft labels (Eq. 8)."""
+class RelabelArguments(ValidatedArguments):
+    """Relabel: ensemble soft labels (docs/method.md Eq. 8)."""
 
-    relabel_mode: str = field(
+    relabel_mode: RelabelMode = field(
         default="on_the_fly", metadata={"help": "'on_the_fly' (teachers per student batch) or 'stored'."}
     )
     relabel_teachers: Optional[list[str]] = field(default=None, metadata={"help": "Subset (None: all)."})
@@ -137,13 +304,17 @@ class RelabelArguments:
     relabel_topk: Optional[int] = field(default=None, metadata={"help": "Keep only top-k logits (stored)."})
     relabel_seed: int = field(default=0)
 
+    def validate(self) -> None:
+        check_range("relabel_num_views", self.relabel_num_views, 1)
+        check_range("relabel_topk", self.relabel_topk, 1, allow_none=True)
+
 
 @dataclass
 class GVBSMTrainingArguments(TrainingArguments):
-    """Student training on a distilled set (Eq. 11), extends ``transformers.TrainingArguments``."""
+    """Student training on a distilled set (docs/method.md Eq. 11), extends ``transformers.TrainingArguments``."""
 
     student: str = field(default="convnet128", metadata={"help": "Evaluator backbone name."})
-    loss_type: str = field(default="mse_gt", metadata={"help": "'mse_gt' (Eq. 11), 'kl' (SRe2L) or 'ce'."})
+    loss_type: LossType = field(default="mse_gt", metadata={"help": "'mse_gt' (Eq. 11), 'kl' (SRe2L) or 'ce'."})
     gamma: float = field(default=0.1, metadata={"help": "GT cross-entropy weight (0.15 CIFAR in code)."})
     kd_temperature: float = field(
         default=4.0, metadata={"help": "tau of Eq. 8's softmax(z/tau) for loss_type='kl' (teacher and student); mse_gt uses raw logits."}
@@ -159,9 +330,25 @@ class GVBSMTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Several evaluators (cross-architecture table); None: [student]."}
     )
 
+    def __post_init__(self) -> None:
+        check_choice("loss_type", self.loss_type, typing.get_args(LossType))
+        check_range("gamma", self.gamma, 0)
+        check_range("kd_temperature", self.kd_temperature, 0, low_open=True)
+        check_range("cutmix_prob", self.cutmix_prob, 0, 1)
+        check_crop_scale("student_crop_scale", self.student_crop_scale)
+        if not self.eval_seeds:
+            raise RecipeError("eval_seeds is empty: give at least one seed, e.g. `eval_seeds: [0, 1, 2]`.")
+        if self.push_to_hub:
+            raise RecipeError(
+                "push_to_hub is the Trainer's upload of student checkpoints and is not used here: to publish, set "
+                "`push_dataset: true` with `dataset_repo_id: <org>/<name>` (and `teacher_repo_prefix: <org>/<name>` "
+                "for the teachers)."
+            )
+        super().__post_init__()
+
 
 @dataclass
-class PublishArguments:
+class PublishArguments(ValidatedArguments):
     """Export to a Hub-ready dataset folder and optionally push."""
 
     dataset_repo_id: Optional[str] = field(
@@ -173,17 +360,46 @@ class PublishArguments:
     )
     dataset_license: Optional[str] = field(default=None, metadata={"help": "Overrides the source license."})
 
+    def validate(self) -> None:
+        if self.push_dataset and not self.dataset_repo_id:
+            raise RecipeError("push_dataset: true needs `dataset_repo_id: <org>/<name>` (or --dataset_repo_id).")
+        for name in ("dataset_repo_id", "teacher_repo_prefix"):
+            value = getattr(self, name)
+            if value is not None and (value.count("/") != 1 or not all(value.split("/"))):
+                raise RecipeError(f"{name}={value!r} must look like <org>/<name>.")
+
 
 @dataclass
-class PipelineArguments:
+class PipelineArguments(ValidatedArguments):
     """What ``recipes/distill.py`` runs."""
 
     stages: list[str] = field(
-        default_factory=lambda: ["squeeze", "record", "recover", "relabel", "evaluate", "export"],
+        default_factory=lambda: list(STAGES), metadata={"help": f"Stages to run, of {list(STAGES)}."}
     )
     redo: list[str] = field(default_factory=list, metadata={"help": "Stages to recompute although cached."})
     baselines: list[str] = field(
         default_factory=lambda: ["random_real"],
-        metadata={"help": "Also evaluate these syn_method presets under the same protocol."},
+        metadata={"help": "Also evaluate these registered methods under the same protocol (built from their own defaults)."},
     )
     evaluate_hard_labels: bool = field(default=False, metadata={"help": "Also report hard-label training."})
+
+    def validate(self) -> None:
+        from .methods import list_methods
+
+        for name in ("stages", "redo"):
+            for i, s in enumerate(getattr(self, name)):
+                check_choice(f"{name}[{i}]", s, STAGES)
+        for i, b in enumerate(self.baselines):
+            check_choice(f"baselines[{i}]", b, list_methods())
+
+
+RECIPE_CLASSES = (
+    DataArguments,
+    SqueezeArguments,
+    StatisticsArguments,
+    SynthesisArguments,
+    RelabelArguments,
+    GVBSMTrainingArguments,
+    PublishArguments,
+    PipelineArguments,
+)

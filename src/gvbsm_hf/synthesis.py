@@ -1,11 +1,11 @@
-"""Recover: synthesise ``ipc`` images per class with G-VBSM (SPEC "Recover").
+"""Recover: the synthesis engine, generic over registered methods (docs/method.md "Recover").
 
 Per iteration one backbone is chosen from the candidate teachers (GBM, Eq. 7), the synthetic
-batch is augmented (random resized crop + flip) and the pixels minimise
-
-    L = w_ce CE + r_bn L'_BN (Eq. 6) + r_conv L'_Conv (Eq. 10) + w_dd L_DD (Eq. 5)
-
-with Adam and a cosine learning rate; pixels are clipped to the valid normalised range.
+batch is augmented (random resized crop + flip), the teacher's forward hooks record the batch's
+BN/Conv statistics, and the method's loss (:mod:`gvbsm_hf.methods`; G-VBSM:
+``w_ce CE + r_bn L'_BN (Eq. 6) + r_conv L'_Conv (Eq. 10) + w_dd L_DD (Eq. 5)``) is minimised with
+Adam and a cosine learning rate; pixels are clipped to the valid normalised range. Methods that
+select rather than optimise (``random_real``) return their set directly.
 
 Work is split into *jobs*: one job is one synthesis batch holding ``slots_per_batch`` IPC slots of
 each of ``classes_per_batch`` classes (the "reorder loop", so DD sees several images per class).
@@ -35,26 +35,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .augment import apply_crop_flip, sample_crop_flip
-from .configs import SYNTHESIS_METHODS, StatisticsArguments, SynthesisArguments
-from .data import DatasetSpec, class_balanced_indices
+from .configs import StatisticsArguments, SynthesisArguments
+from .data import DatasetSpec
 from .errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError
 from .hooks import StatisticsHooks
-from .losses import bn_matching_loss, conv_matching_loss, data_densification_loss, first_layer_weights
+from .losses import first_layer_weights
+from .methods import SynthesisConfig, SynthesisStep, get_method, method_config
 from .statistics import TeacherStatistics
+from .utils import derive_seed, seeded_generator
 
 logger = get_logger(__name__)
-
-LOSS_COMPONENTS = ("loss", "ce", "bn", "conv", "dd")
-
-# Flags each preset sets (SPEC "Baselines and ablations"); applied only to fields left at their
-# dataclass default, so a value written explicitly in a recipe wins.
-_PRESETS: dict[str, dict[str, object]] = {
-    "gvbsm": {},
-    "sre2l": {"syn_r_conv": 0.0, "syn_alpha": 0.0, "syn_dd": False, "single_teacher": True},
-    "sre2l+dd": {"syn_r_conv": 0.0, "syn_alpha": 0.0, "syn_dd": True, "single_teacher": True},
-    "sre2l+gbm": {"syn_r_conv": 0.0, "syn_alpha": 0.0, "syn_dd": False},
-    "random_real": {},
-}
 
 
 @dataclass(frozen=True)
@@ -141,17 +131,12 @@ class SyntheticSet:
         return cls(t["images"], t["labels"], t["slots"], t["jobs"], meta.get("method", ""), json.loads(meta.get("config", "{}")))
 
 
-def resolve_method(args: SynthesisArguments) -> tuple[SynthesisArguments, bool]:
-    """Apply the ``syn_method`` preset. Returns the effective arguments and whether only the
-    first teacher is used (SRe2L baselines)."""
-    if args.syn_method not in SYNTHESIS_METHODS:
-        raise GVBSMError(f"Unknown syn_method {args.syn_method!r}; choose one of {SYNTHESIS_METHODS}.")
-    preset = dict(_PRESETS[args.syn_method])
-    single = bool(preset.pop("single_teacher", False))
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-                for f in dataclasses.fields(SynthesisArguments)}
-    changes = {k: v for k, v in preset.items() if getattr(args, k) == defaults[k]}
-    return dataclasses.replace(args, **changes), single
+def as_method_config(args: SynthesisArguments | SynthesisConfig) -> SynthesisConfig:
+    """The registered method's config: ``args`` itself, or built from recipe arguments
+    (:func:`gvbsm_hf.methods.method_config` of ``args.syn_method``, as the main method)."""
+    if isinstance(args, SynthesisConfig):
+        return args
+    return method_config(args.syn_method, args)
 
 
 def plan_jobs(num_classes: int, ipc: int, classes_per_batch: int | None, slots_per_batch: int | None) -> list[SynthesisJob]:
@@ -169,10 +154,6 @@ def plan_jobs(num_classes: int, ipc: int, classes_per_batch: int | None, slots_p
     return jobs
 
 
-def _job_seed(seed: int, job_index: int) -> int:
-    return (seed * 1_000_003 + job_index * 7919 + 17) % (2**63 - 1)
-
-
 def cosine_lr(base_lr: float, iteration: int, total: int) -> float:
     """Cosine decay from ``base_lr`` to 0 over ``total`` iterations."""
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * iteration / max(total, 1)))
@@ -185,7 +166,7 @@ class _TeacherSlot:
         self,
         teacher: nn.Module,
         stats: TeacherStatistics | None,
-        args: SynthesisArguments,
+        args: SynthesisConfig,
         stats_args: StatisticsArguments,
         device: torch.device,
         stack: ExitStack,
@@ -195,16 +176,16 @@ class _TeacherSlot:
             p.requires_grad_(False)
         if args.syn_channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        use_conv = args.syn_r_conv > 0
+        use_conv = args.uses_conv()
         if use_conv and stats is None:
             raise StatisticsMismatchError(
-                "Conv matching (syn_r_conv > 0) needs recorded statistics for every teacher; run the "
-                "record stage first or set syn_r_conv: 0."
+                f"Method {args.syn_method!r} matches Conv statistics and needs recorded statistics for every "
+                "teacher; run the record stage first (`--stages record recover`) or set syn_r_conv: 0."
             )
         self.hooks = stack.enter_context(  # removed when the stack closes, also on errors
             StatisticsHooks(
                 self.model,
-                bn=args.syn_r_bn > 0,
+                bn=args.uses_bn(),
                 conv=use_conv,
                 conv_target=stats_args.stats_conv_target,
                 patch_size=stats_args.stats_patch_size,
@@ -222,38 +203,56 @@ class _TeacherSlot:
                 )
             for name in self._conv_layer_names():
                 self.conv_targets[name] = {k: v.to(device) for k, v in stats.layers[name].items()}
-        self.bn_weights = first_layer_weights(list(self.bn_targets), args.syn_first_layer_multiplier)
-        self.conv_weights = first_layer_weights(list(self.conv_targets), args.syn_first_layer_multiplier)
+        self._weights: dict[tuple[str, float], dict[str, float]] = {}
+
+    def layer_weights(self, kind: str, multiplier: float) -> dict[str, float]:
+        """Per-layer weights of the ``"bn"`` or ``"conv"`` terms: ``multiplier`` on the first layer."""
+        key = (kind, float(multiplier))
+        if key not in self._weights:
+            names = list(self.bn_targets if kind == "bn" else self.conv_targets)
+            self._weights[key] = first_layer_weights(names, multiplier)
+        return self._weights[key]
 
     def _conv_layer_names(self) -> list[str]:
         return [n for n, m in self.model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def _ema_to_tensors(prefix: str, emas: dict) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for layer, value in emas.items():
-        if isinstance(value, dict):
-            for stat, t in value.items():
-                out[f"{prefix}|{layer}|{stat}"] = t.detach().contiguous()
-        else:
-            mean, var = value
-            out[f"{prefix}|{layer}|mean"] = mean.detach().contiguous()
-            out[f"{prefix}|{layer}|var"] = var.detach().contiguous()
-    return out
+def _flatten_state(prefix: str, value: object, out: dict[str, torch.Tensor]) -> None:
+    """Nested dicts / tuples of tensors -> ``{"prefix|key|#0": tensor}`` (checkpoint keys)."""
+    if isinstance(value, torch.Tensor):
+        out[prefix] = value.detach().contiguous()
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_state(f"{prefix}|{k}", v, out)
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _flatten_state(f"{prefix}|#{i}", v, out)
+    elif value is not None:
+        raise GVBSMError(f"Method state {prefix!r} holds a {type(value).__name__}; only tensors, dicts and tuples "
+                         "are checkpointed.")
 
 
-def _ema_from_tensors(tensors: dict[str, torch.Tensor], prefix: str, kind: str) -> dict:
-    out: dict = {}
+def _unflatten_state(tensors: dict[str, torch.Tensor], prefix: str, device: torch.device) -> dict:
+    """Inverse of :func:`_flatten_state` for the keys under ``prefix``."""
+    root: dict = {}
     for key, t in tensors.items():
-        if key.count("|") < 2:  # pixels, Adam moments, RNG state
+        if not key.startswith(prefix + "|"):
             continue
-        p, layer, stat = key.split("|", 2)
-        if p != prefix:
-            continue
-        out.setdefault(layer, {})[stat] = t
-    if kind == "bn":
-        return {k: (v["mean"], v["var"]) for k, v in out.items()}
-    return out
+        parts = key[len(prefix) + 1:].split("|")
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = t.to(device)
+
+    def fix(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: fix(v) for k, v in node.items()}
+        if node and all(k.startswith("#") for k in node):
+            return tuple(node[f"#{i}"] for i in range(len(node)))
+        return node
+
+    return fix(root)
 
 
 class _JobRunner:
@@ -264,27 +263,27 @@ class _JobRunner:
         job: SynthesisJob,
         slots: list[_TeacherSlot],
         spec: DatasetSpec,
-        args: SynthesisArguments,
+        args: SynthesisConfig,
         device: torch.device,
         folder: Path,
         init_images: torch.Tensor | None,
     ) -> None:
         self.job, self.slots, self.spec, self.args, self.device = job, slots, spec, args, device
+        self.loss_fn = get_method(args.syn_method).loss
         self.ckpt_path = folder / f"job_{job.index:05d}.ckpt.safetensors"
         self.done_path = folder / f"job_{job.index:05d}.safetensors"
         self.labels = job.labels.to(device)
         self.low, self.high = (b.to(device) for b in spec.pixel_bounds(device))
-        self.generator = torch.Generator().manual_seed(_job_seed(args.syn_seed, job.index))
+        self.generator = seeded_generator(args.syn_seed, "job", job.index)
         if init_images is None:
             x = torch.randn(len(job), spec.channels, spec.image_size, spec.image_size, generator=self.generator)
         else:
             x = init_images.clone()
         self.x = x.to(device).clamp_(self.low, self.high).requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.x], lr=args.syn_lr, betas=tuple(args.syn_adam_betas))
-        self.bn_emas: list[dict | None] = [None] * len(slots)
-        self.conv_emas: list[dict | None] = [None] * len(slots)
+        self.states: list[dict] = [{} for _ in slots]  # per teacher, owned by the method's loss
         self.iteration = 0
-        self.sums = torch.zeros(len(LOSS_COMPONENTS), device=device)
+        self.sums: dict[str, torch.Tensor] = {}
         self.sums_count = 0
         self.teachers_used: set[int] = set()
         self.log_path = folder / f"job_{job.index:05d}.log.jsonl"
@@ -297,11 +296,8 @@ class _JobRunner:
             tensors["exp_avg"] = state["exp_avg"].contiguous()
             tensors["exp_avg_sq"] = state["exp_avg_sq"].contiguous()
             tensors["adam_step"] = torch.as_tensor(state["step"]).reshape(1).float()
-        for i in range(len(self.slots)):
-            if self.bn_emas[i] is not None:
-                tensors.update(_ema_to_tensors(f"bn{i}", self.bn_emas[i]))
-            if self.conv_emas[i] is not None:
-                tensors.update(_ema_to_tensors(f"conv{i}", self.conv_emas[i]))
+        for i, state in enumerate(self.states):
+            _flatten_state(f"state|{i}", state, tensors)
         tensors = {k: v.to("cpu") for k, v in tensors.items()}
         tmp = self.ckpt_path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"iteration": str(self.iteration), "job": str(self.job.index)})
@@ -329,11 +325,7 @@ class _JobRunner:
                 "exp_avg": t["exp_avg"].to(self.device),
                 "exp_avg_sq": t["exp_avg_sq"].to(self.device),
             }
-        for i in range(len(self.slots)):
-            bn = _ema_from_tensors(t, f"bn{i}", "bn")
-            conv = _ema_from_tensors(t, f"conv{i}", "conv")
-            self.bn_emas[i] = {k: (m.to(self.device), v.to(self.device)) for k, (m, v) in bn.items()} or None
-            self.conv_emas[i] = {k: {s: v.to(self.device) for s, v in d.items()} for k, d in conv.items()} or None
+        self.states = [_unflatten_state(t, f"state|{i}", self.device) for i in range(len(self.slots))]
         self.iteration = int(meta["iteration"])
         return True
 
@@ -371,34 +363,22 @@ class _JobRunner:
             other.hooks.enabled = other is slot
         with autocast:
             logits = slot.model(x)
-        ce = F.cross_entropy(logits.float(), self.labels)
-        zero = ce.new_zeros(())
-        bn = conv = dd = zero
-        if args.syn_r_bn > 0:
-            bn, self.bn_emas[k] = bn_matching_loss(
-                slot.hooks.bn_stats, slot.bn_targets, self.bn_emas[k], alpha=args.syn_alpha, layer_weights=slot.bn_weights
-            )
-        if args.syn_r_conv > 0:
-            conv, self.conv_emas[k], _ = conv_matching_loss(
-                slot.hooks.conv_stats, slot.conv_targets, self.conv_emas[k], alpha=args.syn_alpha,
-                beta_dr=args.syn_beta_dr, generator=self.generator, layer_weights=slot.conv_weights,
-            )
-        if args.syn_dd:
-            try:
-                dd = data_densification_loss(
-                    x.float(), self.labels, tau=args.syn_dd_tau, pool_size=args.syn_dd_pool_size
-                )
-            except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
-                if bool(torch.isfinite(x).all()):
-                    raise
-                raise self.non_finite_error("pixels, seen by the DD eigenvalues") from err
-        loss = args.syn_ce_weight * ce + args.syn_r_bn * bn + args.syn_r_conv * conv + args.syn_dd_weight * dd
+        step = SynthesisStep(config=args, x=x, logits=logits, labels=self.labels, teacher=slot,
+                             state=self.states[k], generator=self.generator, iteration=self.iteration)
+        try:
+            loss, components = self.loss_fn(step)
+        except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
+            if bool(torch.isfinite(x).all()):
+                raise
+            raise self.non_finite_error("pixels, seen by the DD eigenvalues") from err
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
             self.x.clamp_(self.low, self.high)
-            self.sums += torch.stack([loss.detach(), ce.detach(), bn.detach(), conv.detach(), dd.detach()]).float()
+            for name, value in {"loss": loss, **components}.items():
+                value = value.detach().float()
+                self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.sums_count += 1
         slot.hooks.clear()
         self.iteration += 1
@@ -417,10 +397,11 @@ class _JobRunner:
 
     def flush_components(self) -> dict[str, float]:
         """Mean loss components since the last flush (one host sync). Raises on NaN/inf."""
-        values = (self.sums / max(self.sums_count, 1)).tolist()
-        self.sums.zero_()
+        names = list(self.sums)
+        values = (torch.stack([self.sums[n] for n in names]) / max(self.sums_count, 1)).tolist() if names else []
+        self.sums = {}
         self.sums_count = 0
-        comps = dict(zip(LOSS_COMPONENTS, values))
+        comps = dict(zip(names, values))
         bad = [k for k, v in comps.items() if not math.isfinite(v)]
         if bad or not bool(torch.isfinite(self.x).all()):
             raise self.non_finite_error(", ".join(bad) or "pixels")
@@ -440,32 +421,34 @@ def _init_from_real(
         idx = (labels == c).nonzero().flatten()
         if len(idx) == 0:
             raise GVBSMError(f"syn_init='real' needs real images of class {c}, found none.")
-        g = torch.Generator().manual_seed(_job_seed(seed, 10_000 + c))
+        g = seeded_generator(seed, "init", c)
         perm = idx[torch.randperm(len(idx), generator=g)]
         picks = [perm[s % len(perm)] for s in job.slots]
         out.append(images[torch.stack(picks)])
     return spec.normalize(torch.cat(out))
 
 
+def _initial_images(method, job: SynthesisJob, real_train, spec: DatasetSpec, args: SynthesisConfig,
+                    device: torch.device) -> torch.Tensor | None:
+    """The method's ``init`` if it has one, else real images (``syn_init='real'``) or None (noise)."""
+    if method.init is not None:
+        x = method.init(job, real_train, spec, args)
+        return None if x is None else x.to(device)
+    if args.syn_init == "real":
+        return _init_from_real(job, real_train, spec, args.syn_seed).to(device)
+    return None
+
+
 def random_real_subset(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, ipc: int, seed: int) -> SyntheticSet:
     """The "random real subset" baseline: ``ipc`` real images per class, class-balanced, seeded."""
-    images, labels = real
-    idx = torch.tensor(class_balanced_indices(labels.tolist(), n_per_class=ipc, seed=seed), dtype=torch.long)
-    order = torch.argsort(labels[idx] * (len(idx) + 1) + torch.arange(len(idx)))
-    idx = idx[order]
-    lab = labels[idx]
-    slots = torch.zeros_like(lab)
-    for c in lab.unique():
-        m = lab == c
-        slots[m] = torch.arange(int(m.sum()))
-    return SyntheticSet(spec.normalize(images[idx]), lab, slots, torch.zeros_like(lab), "random_real", {"ipc": ipc, "seed": seed})
+    return get_method("random_real").select(real, spec, method_config("random_real", ipc=ipc, syn_seed=seed))
 
 
 def recover(
     teachers: Sequence[nn.Module],
     statistics: Sequence[TeacherStatistics | None],
     spec: DatasetSpec,
-    args: SynthesisArguments,
+    args: SynthesisArguments | SynthesisConfig,
     *,
     stats_args: StatisticsArguments | None = None,
     accelerator: Accelerator | None = None,
@@ -473,12 +456,14 @@ def recover(
     real_train: tuple[torch.Tensor, torch.Tensor] | None = None,
     stop_after_iterations: int | None = None,
 ) -> SyntheticSet | None:
-    """Synthesise the distilled set (SPEC "Recover"); resumable, sharded over processes.
+    """Synthesise the distilled set (docs/method.md "Recover"); resumable, sharded over processes.
 
     Args:
         teachers: candidate backbones (normalised input -> logits), eval mode is enforced.
-        statistics: per-teacher recorded Conv statistics (Eq. 9), ``None`` allowed when
-            ``syn_r_conv == 0``.
+        statistics: per-teacher recorded Conv statistics (Eq. 9), ``None`` allowed when the
+            method does not match Conv statistics.
+        args: a registered method's config (:func:`gvbsm_hf.methods.method_config`), or recipe
+            arguments (then ``args.syn_method`` is built as the main method).
         real_train: uint8 images and labels, needed for ``syn_init='real'`` and ``random_real``.
         stop_after_iterations: stop every job after this many iterations *in this call* (used to
             simulate a killed run in tests); returns ``None`` when stopped early.
@@ -487,13 +472,14 @@ def recover(
     """
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     stats_args = stats_args or StatisticsArguments()
-    args, single_teacher = resolve_method(args)
+    args = as_method_config(args)
+    method = get_method(args.syn_method)
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    if args.syn_method == "random_real":
+    if not method.optimised:
         if real_train is None:
-            raise GVBSMError("syn_method='random_real' needs the real train split (real_train).")
-        return random_real_subset(real_train, spec, args.ipc, args.syn_seed)
+            raise GVBSMError(f"syn_method={args.syn_method!r} selects real images and needs the real train split (real_train).")
+        return method.select(real_train, spec, args)
     if len(teachers) == 0:
         raise GVBSMError("recover needs at least one teacher.")
     if len(statistics) != len(teachers):
@@ -503,7 +489,7 @@ def recover(
     if args.syn_backbone_choice not in ("uniform", "round_robin"):
         raise GVBSMError(f"syn_backbone_choice must be 'uniform' or 'round_robin', got {args.syn_backbone_choice!r}.")
     pairs = list(zip(teachers, statistics))
-    if single_teacher:
+    if args.syn_single_teacher:
         pairs = pairs[:1]
     device = accelerator.device
     jobs = plan_jobs(spec.num_classes, args.ipc, args.syn_classes_per_batch, args.syn_slots_per_batch)
@@ -516,7 +502,7 @@ def recover(
         for job in my_jobs:
             runner = _JobRunner(
                 job, slots, spec, args, device, folder / "jobs",
-                _init_from_real(job, real_train, spec, args.syn_seed).to(device) if args.syn_init == "real" else None,
+                _initial_images(method, job, real_train, spec, args, device),
             )
             if runner.done_path.exists():
                 continue

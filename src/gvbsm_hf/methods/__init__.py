@@ -1,0 +1,19 @@
+"""Registered synthesis methods (``register_method``, ``list_methods``, ``get_method``, ``method_config``)."""
+
+from .registry import (
+    SynthesisConfig,
+    SynthesisMethod,
+    SynthesisStep,
+    get_method,
+    list_methods,
+    method_config,
+    register_method,
+    unregister_method,
+)
+from . import gvbsm, random_real  # noqa: E402,F401  (registers the built-in methods)
+from .gvbsm import GVBSMConfig, SRe2LConfig, SRe2LDDConfig, SRe2LGBMConfig  # noqa: E402
+
+__all__ = [
+    "SynthesisConfig", "SynthesisMethod", "SynthesisStep", "GVBSMConfig", "SRe2LConfig", "SRe2LDDConfig",
+    "SRe2LGBMConfig", "get_method", "list_methods", "method_config", "register_method", "unregister_method",
+]

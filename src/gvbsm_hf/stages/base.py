@@ -1,0 +1,193 @@
+"""The stage seam: :class:`Stage` (one per module of :mod:`gvbsm_hf.stages`), the shared
+:class:`StageContext` and the per-stage cache (``stages.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+
+from ..configs import STAGES
+from ..recipe import NON_RESULT_FIELDS, Recipe, config_fingerprint, config_to_dict
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+    from accelerate import Accelerator
+
+    from ..data import DatasetSpec
+
+
+@dataclass
+class StageContext:
+    """What the stages share: the recipe, the accelerator, the data, and what earlier stages made."""
+
+    recipe: Recipe
+    accelerator: "Accelerator"
+    output_dir: Path
+    cache: "StageCache"
+    dataset: "datasets.DatasetDict"
+    spec: "DatasetSpec"
+    logger: Any
+    teachers: list = field(default_factory=list)
+    teacher_dirs: list[Path] = field(default_factory=list)
+    statistics: list = field(default_factory=list)
+    synthetic: dict = field(default_factory=dict)
+    stored: dict = field(default_factory=dict)
+    ensemble: Any = None
+    rows: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    _decoded: dict = field(default_factory=dict)
+
+    def real(self, split: str) -> "tuple[torch.Tensor, torch.Tensor]":
+        """The uint8 images and labels of ``train`` / ``validation``, decoded on first use only
+        (ImageNet-1k's train split is never decoded whole unless a stage needs it)."""
+        from ..data import to_uint8_tensors
+
+        if split not in self._decoded:
+            self._decoded[split] = to_uint8_tensors(self.dataset[split], self.spec)
+        return self._decoded[split]
+
+    @property
+    def main_method(self) -> str:
+        return self.recipe.synthesis.syn_method
+
+    @property
+    def methods(self) -> list[str]:
+        """The main method first, then the baselines (each once)."""
+        main = self.main_method
+        return [main] + [b for b in self.recipe.pipeline.baselines if b != main]
+
+
+def method_folder(name: str) -> str:
+    return name.replace("+", "_")
+
+
+class Stage:
+    """One stage of the pipeline.
+
+    ``depends_on`` names the recipe parts (``"synthesis"``) or single fields (``"training.seed"``)
+    whose values the stage's output depends on; :class:`StageCache` fingerprints them (with every
+    earlier stage's, chained) through :func:`gvbsm_hf.recipe.config_to_dict`, so no field list is
+    kept by hand. ``run`` computes what is missing (reusing any finished item, e.g. one teacher);
+    ``load`` only loads what exists (the stage was not selected)."""
+
+    name: ClassVar[str]
+    depends_on: ClassVar[tuple[str, ...]] = ()
+
+    def outputs(self, ctx: StageContext) -> list[Path]:
+        """The files this stage writes (for the docs and ``is_done``)."""
+        return []
+
+    def is_done(self, ctx: StageContext) -> bool:
+        return ctx.cache.done(self.name) and all(p.exists() for p in self.outputs(ctx))
+
+    def load(self, ctx: StageContext) -> None:
+        """Load this stage's outputs into ``ctx`` without computing anything."""
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        """Compute (or reuse) the outputs into ``ctx``; returns the info stored in ``stages.json``."""
+        raise NotImplementedError
+
+    def config(self, recipe: Recipe) -> dict[str, Any]:
+        """The recipe values this stage depends on (cache deny-list applied)."""
+        out: dict[str, Any] = {}
+        parts = recipe.parts()
+        for dep in self.depends_on:
+            part, _, name = dep.partition(".")
+            d = config_to_dict(parts[part], NON_RESULT_FIELDS)
+            if name:
+                out[name] = d.get(name)
+            else:
+                out.update(d)
+        return out
+
+
+def stage_configs(recipe: Recipe) -> dict[str, dict[str, Any]]:
+    """The recipe values each stage depends on, in stage order."""
+    from . import STAGE_REGISTRY
+
+    return {name: STAGE_REGISTRY[name].config(recipe) for name in STAGES}
+
+
+def stage_fingerprints(recipe: Recipe) -> dict[str, str]:
+    """Chained hashes: a stage's fingerprint changes when its fields or any earlier stage's do."""
+    out, previous = {}, ""
+    for stage, cfg in stage_configs(recipe).items():
+        previous = config_fingerprint(previous, cfg)
+        out[stage] = previous
+    return out
+
+
+class StageCache:
+    """``stages.json``: which stages finished, so a rerun skips them (``--redo`` recomputes).
+
+    Each finished stage stores the fingerprint of the recipe values it depends on; a rerun with a
+    changed recipe recomputes the first changed stage and every later one (and logs which fields
+    changed), instead of silently reusing results computed with other settings."""
+
+    def __init__(self, output_dir: Path, redo: Sequence[str], recipe: Recipe | None = None) -> None:
+        self.path = output_dir / "stages.json"
+        self.redo = set(redo)
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.fingerprints = stage_fingerprints(recipe) if recipe is not None else {}
+        self.configs = stage_configs(recipe) if recipe is not None else {}
+        self.changed: dict[str, list[str]] = {}
+        for stage in STAGES:
+            old = self.state.get(stage, {})
+            if "fingerprint" not in old or stage not in self.fingerprints:
+                continue
+            if old.get("fingerprint") != self.fingerprints[stage]:
+                before = old.get("config", {})
+                self.changed[stage] = sorted(
+                    k for k in set(before) | set(self.configs[stage]) if before.get(k) != self.configs[stage].get(k)
+                )
+                self.redo.add(stage)
+        if self.redo:  # a redone or changed stage invalidates every later one (no stale results)
+            first = min(STAGES.index(s) for s in self.redo)
+            self.redo.update(STAGES[first:])
+
+    def describe_changes(self) -> str:
+        """One line per stage recomputed because the recipe changed (empty when none)."""
+        return "\n".join(
+            f"recipe changed for stage {stage!r} ({', '.join(keys) or 'an earlier stage'}): recomputing it and later stages"
+            for stage, keys in self.changed.items()
+            if keys
+        )
+
+    def done(self, stage: str) -> bool:
+        return stage not in self.redo and self.state.get(stage, {}).get("done", False)
+
+    def mark(self, stage: str, **info: Any) -> None:
+        """Record ``stage`` as done. A stage that was already done, not redone, and whose ``info``
+        is unchanged keeps its entry (and ``finished`` time): a rerun that skips it leaves it alone."""
+        old = self.state.get(stage, {})
+        if self.done(stage) and {k: v for k, v in old.items() if k not in ("done", "finished", "fingerprint", "config")} == json.loads(
+            json.dumps(info, default=str)
+        ):
+            return
+        self.state[stage] = {"done": True, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **json.loads(json.dumps(info, default=str))}
+        if stage in self.fingerprints:
+            self.state[stage] |= {"fingerprint": self.fingerprints[stage], "config": self.configs[stage]}
+        self._write()
+
+    def start(self, stage: str) -> None:
+        """Record that ``stage`` is being computed with this recipe, so that a run killed inside it
+        and restarted with a changed recipe recomputes it rather than resuming stale checkpoints."""
+        if self.done(stage) or stage not in self.fingerprints:
+            return
+        self.state[stage] = {"done": False, "fingerprint": self.fingerprints[stage], "config": self.configs[stage]}
+        self._write()
+
+    def _write(self) -> None:
+        # one temporary file per process: every process of a multi-process run marks the stages, and
+        # a shared name would let one process move another's half-written file into place
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.path)
+
+    def redo_requested(self, stage: str) -> bool:
+        return stage in self.redo

@@ -1,0 +1,94 @@
+"""Evaluate stage: fresh students on every synthetic set under one protocol (docs/method.md Eq. 11),
+LAST-epoch top-1 on the real validation split, one row per (method, labels, student) in
+``evaluate/results.json``, rewritten after every seed (a killed run keeps its finished seeds and
+resumes the unfinished one from its Trainer checkpoint when ``save_strategy`` is set)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .base import Stage, StageContext, method_folder
+
+PROTOCOL = "last epoch, mean ± std over seeds"
+
+
+def summarise(method: str, label_mode: str, student: str, ipc: int, runs: list[dict]) -> dict[str, Any]:
+    """One results row from the per-seed runs of (method, labels, student)."""
+    import numpy as np
+
+    top1 = np.asarray([run["top1"] for run in runs], dtype=np.float64)
+    return {"method": method, "labels": label_mode, "evaluator": student, "ipc": ipc,
+            "mean": float(top1.mean()) if top1.size else float("nan"),
+            "std": float(top1.std(ddof=1)) if top1.size > 1 else 0.0, "n": int(top1.size),
+            "protocol": PROTOCOL, "seeds": [int(run["seed"]) for run in runs], "per_seed": [float(t) for t in top1]}
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    depends_on = ("training", "pipeline.evaluate_hard_labels")
+
+    def path(self, ctx: StageContext) -> Path:
+        return ctx.output_dir / "evaluate" / "results.json"
+
+    def outputs(self, ctx: StageContext) -> list[Path]:
+        return [self.path(ctx)]
+
+    def load(self, ctx: StageContext) -> None:
+        path = self.path(ctx)
+        ctx.rows = json.loads(path.read_text()) if path.exists() and not ctx.cache.redo_requested(self.name) else []
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from ..pipeline import dataclasses_replace
+        from ..trainer import evaluate_students
+
+        self.load(ctx)
+        r = ctx.recipe
+        seeds = [int(s) for s in r.training.eval_seeds]
+        students = list(r.training.eval_students or [r.training.student])
+        label_modes = ["soft"] + (["hard"] if r.pipeline.evaluate_hard_labels else [])
+        for method, syn in ctx.synthetic.items():
+            for label_mode in label_modes:
+                if label_mode == "hard" and method != ctx.main_method:
+                    continue
+                for student in students:
+                    self._evaluate(ctx, method, syn, label_mode, student, seeds, evaluate_students, dataclasses_replace)
+        return {"rows": len(ctx.rows)}
+
+    def _evaluate(self, ctx, method, syn, label_mode, student, seeds, evaluate_students, replace) -> None:
+        r = ctx.recipe
+        key = (method, label_mode, student)
+        existing = next((row for row in ctx.rows if (row["method"], row["labels"], row["evaluator"]) == key), None)
+        runs = [] if existing is None else [{"student": student, "seed": s, "top1": t}
+                                             for s, t in zip(existing["seeds"], existing["per_seed"]) if s in seeds]
+        if {run["seed"] for run in runs} >= set(seeds):
+            return
+
+        def on_run_done(run: dict) -> None:
+            if run["student"] != student or any(x["seed"] == run["seed"] for x in runs):
+                return
+            runs.append({"student": student, "seed": int(run["seed"]), "top1": float(run["top1"])})
+            row = summarise(method, label_mode, student, r.synthesis.ipc, sorted(runs, key=lambda x: seeds.index(x["seed"])))
+            ctx.rows[:] = [x for x in ctx.rows if (x["method"], x["labels"], x["evaluator"]) != key] + [row]
+            if ctx.accelerator.is_main_process:
+                write_json_atomic(self.path(ctx), ctx.rows)
+
+        targs = replace(
+            r.training, output_dir=str(ctx.output_dir / "evaluate" / method_folder(method) / label_mode),
+            loss_type=r.training.loss_type if label_mode == "soft" else "ce",
+        )
+        evaluate_students(
+            syn.images, syn.labels, ctx.real("validation"), ctx.spec, targs, students=[student], seeds=seeds,
+            soft_labeler=ctx.ensemble if label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly" else None,
+            stored=ctx.stored.get(method) if label_mode == "soft" else None,
+            completed=list(runs), on_run_done=on_run_done,
+        )

@@ -1,0 +1,75 @@
+"""Export stage: the main method's set as a Hub-ready ``datasets`` folder (parquet configs +
+dataset card + grid) in ``export/<name>/``, optionally pushed with the teachers (model repos)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import GVBSMError
+from ..recipe import recipe_to_dict
+from .base import Stage, StageContext, method_folder
+
+
+def dataset_name(ctx: StageContext) -> str:
+    r = ctx.recipe
+    return r.publish.dataset_repo_id or (
+        f"{ctx.spec.name.replace('_', '-')}-{method_folder(r.synthesis.syn_method).replace('_', '-')}-ipc{r.synthesis.ipc}")
+
+
+def teacher_repo_ids(ctx: StageContext) -> list[str]:
+    """Hub ids of the teachers as pushed with ``teacher_repo_prefix`` (empty when not pushed)."""
+    prefix = ctx.recipe.publish.teacher_repo_prefix
+    return [f"{prefix}-{p.name}" for p in ctx.teacher_dirs] if prefix else []
+
+
+class ExportStage(Stage):
+    name = "export"
+    depends_on = ("publish",)
+
+    def folder(self, ctx: StageContext) -> Path:
+        return ctx.output_dir / "export" / dataset_name(ctx).split("/")[-1]
+
+    def outputs(self, ctx: StageContext) -> list[Path]:
+        return [self.folder(ctx) / "README.md"]
+
+    def load(self, ctx: StageContext) -> None:
+        folder = self.folder(ctx)
+        if (folder / "README.md").exists():
+            ctx.summary.update(dataset_folder=str(folder), card=str(folder / "README.md"))
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        import torch
+
+        from ..hub import export_distilled_dataset, push_distilled_dataset, push_teacher
+        from ..statistics import statistics_to_dataset
+
+        r, acc = ctx.recipe, ctx.accelerator
+        main = ctx.synthetic.get(ctx.main_method)
+        if main is None:
+            raise GVBSMError(f"export needs the {ctx.main_method!r} synthetic set: add `recover` to `stages`.")
+        folder = self.folder(ctx)
+        grid = ctx.output_dir / "recover" / method_folder(ctx.main_method) / "grid.png"
+        if acc.is_main_process:
+            with torch.no_grad():
+                ctx.ensemble.to(acc.device)
+                soft = torch.cat([ctx.ensemble(b.to(acc.device)).float().cpu() for b in main.images.split(256)])
+            present = [s for s in ctx.statistics if s is not None]
+            views = ctx.stored[ctx.main_method].to_dataset() if ctx.main_method in ctx.stored else None
+            repos = teacher_repo_ids(ctx)
+            export_distilled_dataset(
+                folder, images=main.uint8_images(ctx.spec), labels=main.labels, spec=ctx.spec, soft_logits=soft,
+                slot_metadata={"slot": main.slots.tolist(), "job": main.jobs.tolist()}, stored_views=views,
+                statistics=statistics_to_dataset(present) if present else None, method=recipe_to_dict(r),
+                results=list(ctx.rows), teacher_repos=repos or None,
+                teacher_names=[p.name for p in ctx.teacher_dirs],
+                grid_path=grid if grid.exists() else None, repo_id=r.publish.dataset_repo_id,
+                source_dataset=ctx.spec.source or ctx.spec.name, license=r.publish.dataset_license or ctx.spec.license,
+            )
+            ctx.summary.update(dataset_folder=str(folder), card=str(folder / "README.md"), grid=str(grid))
+            if r.publish.push_dataset:
+                ctx.summary["dataset_url"] = push_distilled_dataset(folder, r.publish.dataset_repo_id)
+            if r.publish.teacher_repo_prefix:
+                ctx.summary["teacher_urls"] = [push_teacher(p, repo) for p, repo in zip(ctx.teacher_dirs, repos)]
+        acc.wait_for_everyone()
+        return {"folder": str(folder)}

@@ -1,0 +1,84 @@
+"""Record stage: one gradient-free pass of every teacher over real data, storing the global Conv
+statistics (docs/method.md Eq. 9) as ``statistics/<teacher>.safetensors`` with provenance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..methods import get_method, method_config
+from .base import Stage, StageContext
+
+
+def subset(split, max_samples: int | None, seed: int):
+    """A seeded class-balanced subset of a ``datasets`` split (``None``: the whole split); for a
+    streaming split, the first ``max_samples`` rows after a seeded shuffle."""
+    import datasets
+
+    from ..data import class_balanced_indices
+
+    if max_samples is None:
+        return split
+    if isinstance(split, datasets.IterableDataset):
+        return split.shuffle(seed=seed, buffer_size=10_000).take(max_samples)
+    if max_samples >= len(split):
+        return split
+    return split.select(class_balanced_indices(split["label"], total=max_samples, seed=seed))
+
+
+def needs_statistics(ctx: StageContext) -> bool:
+    """Whether any method of the run (main or baseline) matches Conv statistics."""
+    r = ctx.recipe
+    configs = [method_config(m, r.synthesis, baseline=m != ctx.main_method) for m in ctx.methods]
+    return any(get_method(c.syn_method).optimised and c.uses_conv() for c in configs)
+
+
+class RecordStage(Stage):
+    name = "record"
+    depends_on = ("stats", "synthesis.syn_crop_scale", "training.seed")
+
+    def path(self, ctx: StageContext, folder: Path) -> Path:
+        return ctx.output_dir / "statistics" / f"{folder.name}.safetensors"
+
+    def outputs(self, ctx: StageContext) -> list[Path]:
+        return [self.path(ctx, f) for f in ctx.teacher_dirs] if needs_statistics(ctx) else []
+
+    def load(self, ctx: StageContext) -> None:
+        self._statistics(ctx, compute=False)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        self._statistics(ctx, compute=True)
+        return {"files": sorted(str(p) for p in self.outputs(ctx))}
+
+    def _statistics(self, ctx: StageContext, compute: bool) -> None:
+        from ..data import image_batches
+        from ..statistics import load_statistics, record_statistics, save_statistics
+
+        r, acc = ctx.recipe, ctx.accelerator
+        ctx.statistics = [None] * len(ctx.teachers)
+        if not needs_statistics(ctx):
+            return
+        split = subset(ctx.dataset["train"], r.stats.stats_max_samples, r.training.seed) if compute else None
+        redo = compute and ctx.cache.redo_requested(self.name)
+        for i, (teacher, folder) in enumerate(zip(ctx.teachers, ctx.teacher_dirs)):
+            path = self.path(ctx, folder)
+            if path.exists() and not redo:
+                ctx.statistics[i] = load_statistics(
+                    path, expect_fingerprint=teacher.fingerprint, expect_patch_size=r.stats.stats_patch_size,
+                    expect_conv_target=r.stats.stats_conv_target,
+                )
+                continue
+            if split is None:  # not selected: recover says what is missing
+                continue
+            batches = image_batches(split, ctx.spec, r.stats.stats_batch_size, process_index=acc.process_index,
+                                    num_processes=acc.num_processes, num_workers=r.data.dataloader_workers)
+            ctx.statistics[i] = record_statistics(
+                teacher, batches, ctx.spec, accelerator=acc, patch_size=r.stats.stats_patch_size,
+                conv_target=r.stats.stats_conv_target, augment=r.stats.stats_augment,
+                crop_scale=tuple(r.synthesis.syn_crop_scale), seed=r.training.seed, teacher_name=folder.name,
+                dataset_name=ctx.spec.name,
+                total_batches=None if r.data.streaming else -(-len(split) // r.stats.stats_batch_size),
+            )
+            if acc.is_main_process:
+                save_statistics(ctx.statistics[i], path)
+        acc.wait_for_everyone()

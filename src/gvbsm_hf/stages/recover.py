@@ -1,0 +1,78 @@
+"""Recover stage: every method of the run (main + baselines, registered in :mod:`gvbsm_hf.methods`)
+synthesises or selects its set into ``recover/<method>/`` (docs/method.md "Recover")."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..methods import get_method, method_config
+from .base import Stage, StageContext, method_folder
+
+
+def random_real_rows(split, ipc: int, seed: int, spec):
+    """Only the train rows a selection of ``ipc`` per class keeps (``class_balanced_indices(labels,
+    n_per_class=ipc, seed)``), decoded in index order: selecting on them returns the same images in
+    the same order as on the whole split, without decoding the whole split."""
+    from ..data import class_balanced_indices, to_uint8_tensors
+
+    return to_uint8_tensors(split.select(class_balanced_indices(split["label"], n_per_class=ipc, seed=seed)), spec)
+
+
+def teacher_subset(names, subset) -> list[int]:
+    """Indices of the teachers named in ``subset`` (``syn_teachers`` / ``relabel_teachers``); None: all."""
+    return [i for i, n in enumerate(names) if not subset or n in set(subset)]
+
+
+class RecoverStage(Stage):
+    name = "recover"
+    depends_on = ("synthesis", "pipeline.baselines")
+
+    def folder(self, ctx: StageContext, method: str) -> Path:
+        return ctx.output_dir / "recover" / method_folder(method)
+
+    def outputs(self, ctx: StageContext) -> list[Path]:
+        return [self.folder(ctx, m) / "synthetic.safetensors" for m in ctx.methods]
+
+    def load(self, ctx: StageContext) -> None:
+        from ..synthesis import SyntheticSet
+
+        for method in ctx.methods:
+            path = self.folder(ctx, method) / "synthetic.safetensors"
+            if path.exists():
+                ctx.synthetic[method] = SyntheticSet.load(path.parent)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        from ..synthesis import SyntheticSet, recover
+        from ..visualize import save_class_grid
+
+        r, acc, spec = ctx.recipe, ctx.accelerator, ctx.spec
+        redo = ctx.cache.redo_requested(self.name)
+        syn_idx = teacher_subset(r.squeeze.teachers, r.synthesis.syn_teachers)
+        for method in ctx.methods:
+            folder = self.folder(ctx, method)
+            if (folder / "synthetic.safetensors").exists() and not redo:
+                ctx.synthetic[method] = SyntheticSet.load(folder)
+                continue
+            if redo and folder.exists() and acc.is_main_process:
+                shutil.rmtree(folder)
+            acc.wait_for_everyone()
+            config = method_config(method, r.synthesis, baseline=method != ctx.main_method)
+            entry = get_method(method)
+            ctx.logger.info(f"recover: {method}, ipc {config.ipc}")
+            real_train = None
+            if not entry.optimised and not r.data.streaming:
+                real_train = random_real_rows(ctx.dataset["train"], config.ipc, config.syn_seed, spec)
+            elif entry.needs_real(config):
+                real_train = ctx.real("train")
+            result = recover([ctx.teachers[i] for i in syn_idx], [ctx.statistics[i] for i in syn_idx], spec, config,
+                             stats_args=r.stats, accelerator=acc, output_dir=folder, real_train=real_train)
+            if acc.is_main_process:
+                result.save(folder)
+                result.to_dataset(spec).save_to_disk(str(folder / "dataset"))  # datasets.load_from_disk
+                save_class_grid(result.uint8_images(spec), result.labels,
+                                spec.class_names or [str(i) for i in range(spec.num_classes)], folder / "grid.png")
+            ctx.synthetic[method] = result
+        acc.wait_for_everyone()
+        return {"methods": ctx.methods}

@@ -1,0 +1,63 @@
+"""Relabel stage: the teacher ensemble (docs/method.md Eq. 8), and in ``relabel_mode: stored`` the
+stored views + soft labels of every synthetic set (``relabel/<method>/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .base import Stage, StageContext, method_folder
+from .recover import teacher_subset
+
+
+class RelabelStage(Stage):
+    name = "relabel"
+    depends_on = ("relabel", "training.student_crop_scale")
+
+    def folder(self, ctx: StageContext, method: str) -> Path:
+        return ctx.output_dir / "relabel" / method_folder(method)
+
+    def outputs(self, ctx: StageContext) -> list[Path]:
+        from ..relabel import STORED_META_FILE
+
+        if ctx.recipe.relabel.relabel_mode != "stored":
+            return []
+        return [self.folder(ctx, m) / STORED_META_FILE for m in ctx.synthetic]
+
+    def _ensemble(self, ctx: StageContext) -> None:
+        from ..relabel import TeacherEnsemble
+
+        r = ctx.recipe
+        teachers = [ctx.teachers[i] for i in teacher_subset(r.squeeze.teachers, r.relabel.relabel_teachers)]
+        ctx.ensemble = TeacherEnsemble(teachers, logit_norm=r.relabel.relabel_logit_norm,
+                                       mixed_precision=r.synthesis.syn_mixed_precision)
+
+    def load(self, ctx: StageContext) -> None:
+        self._labels(ctx, compute=False)
+
+    def run(self, ctx: StageContext) -> dict[str, Any]:
+        self._labels(ctx, compute=True)
+        return {"mode": ctx.recipe.relabel.relabel_mode}
+
+    def _labels(self, ctx: StageContext, compute: bool) -> None:
+        from ..relabel import STORED_META_FILE, StoredSoftLabels, relabel_stored
+
+        self._ensemble(ctx)
+        r = ctx.recipe
+        if r.relabel.relabel_mode != "stored":  # on the fly: the ensemble labels every student batch
+            return
+        redo = compute and ctx.cache.redo_requested(self.name)
+        for method, syn in ctx.synthetic.items():
+            folder = self.folder(ctx, method)
+            if (folder / STORED_META_FILE).exists() and not redo:  # written last
+                ctx.stored[method] = StoredSoftLabels.load(folder)
+                continue
+            if not compute:
+                continue
+            ctx.stored[method] = relabel_stored(
+                syn.images, ctx.ensemble, num_views=r.relabel.relabel_num_views, out_size=ctx.spec.image_size,
+                crop_scale=tuple(r.training.student_crop_scale), seed=r.relabel.relabel_seed,
+                topk=r.relabel.relabel_topk, accelerator=ctx.accelerator,
+            )
+            if ctx.accelerator.is_main_process:
+                ctx.stored[method].save(folder)

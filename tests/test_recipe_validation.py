@@ -1,0 +1,125 @@
+"""The whole recipe is validated when it is parsed, before any data is loaded or stage runs
+(issue 13, defect 3), and the stage cache / recipe.json come from one serializer (defect 1)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gvbsm_hf.configs import RecipeError
+from gvbsm_hf.errors import GVBSMError, UnknownBackboneError
+from gvbsm_hf.recipe import NON_RESULT_FIELDS, config_to_dict, parse_recipe, recipe_to_dict
+from gvbsm_hf.stages import stage_fingerprints
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "recipes" / "digits" / "smoke.yaml"
+DISTILL = REPO / "recipes" / "distill.py"
+
+
+def _parse(*extra: str):
+    return parse_recipe(["--config", str(SMOKE), *extra])
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--relabel_mode", "stord"], "relabel_mode"),
+    (["--syn_method", "gvbms"], "syn_method"),
+    (["--baselines", "sre2l_dd"], "baselines"),
+    (["--loss_type", "mse"], "loss_type"),
+    (["--stats_conv_target", "out"], "stats_conv_target"),
+    (["--syn_backbone_choice", "roundrobin"], "syn_backbone_choice"),
+    (["--stages", "squeeze", "recovr"], "stages"),
+])
+def test_bad_choices_fail_at_parse_time(flags, field):
+    with pytest.raises((GVBSMError, SystemExit)) as info:
+        _parse(*flags)
+    if isinstance(info.value, GVBSMError):
+        assert field in str(info.value)
+
+
+@pytest.mark.parametrize("field, value", [("relabel_mode", "stord"), ("syn_method", "gvbms"), ("baselines", ["sre2l_dd"]),
+                                          ("loss_type", "mse"), ("stats_conv_target", "out")])
+def test_bad_choices_in_the_yaml_fail_at_parse_time(tmp_path, field, value):
+    """argparse never checks a YAML value against `choices`: __post_init__ does."""
+    import yaml
+
+    data = yaml.safe_load(SMOKE.read_text()) | {field: value}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(GVBSMError, match=field):
+        parse_recipe(["--config", str(path)])
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--ipc", "0"], "ipc"),
+    (["--syn_lr", "nan"], "syn_lr"),
+    (["--syn_adam_betas", "0.5", "1.5"], "syn_adam_betas"),
+    (["--syn_alpha", "1.0"], "syn_alpha"),
+    (["--syn_crop_scale", "0.9", "0.1"], "syn_crop_scale"),
+    (["--cutmix_prob", "2"], "cutmix_prob"),
+    (["--push_dataset", "true"], "dataset_repo_id"),
+    (["--push_to_hub", "true"], "push_dataset"),
+    (["--teachers", "convnet32", "convnte32_d2"], "convnet32_d2"),
+    (["--student", "convnet_128"], "student"),
+])
+def test_bad_values_fail_at_parse_time(flags, match):
+    with pytest.raises(GVBSMError, match=match):
+        _parse(*flags)
+
+
+def test_wrong_type_in_the_yaml_names_the_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(SMOKE.read_text().replace("ipc: 1\n", 'ipc: "ten"\n'))
+    with pytest.raises(RecipeError, match=r"typo\.yaml.*ipc='ten' must be an integer"):
+        parse_recipe(["--config", str(path)])
+
+
+def test_a_method_field_the_method_does_not_have_is_refused():
+    with pytest.raises(GVBSMError, match="syn_alpha is not an option of synthesis method 'random_real'"):
+        _parse("--syn_method", "random_real", "--syn_alpha", "0.5")
+
+
+@pytest.mark.parametrize("flags", [["--relabel_mode", "stord"], ["--syn_method", "gvbms"]])
+def test_distill_exits_within_seconds_and_trains_nothing(tmp_path, flags):
+    out = tmp_path / "X"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(DISTILL), "--config", str(SMOKE), *flags, "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert time.perf_counter() - t0 < 60  # parse-time: no data loaded, no teacher trained
+    assert not (out / "teachers").exists()
+    assert flags[0].lstrip("-") in proc.stderr
+
+
+# ----------------------------------------------------------------------------- serializer
+
+@pytest.mark.parametrize("flag, value", [
+    ("--gradient_accumulation_steps", "2"), ("--adam_beta2", "0.99"), ("--max_grad_norm", "0.5"),
+    ("--lr_scheduler_kwargs", '{"num_cycles": 0.4}'), ("--student_channels_last", "true"),
+])
+def test_every_training_field_invalidates_the_evaluate_stage(flag, value):
+    base, changed = stage_fingerprints(_parse()), stage_fingerprints(_parse(flag, value))
+    assert changed["evaluate"] != base["evaluate"] and changed["export"] != base["export"]
+    assert changed["recover"] == base["recover"]  # earlier stages are kept
+
+
+def test_fields_that_change_nothing_keep_the_cache():
+    base = stage_fingerprints(_parse())
+    assert stage_fingerprints(_parse("--output_dir", "elsewhere", "--logging_steps", "7", "--save_strategy", "epoch",
+                                     "--dataloader_workers", "1")) == base
+    assert stage_fingerprints(_parse("--syn_alpha", "0.5"))["recover"] != base["recover"]
+    assert stage_fingerprints(_parse("--teacher_epochs", "3"))["squeeze"] != base["squeeze"]
+
+
+def test_recipe_json_holds_every_field_and_no_secret():
+    r = _parse("--bf16", "false", "--seed", "7", "--hub_token", "hf_secret")
+    d = recipe_to_dict(r)
+    for name in ("bf16", "seed", "use_cpu", "gradient_accumulation_steps", "adam_beta2", "ipc", "teachers",
+                 "stats_patch_size", "relabel_mode", "dataset_name", "baselines"):
+        assert name in d, name
+    assert d["seed"] == 7 and "hf_secret" not in json.dumps(d) and "hub_token" not in d
+    assert set(config_to_dict(r.training, NON_RESULT_FIELDS)).isdisjoint({"output_dir", "logging_dir", "report_to"})
