@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import default_data_collator
+from transformers import TrainerCallback, default_data_collator
 
 import gvbsm_hf.trainer as trainer_mod
 from gvbsm_hf import losses
@@ -340,3 +340,149 @@ def test_channels_last_student_trains_the_same(tmp_path, data, teachers):
     tr = GVBSMTrainer(student, args, SyntheticImageDataset(xs, ys, spec=SPEC), spec=SPEC, soft_labeler=ens)
     batch = a_batch(SyntheticImageDataset(xs, ys, spec=SPEC))
     assert tr._memory_format(batch["pixel_values"]).is_contiguous(memory_format=torch.channels_last)
+
+
+# ---- per-run progress, reuse and exact resume ------------------------------------------------
+
+
+class _Kill(Exception):
+    """Stands in for a kill (SIGTERM, pre-emption) in the middle of a student run."""
+
+
+class KillAt(TrainerCallback):
+    """Raise at the end of optimizer step ``step`` of the run trained with ``seed``."""
+
+    def __init__(self, step: int, seed: int | None = None):
+        self.step, self.seed = step, seed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (self.seed is None or args.seed == self.seed) and state.global_step == self.step:
+            raise _Kill(f"killed at step {state.global_step} of seed {args.seed}")
+
+
+class Record(TrainerCallback):
+    """Counts ``train()`` calls per seed and keeps the final weights of each run."""
+
+    def __init__(self):
+        self.trained: list[int] = []
+        self.final: dict[int, dict[str, torch.Tensor]] = {}
+        self.first_step: dict[int, int] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trained.append(args.seed)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.first_step.setdefault(args.seed, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.final[args.seed] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run_kw(data, **kw):
+    xs, ys = data["distilled"]
+    return dict(train_images=xs, train_labels=ys, validation=data["val"], spec=SPEC, backbone_kwargs=STUDENT_KW, **kw)
+
+
+def test_on_run_done_per_seed_in_order_and_survives_a_kill(tmp_path, data):
+    args = make_args(tmp_path, student="convnet", loss_type="ce", num_train_epochs=1)
+    rows = []
+    with pytest.raises(_Kill):
+        evaluate_students(**_run_kw(data, args=args, seeds=[0, 1, 2], callbacks=[KillAt(2, seed=1)],
+                                    on_run_done=rows.append))
+    # seed 0 was reported (and written) before seed 1 died; nothing else was
+    assert [(r["student"], r["seed"]) for r in rows] == [("convnet", 0)]
+    saved = json.loads((tmp_path / "out" / "convnet" / "seed0" / "run_result.json").read_text())
+    assert saved["result"]["top1"] == rows[0]["top1"] and saved["result"]["seed"] == 0
+    assert saved["settings"]["seed"] == 0 and saved["settings"]["label_mode"] == "hard"
+    assert not (tmp_path / "out" / "convnet" / "seed1" / "run_result.json").exists()
+
+    rows2 = []
+    res = evaluate_students(**_run_kw(data, args=args, seeds=[0, 1, 2], on_run_done=rows2.append))
+    assert [r["seed"] for r in rows2] == [0, 1, 2]  # once per seed, in order (seed 0 reused from its file)
+    assert [r["seed"] for r in res["per_run"]] == [0, 1, 2]
+    assert rows2[0]["top1"] == rows[0]["top1"]
+    assert [r["top1"] for r in rows2] == [r["top1"] for r in res["per_run"]]
+
+
+def test_completed_and_saved_runs_are_not_retrained(tmp_path, data):
+    args = make_args(tmp_path, student="convnet", loss_type="ce", num_train_epochs=1)
+    first = Record()
+    res = evaluate_students(**_run_kw(data, args=args, seeds=[0, 1], callbacks=[first]))
+    assert first.trained == [0, 1]
+
+    # rows passed as `completed`: trained nothing, returned as given
+    fake = [{"student": "convnet", "seed": 0, "top1": 12.5}, {"student": "convnet", "seed": 1, "top1": 37.5}]
+    rec, called = Record(), []
+    again = evaluate_students(**_run_kw(data, args=args, seeds=[0, 1], callbacks=[rec], completed=fake,
+                                        on_run_done=called.append))
+    assert rec.trained == [] and called == []
+    assert [r["top1"] for r in again["per_run"]] == [12.5, 37.5]
+    assert again["summary"]["convnet"]["mean"] == pytest.approx(25.0)
+
+    # no `completed`: the run_result.json files are reused
+    rec = Record()
+    again = evaluate_students(**_run_kw(data, args=args, seeds=[0, 1], callbacks=[rec]))
+    assert rec.trained == []
+    assert [r["top1"] for r in again["per_run"]] == [r["top1"] for r in res["per_run"]]
+    assert again["summary"] == res["summary"]
+
+    # mixed: seed 0 completed, seed 2 new -> only seed 2 trains
+    rec = Record()
+    mixed = evaluate_students(**_run_kw(data, args=args, seeds=[0, 2], callbacks=[rec], completed=fake[:1]))
+    assert rec.trained == [2] and [r["seed"] for r in mixed["per_run"]] == [0, 2]
+    assert mixed["per_run"][0]["top1"] == 12.5
+
+    # different settings or different training images: retrained, not reused
+    for changed in (
+        dict(args=make_args(tmp_path, student="convnet", loss_type="ce", num_train_epochs=2)),
+        dict(args=args, train_images=data["distilled"][0].flip(-1)),
+    ):
+        rec = Record()
+        kw = _run_kw(data, seeds=[0], callbacks=[rec])
+        kw.update(changed)
+        evaluate_students(**kw)
+        assert rec.trained == [0]
+
+    # a forced redo retrains
+    rec = Record()
+    evaluate_students(**_run_kw(data, args=args, seeds=[0], callbacks=[rec], reuse_saved_runs=False))
+    assert rec.trained == [0]
+
+
+@pytest.mark.parametrize("kill_step, save_steps, logging", [(7, 5, {"logging_steps": 3}),
+                                                          (6, 4, {"logging_strategy": "epoch"})])
+def test_killed_student_resumes_bit_exactly(tmp_path, data, teachers, kill_step, save_steps, logging):
+    """On-the-fly soft labels, CutMix, gradient accumulation, an eval per epoch: a run killed after a
+    checkpoint and resumed ends with the weights, accuracy, loss and curve of an uninterrupted run.
+    60 images, batch 8, 2 accumulation steps: 4 optimizer steps per epoch, 12 in all; checkpoints
+    every 5 steps (mid-epoch: the Trainer skips the seen batches) or 4 (on an epoch's last step,
+    before that epoch's own eval / log)."""
+    ens = TeacherEnsemble(teachers)
+    expect_resume = save_steps
+    common = dict(student="convnet", num_train_epochs=3, per_device_train_batch_size=8,
+                  gradient_accumulation_steps=2, cutmix_prob=0.5, lr_scheduler_type="linear",
+                  eval_strategy="epoch", **logging)
+    ref = Record()
+    want = evaluate_students(**_run_kw(data, args=make_args(tmp_path / "ref", **common), seeds=[0],
+                                       soft_labeler=ens, callbacks=[ref]))["per_run"][0]
+
+    args = make_args(tmp_path / "killed", save_strategy="steps", save_steps=save_steps, save_total_limit=1, **common)
+    rec = Record()
+    with pytest.raises(_Kill):
+        evaluate_students(**_run_kw(data, args=args, seeds=[0], soft_labeler=ens, callbacks=[rec, KillAt(kill_step)]))
+    run_dir = tmp_path / "killed" / "out" / "convnet" / "seed0"
+    assert (run_dir / f"checkpoint-{expect_resume}").is_dir() and not (run_dir / "run_result.json").exists()
+    (run_dir / "checkpoint-11").mkdir()  # a checkpoint cut short by the kill (no trainer_state.json): skipped
+
+    rec = Record()
+    got = evaluate_students(**_run_kw(data, args=args, seeds=[0], soft_labeler=ens, callbacks=[rec]))["per_run"][0]
+    assert rec.trained == [0] and rec.first_step[0] == expect_resume  # resumed, not restarted
+    assert got["resumed_from_step"] == expect_resume and want["resumed_from_step"] is None
+    assert ref.final[0].keys() == rec.final[0].keys()
+    for k, v in ref.final[0].items():
+        assert torch.equal(v, rec.final[0][k]), k
+    assert got["top1"] == want["top1"]
+    assert got["eval_loss"] == want["eval_loss"]
+    assert got["train_loss"] == want["train_loss"]
+    assert got["eval_top1_history"] == want["eval_top1_history"] and len(got["eval_top1_history"]) == 3
+    assert not (run_dir / "checkpoint-11").exists() and (run_dir / "run_result.json").exists()

@@ -1,4 +1,4 @@
-"""Batched, differentiable, replayable image augmentation (SPEC "Recover": random resized crop +
+"""Batched, differentiable, replayable image augmentation (docs/method.md "Recover": random resized crop +
 flip, as SRe2L; also used by statistics recording, relabel and student training).
 
 Every random parameter is drawn on the CPU from an explicit :class:`torch.Generator`, so a view

@@ -1,4 +1,4 @@
-"""Forward hooks that compute BatchNorm and Conv statistics inside the hook (SPEC Eq. 1, 6, 9, 10).
+"""Forward hooks that compute BatchNorm and Conv statistics inside the hook (docs/method.md Eq. 1, 6, 9, 10).
 
 :class:`StatisticsHooks` attaches to every ``_BatchNorm`` layer with running statistics and every
 ``nn.Conv2d`` of any model (timm, torchvision, the zoo) found by ``named_modules()``. Each hook
@@ -13,7 +13,7 @@ Statistics (all float32, variances biased):
   ``ceil(H/p) x ceil(W/p)``; a partial last patch averages over its real pixels only).
 
 Conv statistics are taken on the Conv2d INPUT by default (authors' code); ``conv_target="output"``
-follows the paper's text (SPEC "Where the authors' public code differs").
+follows the paper's text (docs/method.md "Where the authors' code differs from the paper").
 
 Efficiency: one elementwise pass ``x - shift`` (a detached per-channel shift taken from the first
 image, which makes ``E[x^2] - E[x]^2`` well conditioned), an in-place square, and two reductions
@@ -161,7 +161,7 @@ def _has_running_stats(module: nn.Module) -> bool:
 
 
 class StatisticsHooks:
-    """Forward hooks computing BN and Conv statistics of a model (SPEC Eq. 1, 6, 9, 10).
+    """Forward hooks computing BN and Conv statistics of a model (docs/method.md Eq. 1, 6, 9, 10).
 
     Use as a context manager (the hooks are removed on exit, also on exceptions) or call
     :meth:`remove`. After a forward pass, ``bn_stats[name] = (mean, var)`` and

@@ -1,4 +1,4 @@
-"""Pure loss functions of G-VBSM (SPEC Eq. 1, 4-6, 8, 10, 11) and of SRe2L (KL soft labels).
+"""Pure loss functions of G-VBSM (docs/method.md Eq. 1, 4-6, 8, 10, 11) and of SRe2L (KL soft labels).
 
 Every function takes tensors on any device, accepts float32 / bf16 / fp16 inputs, computes in
 float32 and returns float32. None of them syncs with the host except :func:`check_finite` and the
@@ -48,7 +48,7 @@ def _check_unit_interval(name: str, value: float) -> None:
 def sds_matching_loss(
     current: torch.Tensor, target: torch.Tensor, ema: torch.Tensor | None, alpha: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDS-form distance of one statistic to its target (SPEC Eq. 6; Eq. 1 when ``alpha = 0``).
+    """SDS-form distance of one statistic to its target (docs/method.md Eq. 6; Eq. 1 when ``alpha = 0``).
 
     ``new_ema = alpha * ema + (1 - alpha) * sg(current)`` (``sg(current)`` when ``ema`` is None) and
     ``loss = ||target - (new_ema + current - sg(current))||_2`` (authors' code; L2 norm, not squared).
@@ -88,7 +88,7 @@ def bn_matching_loss(
     alpha: float,
     layer_weights: Mapping[str, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """BatchNorm matching ``L'_BN`` (SPEC Eq. 6; plain Eq. 1 when ``alpha = 0``).
+    """BatchNorm matching ``L'_BN`` (docs/method.md Eq. 6; plain Eq. 1 when ``alpha = 0``).
 
     ``sum_l w_l * (sds(mu_l, running_mean_l) + sds(var_l, running_var_l))`` over the layers of
     ``stats`` (batch mean and biased variance of each BN layer's input), with ``w_l`` from
@@ -143,12 +143,12 @@ def conv_matching_loss(
     layer_weights: Mapping[str, float] | None = None,
     drop: Literal["statistic", "layer"] = "statistic",
 ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]], int]:
-    """Convolution statistic matching ``L'_Conv`` (SPEC Eq. 10) with random term dropping.
+    """Convolution statistic matching ``L'_Conv`` (docs/method.md Eq. 10) with random term dropping.
 
     ``sum_l w_l * sum_s keep_{l,s} * sds(stat_{l,s}, global_{l,s})`` over the layers of ``stats`` and
     their statistics (``channel_mean``, ``channel_var``, ``patch_mean``, ``patch_var``, Eq. 9).
 
-    Dropping (``beta_dr``): with ``drop="statistic"`` (SPEC: "each statistic's matching is dropped")
+    Dropping (``beta_dr``): with ``drop="statistic"`` (docs/method.md "beta_dr": each statistic dropped on its own)
     ``u = torch.rand(n_terms, generator=generator)`` is drawn on the CPU, one number per
     (layer, statistic) in the iteration order of ``stats`` and of each ``stats[layer]``, and a term
     is dropped when ``u < beta_dr``. ``drop="layer"`` draws one number per layer and drops all its
@@ -242,7 +242,7 @@ def _spectral_kl(x: torch.Tensor, tau: float) -> torch.Tensor:
 def data_densification_loss(
     images: torch.Tensor, labels: torch.Tensor, *, tau: float = 4.0, pool_size: int = 32
 ) -> torch.Tensor:
-    """Data densification ``L_DD`` (SPEC Eq. 4-5).
+    """Data densification ``L_DD`` (docs/method.md Eq. 4-5).
 
     Images ``(N, C, H, W)`` are average-pooled to at most ``pool_size`` per side (``adaptive_avg_pool2d``,
     a no-op at ``<= pool_size``) and flattened. For every class with ``n_y >= 2`` images,
@@ -295,7 +295,7 @@ def data_densification_loss(
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor], *, logit_norm: bool = False) -> torch.Tensor:
-    """Ensemble logits ``z~`` of the teachers (SPEC Eq. 8), float32.
+    """Ensemble logits ``z~`` of the teachers (docs/method.md Eq. 8), float32.
 
     Without LN: ``mean_f f(X)``. With LN each teacher's logits are scaled to the mean Frobenius norm
     first: ``(1/|S|) sum_f (mean_g ||g(X)||_F / ||f(X)||_F) f(X)``, the norm taken over the whole
@@ -312,7 +312,7 @@ def ensemble_logits(logits: Sequence[torch.Tensor], *, logit_norm: bool = False)
 
 
 def soft_labels(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Soft labels ``softmax(z~ / tau)`` (SPEC Eq. 8), float32."""
+    """Soft labels ``softmax(z~ / tau)`` (docs/method.md Eq. 8), float32."""
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
@@ -338,10 +338,10 @@ def mse_gt_loss(
     gamma: float,
     reduction: Literal["mean_elements", "sum_classes"] = "mean_elements",
 ) -> torch.Tensor:
-    """Student loss of G-VBSM (SPEC Eq. 11): ``MSE(f_eval(X), z~) + gamma * CE(f_eval(X), y)``.
+    """Student loss of G-VBSM (docs/method.md Eq. 11): ``MSE(f_eval(X), z~) + gamma * CE(f_eval(X), y)``.
 
     ``reduction="mean_elements"`` (default) is the authors' ``nn.MSELoss()``: mean over all
-    ``N * K`` elements, i.e. SPEC's squared norm divided by ``K``. ``"sum_classes"`` is SPEC literally:
+    ``N * K`` elements, i.e. Eq. 11's squared norm divided by ``K``. ``"sum_classes"`` is Eq. 11 literally:
     the per-sample squared norm ``||f - z~||_2^2`` averaged over the batch. The cross-entropy is the
     batch mean (:func:`cross_entropy_loss`; ``labels`` indices or probabilities). ``z~`` is a target:
     no gradient flows into ``teacher_logits``.

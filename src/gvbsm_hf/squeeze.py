@@ -1,4 +1,4 @@
-"""Squeeze: train teacher backbones from scratch on a small dataset (SPEC "Stages", first row).
+"""Squeeze: train teacher backbones from scratch on a small dataset (docs/method.md "Stages", first row).
 
 One global batch of ``args.teacher_batch_size`` images per optimiser step, split across processes
 (each takes its slice); the permutation and the augmentation parameters are drawn for the whole

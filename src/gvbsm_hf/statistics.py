@@ -1,4 +1,4 @@
-"""Record stage (GSM, SPEC Eq. 9): global Conv statistics of a teacher over real data.
+"""Record stage (GSM, docs/method.md Eq. 9): global Conv statistics of a teacher over real data.
 
 One gradient-free pass over the (optionally augmented) real train split. For every Conv2d layer
 the four statistics of :mod:`gvbsm_hf.hooks` are computed per batch and averaged over batches,

@@ -1,4 +1,4 @@
-"""Evaluate: train a fresh student on the distilled set with ``transformers.Trainer`` (SPEC Eq. 11).
+"""Evaluate: train a fresh student on the distilled set with ``transformers.Trainer`` (docs/method.md Eq. 11).
 
 Every training batch is augmented ON THE DEVICE (random resized crop + flip, parameters from a
 CPU generator seeded by ``(args.seed, global step, micro-step, process)``), optionally mixed by
@@ -14,7 +14,8 @@ Loss per ``args.loss_type``: ``"mse_gt"`` Eq. 11 (MSE to the ensemble logits + g
 ground truth), ``"kl"`` (SRe2L's KL at temperature ``kd_temperature``) or ``"ce"`` (ground-truth
 CE only). The student is evaluated on the real validation split without augmentation (top-1).
 :func:`evaluate_students` runs the protocol: several students x seeds, LAST-epoch accuracy,
-mean +- std.
+mean +- std; each finished run is saved (``run_result.json``) and reported at once, and a killed
+run resumes exactly from its last Trainer checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+import re
+import shutil
+import tempfile
+import weakref
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +37,8 @@ import transformers
 from accelerate.logging import get_logger
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import EvalPrediction, Trainer
+from transformers import EvalPrediction, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
 from .augment import apply_crop_flip, cutmix, sample_crop_flip
 from .configs import GVBSMTrainingArguments
@@ -51,10 +57,15 @@ __all__ = [
     "compute_top1",
     "argmax_logits",
     "evaluate_students",
+    "RUN_RESULT_FILE",
+    "RUN_SETTINGS_FILE",
 ]
 
 LOSS_TYPES = ("mse_gt", "kl", "ce")
 STORED_VIEW_POLICIES = ("epoch", "random")
+RUN_RESULT_FILE = "run_result.json"  # <run_dir>/run_result.json: one finished (student, seed) run
+RUN_SETTINGS_FILE = "run_settings.json"  # <run_dir>/run_settings.json: what the checkpoints there were trained with
+LOSS_STATE_FILE = "gvbsm_loss_state.json"  # in each checkpoint: the Trainer's running loss sums
 
 
 def _log_warning(msg: str) -> None:
@@ -159,13 +170,58 @@ def _logits_of(outputs: Any) -> torch.Tensor:
     raise GVBSMError(f"The student returned {type(outputs).__name__}; it must return logits (B, K).")
 
 
+def _atomic_write_json(path: str, obj: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 # --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
 
 
+class _ResumeHelper(TrainerCallback):
+    """Restores the running loss sums of a resumed :class:`GVBSMTrainer` (see ``GVBSMTrainer.train``)
+    and tells it whether the Trainer is in its end-of-epoch log / evaluate / save."""
+
+    def __init__(self, trainer: "GVBSMTrainer") -> None:
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._deferred_save = False
+            trainer._at_epoch_end_call = False
+            trainer._restore_loss_state()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._at_epoch_end_call = False
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.on_step_begin(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None:
+            trainer._at_epoch_end_call = True
+
+
 class GVBSMTrainer(Trainer):
-    """``transformers.Trainer`` for the student of SPEC Eq. 11 (on-the-fly, stored or hard labels).
+    """``transformers.Trainer`` for the student of docs/method.md Eq. 11 (on-the-fly, stored or hard labels).
 
     Args:
         model: the student (any ``nn.Module`` mapping a normalised batch to logits).
@@ -261,6 +317,91 @@ class GVBSMTrainer(Trainer):
             soft_labeler.to(self.args.device)
             soft_labeler.eval()
         self._micro_key: tuple[int, int] = (-1, 0)
+        self._resume_checkpoint: str | None = None
+        self._loss_state_restored = False
+        self._at_epoch_end_call = False  # inside the Trainer's end-of-epoch log / evaluate / save
+        self._deferred_save = False
+        self.add_callback(_ResumeHelper(self))
+
+    # ---- exact resume --------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
+        """``Trainer.train``, plus an exact running loss when resuming.
+
+        The Trainer restores weights, optimizer, scheduler, RNG states and the data position
+        from a checkpoint; the augmentation is keyed by the global step (:meth:`step_generator`),
+        so a resumed run trains exactly like an uninterrupted one. The Trainer's reported
+        ``training_loss`` would only average the resumed steps: the running loss sums are saved
+        with every checkpoint (``gvbsm_loss_state.json``) and restored here, so ``training_loss``
+        (and every logged ``loss``) equals the uninterrupted run's.
+        """
+        ckpt = resume_from_checkpoint
+        if ckpt is True:
+            ckpt = get_last_checkpoint(self.args.output_dir)
+        self._resume_checkpoint = ckpt if isinstance(ckpt, str) else None
+        self._loss_state_restored = False
+        self._micro_key = (-1, 0)
+        out = super().train(resume_from_checkpoint if ckpt is None else ckpt, *args, **kwargs)
+        if self._resume_checkpoint is not None and self._loss_state_restored and self.state.global_step > 0:
+            loss = self._total_loss_scalar / self.state.global_step  # = Trainer's formula without interruption
+            out = TrainOutput(out.global_step, loss, {**(out.metrics or {}), "train_loss": loss})
+        return out
+
+    def _loss_state_path(self, checkpoint: str) -> str:
+        name = LOSS_STATE_FILE if self.args.world_size <= 1 else LOSS_STATE_FILE.replace(
+            ".json", f"_{self.args.process_index}.json"
+        )
+        return os.path.join(checkpoint, name)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # written first: the Trainer's trainer_state.json (written near the end) marks a complete checkpoint
+        if self._has_loss_state():
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            state = {
+                "global_step": int(self.state.global_step),
+                "total_loss_scalar": float(self._total_loss_scalar),
+                "tr_loss": float(self._tr_loss.item()),  # float32 -> float is exact
+                "globalstep_last_logged": int(self._globalstep_last_logged),
+            }
+            _atomic_write_json(self._loss_state_path(folder), state)
+        super()._save_checkpoint(model, trial)
+
+    def _has_loss_state(self) -> bool:
+        # the Trainer's running loss sums (transformers >= 5 keeps all three on the Trainer)
+        return all(hasattr(self, a) for a in ("_tr_loss", "_total_loss_scalar", "_globalstep_last_logged"))
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        # A step checkpoint that falls on the last step of an epoch is written after that epoch's
+        # own log / evaluation (not before, as the Trainer does), so that resuming from it keeps
+        # the end-of-epoch eval in the history and the loss sums exactly as without interruption.
+        epoch_done = float(self.state.epoch or 0.0).is_integer()
+        if not self._at_epoch_end_call and epoch_done and self.control.should_save:
+            self.control.should_save = False
+            self._deferred_save = True
+        elif self._at_epoch_end_call and self._deferred_save:
+            self.control.should_save = True
+            self._deferred_save = False
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+
+    def _restore_loss_state(self) -> None:
+        """Called at ``on_train_begin`` (after the Trainer zeroed its loss sums)."""
+        ckpt = self._resume_checkpoint
+        if ckpt is None:
+            return
+        path = self._loss_state_path(ckpt)
+        if not os.path.isfile(path) or not self._has_loss_state():
+            _log_warning(f"{path} is missing: the resumed training_loss averages the resumed steps only.")
+            return
+        with open(path) as f:
+            st = json.load(f)
+        if int(st["global_step"]) != int(self.state.global_step):
+            _log_warning(f"{path} is for step {st['global_step']}, not {self.state.global_step}: ignored.")
+            return
+        self._total_loss_scalar = float(st["total_loss_scalar"])
+        self._tr_loss.fill_(float(st["tr_loss"]))
+        self._globalstep_last_logged = int(st["globalstep_last_logged"])
+        self._loss_state_restored = True
 
     # ---- mode ----------------------------------------------------------------------------
     @property
@@ -399,6 +540,126 @@ def _summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def _fingerprint(*items: Any) -> str:
+    """xxh64 of tensors / arrays (dtype, shape and bytes; no copy for CPU data) and plain values."""
+    import xxhash
+
+    h = xxhash.xxh64()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(np.ascontiguousarray(item))
+        if isinstance(item, torch.Tensor):
+            t = item.detach().cpu().contiguous()
+            h.update(f"tensor|{t.dtype}|{tuple(t.shape)}|".encode())
+            if t.numel():
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            h.update(f"value|{item!r}|".encode())
+    return h.hexdigest()
+
+
+def _soft_label_fingerprint(soft_labeler: TeacherEnsemble | None, stored: StoredSoftLabels | None) -> str | None:
+    """What the soft labels are made of: the stored views + logits, or the teachers' weights."""
+    if stored is not None:
+        return _fingerprint(
+            stored.boxes, stored.flip, stored.logits, stored.topk_values, stored.topk_indices,
+            stored.out_size, stored.fill_margin, stored.num_classes,
+        )
+    if soft_labeler is not None:
+        items: list[Any] = [type(soft_labeler).__name__]
+        for attr in ("logit_norm", "mixed_precision"):
+            items.append((attr, getattr(soft_labeler, attr, None)))
+        for name, t in soft_labeler.state_dict().items():
+            items += [name, t]
+        return _fingerprint(*items)
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    value = getattr(value, "value", value)  # enums (SchedulerType, OptimizerNames, ...)
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+# training arguments that change the trained student (checked before reusing a run or resuming it)
+_SETTING_FIELDS = (
+    "num_train_epochs", "max_steps", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "optim", "optim_args", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio",
+    "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "data_seed",
+    "fp16", "bf16", "gamma", "kd_temperature", "student_augment", "student_crop_scale", "cutmix_prob",
+    "student_channels_last",
+)
+
+
+def _run_settings(
+    student: str,
+    seed: int,
+    run_args: GVBSMTrainingArguments,
+    label_mode: str,
+    stored_view_policy: str,
+    backbone_kwargs: Mapping[str, Any] | None,
+    fingerprints: Mapping[str, str | None],
+) -> dict[str, Any]:
+    settings = {
+        "student": student,
+        "seed": int(seed),
+        "num_train_epochs": float(run_args.num_train_epochs),
+        "loss_type": run_args.loss_type if label_mode != "hard" else "ce",
+        "label_mode": label_mode,
+        "stored_view_policy": stored_view_policy if label_mode == "stored" else None,
+        "backbone_kwargs": dict(backbone_kwargs or {}),
+        "training": {name: getattr(run_args, name, None) for name in _SETTING_FIELDS},
+        **fingerprints,
+    }
+    return json.loads(json.dumps(settings, sort_keys=True, default=_jsonable))  # as it reads back from disk
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _saved_run(run_dir: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The result in ``<run_dir>/run_result.json`` if it was trained with exactly ``settings``."""
+    saved = _read_json(os.path.join(run_dir, RUN_RESULT_FILE))
+    if not isinstance(saved, dict) or saved.get("settings") != settings:
+        return None
+    row = saved.get("result")
+    if not isinstance(row, dict) or "top1" not in row:
+        return None
+    return {**row, "output_dir": run_dir}
+
+
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def _checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of the Trainer checkpoints in ``run_dir``, newest step first."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = _CHECKPOINT_RE.match(name)
+        if m and os.path.isdir(os.path.join(run_dir, name)):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def _last_complete_checkpoint(run_dir: str) -> str | None:
+    """Like ``transformers.trainer_utils.get_last_checkpoint``, skipping a checkpoint cut short by a kill.
+
+    The Trainer writes ``trainer_state.json`` after the weights, optimizer, scheduler and RNG
+    states, so a checkpoint is taken only when that file reads back with its own step.
+    """
+    for step, path in _checkpoints(run_dir):
+        state = _read_json(os.path.join(path, "trainer_state.json"))
+        if isinstance(state, dict) and int(state.get("global_step", -1)) == step:
+            return path
+    return None
+
+
 def evaluate_students(
     train_images: torch.Tensor,
     train_labels: torch.Tensor | Sequence[int],
@@ -413,26 +674,62 @@ def evaluate_students(
     stored_view_policy: str = "epoch",
     backbone_kwargs: Mapping[str, Any] | None = None,
     callbacks: list | None = None,
+    on_run_done: Callable[[dict], None] | None = None,
+    completed: Sequence[Mapping] = (),
+    reuse_saved_runs: bool = True,
 ) -> dict[str, Any]:
     """Train fresh students on the distilled set and report LAST-epoch validation top-1 (Eq. 11).
 
     For every student name (``students`` or ``args.eval_students`` or ``[args.student]``) and
     every seed (``seeds`` or ``args.eval_seeds``): ``transformers.set_seed(seed)``, build the
-    student with :func:`gvbsm_hf.backbones.create_backbone`, train ``args.num_train_epochs`` in a
-    fresh ``<output_dir>/<student>/seed<seed>`` and evaluate the final weights (never the best
-    epoch) on ``validation`` = ``(uint8 images, labels)`` without augmentation.
+    student with :func:`gvbsm_hf.backbones.create_backbone`, train ``args.num_train_epochs`` in
+    ``<output_dir>/<student>/seed<seed>`` (the run folder) and evaluate the final weights (never
+    the best epoch) on ``validation`` = ``(uint8 images, labels)`` without augmentation.
 
-    Returns ``{"per_run": [{"student", "seed", "top1", "eval_loss", "train_loss", "output_dir"}, ...],
-    "summary": {student: {"mean", "std", "n"}}}`` with accuracies in % and ``std`` the sample
-    standard deviation (ddof=1; 0 for one run). The result is also written to
-    ``<output_dir>/evaluation_summary.json``.
+    Progress is kept per run, so a killed evaluation loses at most the run in progress:
+
+    * ``completed``: rows of runs already done (the ``per_run`` entries of an earlier call, at
+      least ``"student"``, ``"seed"``, ``"top1"``); these (student, seed) pairs are not trained
+      and their rows go into ``per_run`` / ``summary`` as given.
+    * After each finished run its row is written atomically to ``<run folder>/run_result.json``
+      (with the settings it was trained with) and then passed to ``on_run_done(row)`` (called on
+      every process; write files from the main process only). A later call reuses a
+      ``run_result.json`` whose settings (student, seed, epochs, loss type, label mode, the other
+      training hyperparameters, and fingerprints of the training images + labels, the validation
+      split and the soft labels) equal this call's, instead of retraining; ``on_run_done`` is
+      called for such a reused run too (not for ``completed`` ones).
+    * A run killed mid-training resumes from the newest complete Trainer checkpoint in its run
+      folder (``trainer.train(resume_from_checkpoint=...)``) when the run folder's
+      ``run_settings.json`` matches; otherwise stale checkpoints there are deleted and the run
+      starts afresh. Checkpoints exist only when ``args.save_strategy`` is ``"steps"`` or
+      ``"epoch"`` (the default writes none): set ``save_strategy: steps``, ``save_steps: <k>`` and
+      ``save_total_limit: 1`` to make students resumable. Resuming is exact: the Trainer restores
+      weights, optimizer, scheduler, RNG states and skips the batches already seen (keep
+      ``ignore_data_skip=False``), and the augmentation / CutMix / stored-view draws come from
+      :meth:`GVBSMTrainer.step_generator`, keyed by the global step, so the resumed student ends
+      with the same weights, accuracy and ``train_loss`` as an uninterrupted run.
+    * ``reuse_saved_runs=False`` retrains every run not in ``completed`` from scratch (ignores
+      ``run_result.json`` and deletes old checkpoints), e.g. for a forced redo.
+
+    Returns ``{"per_run": [{"student", "seed", "top1", "eval_loss", "train_loss", "output_dir",
+    "resumed_from_step", ...}, ...], "summary": {student: {"mean", "std", "n"}}}`` with accuracies
+    in % and ``std`` the sample standard deviation (ddof=1; 0 for one run); ``per_run`` is ordered
+    by student, then seed. The result is also written to ``<output_dir>/evaluation_summary.json``.
     """
+    from accelerate import PartialState
+
     from .backbones import create_backbone
 
     students = list(students or args.eval_students or [args.student])
     seeds = [int(s) for s in (seeds if seeds is not None else args.eval_seeds)]
     if not students or not seeds:
         raise GVBSMError("evaluate_students needs at least one student and one seed (eval_students / eval_seeds).")
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in completed:
+        missing = [k for k in ("student", "seed", "top1") if k not in row]
+        if missing:
+            raise GVBSMError(f"completed rows need 'student', 'seed' and 'top1'; {dict(row)} lacks {missing}.")
+        done[(str(row["student"]), int(row["seed"]))] = dict(row)
     val_images, val_labels = validation
     train_ds = SyntheticImageDataset(train_images, train_labels, spec)
     eval_ds = RealImageDataset(val_images, val_labels, spec)
@@ -441,12 +738,54 @@ def evaluate_students(
             f"The stored soft labels cover {len(stored)} images but {len(train_ds)} training images were given: "
             "re-run relabel_stored on exactly these images (same order)."
         )
+    label_mode = "stored" if stored is not None else ("on_the_fly" if soft_labeler is not None else "hard")
+    fingerprints: dict[str, str | None] | None = None  # computed once, only if some run is not in `completed`
+    state = PartialState()
+    is_main = args.process_index == 0
 
     per_run: list[dict[str, Any]] = []
     for student in students:
         for seed in seeds:
+            if (student, seed) in done:
+                per_run.append(done[(student, seed)])
+                continue
             run_dir = os.path.join(args.output_dir, student.replace("/", "_").replace(":", "_"), f"seed{seed}")
             run_args = dataclasses.replace(args, seed=seed, student=student, output_dir=run_dir)
+            if fingerprints is None:
+                fingerprints = {
+                    "train_fingerprint": _fingerprint(torch.as_tensor(train_images), torch.as_tensor(train_labels)),
+                    "validation_fingerprint": _fingerprint(torch.as_tensor(val_images), torch.as_tensor(val_labels)),
+                    "soft_label_fingerprint": _soft_label_fingerprint(soft_labeler, stored),
+                }
+            settings = _run_settings(student, seed, run_args, label_mode, stored_view_policy, backbone_kwargs,
+                                     fingerprints)
+            if reuse_saved_runs:
+                row = _saved_run(run_dir, settings)
+                if row is not None:
+                    logger.info(f"{student} seed {seed}: reusing {os.path.join(run_dir, RUN_RESULT_FILE)}")
+                    per_run.append(row)
+                    if on_run_done is not None:
+                        on_run_done(dict(row))
+                    continue
+
+            # resume from a checkpoint of a run with the same settings, or start afresh
+            ckpt = None
+            if reuse_saved_runs and _read_json(os.path.join(run_dir, RUN_SETTINGS_FILE)) == settings:
+                ckpt = _last_complete_checkpoint(run_dir)
+            state.wait_for_everyone()  # every process decided before the main one changes the folder
+            if is_main:
+                resumed_step = -1 if ckpt is None else int(_CHECKPOINT_RE.match(os.path.basename(ckpt)).group(1))
+                for step, path in _checkpoints(run_dir):
+                    if step > resumed_step:  # other settings, or cut short by the kill: never resume from it
+                        _log_warning(f"Deleting {path}: not a complete checkpoint of this run's settings.")
+                        shutil.rmtree(path, ignore_errors=True)
+                if ckpt is None:
+                    for name in (RUN_RESULT_FILE, RUN_SETTINGS_FILE):
+                        if os.path.exists(os.path.join(run_dir, name)):
+                            os.remove(os.path.join(run_dir, name))
+                _atomic_write_json(os.path.join(run_dir, RUN_SETTINGS_FILE), settings)
+            state.wait_for_everyone()
+
             transformers.set_seed(seed)
             model = create_backbone(
                 student, spec.num_classes, in_chans=spec.channels, image_size=spec.image_size,
@@ -465,29 +804,35 @@ def evaluate_students(
                 stored_view_policy=stored_view_policy,
                 callbacks=callbacks,
             )
-            train_out = trainer.train()
+            resumed_from = None
+            if ckpt is not None:
+                resumed_from = int(_CHECKPOINT_RE.match(os.path.basename(ckpt)).group(1))
+                logger.info(f"{student} seed {seed}: resuming from {ckpt}")
+            train_out = trainer.train(resume_from_checkpoint=ckpt)
             metrics = trainer.evaluate()  # final weights = last epoch
             trainer.save_metrics("eval", metrics)
             curve = [h["eval_top1"] for h in trainer.state.log_history if "eval_top1" in h]
-            per_run.append(
-                {
-                    "student": student,
-                    "seed": seed,
-                    "top1": float(metrics["eval_top1"]),
-                    "eval_loss": float(metrics.get("eval_loss", float("nan"))),
-                    "train_loss": float(train_out.training_loss),
-                    "epochs": float(run_args.num_train_epochs),
-                    "label_mode": trainer.label_mode,
-                    "loss_type": run_args.loss_type if trainer.label_mode != "hard" else "ce",
-                    "output_dir": run_dir,
-                    "eval_top1_history": curve[:-1],  # evaluations during training (eval_strategy), for curves
-                }
-            )
+            row = {
+                "student": student,
+                "seed": seed,
+                "top1": float(metrics["eval_top1"]),
+                "eval_loss": float(metrics.get("eval_loss", float("nan"))),
+                "train_loss": float(train_out.training_loss),
+                "epochs": float(run_args.num_train_epochs),
+                "label_mode": trainer.label_mode,
+                "loss_type": run_args.loss_type if trainer.label_mode != "hard" else "ce",
+                "output_dir": run_dir,
+                "eval_top1_history": curve[:-1],  # evaluations during training (eval_strategy), for curves
+                "resumed_from_step": resumed_from,
+            }
             del trainer, model
+            if is_main:
+                _atomic_write_json(os.path.join(run_dir, RUN_RESULT_FILE), {"settings": settings, "result": row})
+            per_run.append(row)
+            if on_run_done is not None:
+                on_run_done(dict(row))
     summary = {s: _summary([r["top1"] for r in per_run if r["student"] == s]) for s in students}
     result = {"per_run": per_run, "summary": summary, "protocol": "last-epoch top-1 (%), mean +- sample std over seeds"}
-    if args.process_index == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "evaluation_summary.json"), "w") as f:
-            json.dump(result, f, indent=2)
+    if is_main:
+        _atomic_write_json(os.path.join(args.output_dir, "evaluation_summary.json"), result)
     return result

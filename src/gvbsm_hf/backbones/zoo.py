@@ -1,5 +1,5 @@
 """Small-image backbones (8-64 px, 1 or 3 channels) used as G-VBSM teachers and evaluators on
-small datasets (SPEC, "Synthesis backbones": ConvNet-128, WRN-16-2, ResNet-18, ShuffleNetV2-0.5,
+small datasets (docs/method.md "Synthesis backbones": ConvNet-128, WRN-16-2, ResNet-18, ShuffleNetV2-0.5,
 MobileNetV2-0.5). All use BatchNorm (except ConvNet with another ``norm``), so that their running
 statistics can be matched (Eq. 1, 6). Written with ``torch.nn`` only.
 """

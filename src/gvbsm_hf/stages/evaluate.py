@@ -91,4 +91,5 @@ class EvaluateStage(Stage):
             soft_labeler=ctx.ensemble if label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly" else None,
             stored=ctx.stored.get(method) if label_mode == "soft" else None,
             completed=list(runs), on_run_done=on_run_done,
+            reuse_saved_runs=not ctx.cache.redo_requested(self.name),
         )
