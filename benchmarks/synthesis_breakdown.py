@@ -37,7 +37,8 @@ from gvbsm_hf.backbones import create_backbone
 from gvbsm_hf.configs import StatisticsArguments, SynthesisArguments
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.statistics import record_statistics
-from gvbsm_hf.synthesis import _JobRunner, _TeacherSlot, plan_jobs, resolve_method
+from gvbsm_hf.methods import method_config
+from gvbsm_hf.synthesis import _JobRunner, _TeacherSlot, plan_jobs
 
 VARIANTS = {
     "ce_only": dict(syn_method="gvbsm", syn_r_bn=0.0, syn_r_conv=0.0, syn_dd=False, syn_alpha=0.0),
@@ -105,7 +106,7 @@ def main() -> None:
     runners: dict[str, _JobRunner] = {}
     stack = ExitStack()
     for name, kw in VARIANTS.items():
-        syn, single = resolve_method(SynthesisArguments(
+        syn = method_config(kw["syn_method"], SynthesisArguments(
             ipc=args.ipc, syn_iterations=10**6, syn_mixed_precision=args.mixed_precision,
             syn_channels_last=args.channels_last, **kw))
         slot = _TeacherSlot(teacher, stats, syn, stats_args, device, stack)
@@ -121,7 +122,7 @@ def main() -> None:
             t = time.perf_counter()
             for _ in range(args.iterations):
                 runner.step()
-            runner.sums.zero_()
+            runner.sums = {}
             sync(device)
             if r >= args.warmup:
                 samples[name].append((time.perf_counter() - t) / args.iterations)

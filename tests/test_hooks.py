@@ -1,4 +1,4 @@
-"""StatisticsHooks: BN/Conv statistics computed inside forward hooks (SPEC Eq. 1, 6, 9, 10)."""
+"""StatisticsHooks: BN/Conv statistics computed inside forward hooks (docs/method.md Eq. 1, 6, 9, 10)."""
 
 from __future__ import annotations
 

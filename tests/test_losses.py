@@ -1,4 +1,4 @@
-"""Losses against float64 references written from SPEC's equations (values and gradients)."""
+"""Losses against float64 references written from docs/method.md's equations (values and gradients)."""
 
 from __future__ import annotations
 

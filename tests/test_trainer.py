@@ -1,4 +1,4 @@
-"""Student training (SPEC Eq. 11) with ``GVBSMTrainer`` and the evaluation protocol."""
+"""Student training (docs/method.md Eq. 11) with ``GVBSMTrainer`` and the evaluation protocol."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def a_batch(ds, n: int = 12) -> dict[str, torch.Tensor]:
 
 
 def _reference_loss(loss_type, s, z, targets, args) -> torch.Tensor:
-    """float64 references written from the equations (SPEC Eq. 11, SRe2L KL, CE)."""
+    """float64 references written from the equations (docs/method.md Eq. 11, SRe2L KL, CE)."""
     s, z = s.double(), z.double()
     k = s.shape[-1]
     y = targets.double() if targets.is_floating_point() else F.one_hot(targets, k).double()

@@ -10,7 +10,6 @@ N steps; a run resumes from the latest one and ends with the same weights as an 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -27,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .configs import SqueezeArguments
+from .utils import seeded_generator
 from .data import DatasetSpec
 from .errors import DataValidationError, GVBSMError, NonFiniteLossError
 from .teacher import TeacherModel
@@ -39,16 +39,6 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _seed(*parts: Any) -> int:
-    """A 63-bit seed derived from ``parts`` (independent streams for permutations and augmentation)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def _generator(*parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(_seed(*parts))
 
 
 def _lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -307,7 +297,7 @@ def train_teacher(
         stopped = False
         while state["step"] < total_steps and not stopped:
             epoch, first = divmod(state["step"], steps_per_epoch)
-            perm = torch.randperm(n_train, generator=_generator(args.teacher_seed, "perm", epoch))
+            perm = torch.randperm(n_train, generator=seeded_generator(args.teacher_seed, "perm", epoch))
             t0 = time.perf_counter()
             bar = tqdm(
                 range(first, steps_per_epoch), desc=f"squeeze {backbone} epoch {epoch + 1}/{args.teacher_epochs}",
@@ -318,7 +308,7 @@ def train_teacher(
                 if len(idx) >= world:  # a last global batch smaller than the world size is skipped
                     images = train_images[idx].to(accelerator.device)
                     if args.teacher_augment:
-                        gen = _generator(args.teacher_seed, "augment", state["step"])
+                        gen = seeded_generator(args.teacher_seed, "augment", state["step"])
                         images = _augment(images.float() / 255.0, gen)
                     local = torch.tensor_split(torch.arange(len(idx)), world)[rank]
                     # standard NCHW strides: (N, 1, H, W) views can look channels-last, which picks other conv

@@ -34,7 +34,7 @@ from . import __version__
 from .data import DatasetSpec
 from .errors import DataValidationError, StatisticsMismatchError
 from .hooks import CONV_STATISTICS, StatisticsHooks
-from .utils import model_fingerprint
+from .utils import model_fingerprint, seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,7 @@ class TeacherStatistics:
 
 def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
     """CPU generator of global batch ``batch_index``: the same on every process layout."""
-    g = torch.Generator()
-    g.manual_seed((int(seed) * 1_000_003 + int(batch_index)) % (2**63 - 1))
-    return g
+    return seeded_generator(seed, "record", batch_index)
 
 
 @torch.no_grad()
