@@ -11,7 +11,7 @@ import torch
 from conftest import FASHION_MNIST_DIR, requires_fashion_mnist
 from PIL import Image
 
-import gvbsm_hf.data as data_mod
+from gvbsm_hf import hub_utils
 from gvbsm_hf.data import (
     DatasetSpec,
     class_balanced_indices,
@@ -176,8 +176,8 @@ def test_offline_hub_id_raises_offline_error_naming_the_fix():
 
 
 def test_unreachable_hub_without_offline_flag_fails_fast(monkeypatch):
-    monkeypatch.setattr(data_mod, "_hub_offline", lambda: False)
-    monkeypatch.setattr(data_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(hub_utils, "offline_reason", lambda datasets=False: None)
+    monkeypatch.setattr(hub_utils, "hub_reachable", lambda timeout=3.0, url=None: False)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("should not try the Hub"))
     with pytest.raises(OfflineError, match="save_to_disk"):
         load_image_dataset("gvbsm-test-org/other-missing")

@@ -2,7 +2,9 @@
 
 import hashlib
 import json
+import os
 import socket
+import time
 from pathlib import Path
 
 import datasets
@@ -14,7 +16,7 @@ from huggingface_hub import DatasetCard, constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
 
-from gvbsm_hf import hub
+from gvbsm_hf import hub, hub_utils
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError, OfflineError
 from gvbsm_hf.hub import (
@@ -255,7 +257,118 @@ def test_dataset_card(tmp_path, grid_file):
     assert "Squeeze, Recover and Relabel" in body and "@inproceedings" in body
     assert "accelerate launch recipes/distill.py --config gvbsm_config.json" in body
     assert "[me/toy-convnet32](https://huggingface.co/me/toy-convnet32)" in body
-    assert 'repo = "me/toy-gvbsm-ipc2"' in body and "GVBSMTrainer" in body
+    assert "[me/toy-wrn_16_2](https://huggingface.co/me/toy-wrn_16_2)" in body
+    assert "not published" not in body
+    code = _snippet(body)
+    assert 'repo = "me/toy-gvbsm-ipc2"' in code and "GVBSMTrainer" in code
+    # the on-the-fly relabel loads exactly the published ids
+    assert 'load_teacher(t) for t in ["me/toy-convnet32", "me/toy-wrn_16_2"]' in code
+
+
+def test_card_cites_docs_method_not_spec(tmp_path):
+    images, labels, logits = make_inputs(3, n=5)
+    folder = export_distilled_dataset(tmp_path / "ex", images=images, labels=labels, spec=make_spec(3),
+                                      soft_logits=logits, method=METHOD)
+    text = (folder / "README.md").read_text()
+    assert "SPEC" not in text
+    assert "[docs/method.md](https://github.com/gvbsm-hf/gvbsm-hf/blob/main/docs/method.md) Eq. 1, 6, 9, 10" in text
+
+
+def _local_fragments(*paths: Path) -> list[str]:
+    """Absolute and cwd-relative paths of ``paths`` (a bare folder name is not a path), and the
+    distinctive parts of the cwd."""
+    cwd = Path(os.getcwd())
+    out = [os.getcwd(), cwd.name, cwd.parent.name]
+    for p in paths:
+        out += [str(p.resolve()), *(r for r in (str(p), os.path.relpath(p.resolve(), cwd)) if os.sep in r)]
+    return out
+
+
+def test_card_with_unpublished_teachers_names_no_local_path(tmp_path, monkeypatch):
+    """Default relative output_dir, teacher folders on this machine: the card says where to get the
+    teachers and never prints a path of this machine (nor `outputs/`)."""
+    monkeypatch.chdir(tmp_path)
+    teachers = [Path("outputs/run/teachers/convnet32"), Path("outputs/run/teachers/wrn_16_2")]
+    for t in teachers:
+        t.mkdir(parents=True)
+        (t / "config.json").write_text("{}")
+    real = tmp_path / "real_images"
+    real.mkdir()
+    spec = make_spec(3)
+    images, labels, logits = make_inputs(3, n=5)
+    rows = {"views_boxes": [[[0.0, 0.0, 8.0, 8.0]]] * 5, "views_flip": [[False]] * 5,
+            "soft_logits": [[[0.0] * K]] * 5}
+    method = dict(METHOD, output_dir="outputs/run", logging_dir="outputs/run/logs/now", dataset_name=str(real),
+                  teachers=[str(teachers[0].resolve()), str(teachers[1])])
+    out = Path("outputs/run/export/toy")
+
+    # a local folder is not a published teacher: refused, the message names both fixes
+    with pytest.raises(GVBSMError) as e:
+        export_distilled_dataset(out, images=images, labels=labels, spec=spec, method=method,
+                                 teacher_repos=[str(teachers[0])])
+    assert "local path" in str(e.value) and "teacher_repo_prefix" in str(e.value)
+    assert "teacher_names=['convnet32'" in str(e.value)
+    with pytest.raises(GVBSMError, match="not a Hub model id"):
+        export_distilled_dataset(out, images=images, labels=labels, spec=spec, method=method,
+                                 teacher_repos=["/abs/teachers/convnet32"])
+    with pytest.raises(GVBSMError, match="not a plain name"):
+        export_distilled_dataset(out, images=images, labels=labels, spec=spec, method=method,
+                                 teacher_names=[str(teachers[0])])
+    assert not out.exists()
+
+    folder = export_distilled_dataset(
+        out, images=images, labels=labels, spec=spec, soft_logits=logits, stored_views=rows, method=method,
+        teacher_names=[t.name for t in teachers], source_dataset=str(real),
+    )
+    text = (folder / "README.md").read_text()
+    assert "outputs/" not in text and str(tmp_path) not in text
+    for fragment in _local_fragments(*teachers, real, folder):
+        assert fragment not in text, fragment
+    card = DatasetCard.load(folder / "README.md")
+    assert card.data.unpublished_teachers == ["convnet32", "wrn_16_2"]
+    assert card.data.to_dict().get("teachers") is None  # the metadata lists published ids only
+    assert card.data.hyperparameters["teachers"] == ["<local: convnet32>", "<local: wrn_16_2>"]
+    assert "output_dir" not in card.data.hyperparameters and "logging_dir" not in card.data.hyperparameters
+    body = card.text
+    assert "`convnet32`, `wrn_16_2`" in body and "**not published**" in body
+    assert "teacher_repo_prefix: <org>/<name>" in body and "--config gvbsm_config.json" in body
+    assert "To train a student without any teacher, use the `views` config (stored soft labels" in body
+    code = _snippet(body)
+    assert f'repo = "{hub.LOCAL_FOLDER_PLACEHOLDER}"' in code
+    assert "load_teacher" not in code and "load_stored_soft_labels(repo)" in code
+    assert "a local dataset (`real_images`)" in body
+    # provenance for machines: the ids/names, not the folders
+    export_info = json.loads((folder / "gvbsm_export.json").read_text())
+    assert export_info["teachers"] == [] and export_info["teacher_names"] == ["convnet32", "wrn_16_2"]
+
+    # the same teachers once published (what `teacher_repo_prefix` does): links, and the snippet loads them
+    ids = ["me/toy-convnet32", "me/toy-wrn_16_2"]
+    folder = export_distilled_dataset(
+        out, images=images, labels=labels, spec=spec, soft_logits=logits, stored_views=rows, method=method,
+        teacher_repos=ids, teacher_names=[t.name for t in teachers], source_dataset=str(real),
+    )
+    text = (folder / "README.md").read_text()
+    assert "outputs/" not in text and str(tmp_path) not in text and "not published" not in text
+    card = DatasetCard.load(folder / "README.md")
+    assert card.data.teachers == ids and "unpublished_teachers" not in card.data.to_dict()
+    assert all(f"[{t}](https://huggingface.co/{t})" in card.text for t in ids)
+    assert f"load_teacher(t) for t in {json.dumps(ids)}" in _snippet(card.text)
+
+
+def test_card_without_views_says_hard_labels(tmp_path):
+    images, labels, logits = make_inputs(3, n=5)
+    folder = export_distilled_dataset(tmp_path / "ex", images=images, labels=labels, spec=make_spec(3),
+                                      soft_logits=logits, method=METHOD)
+    body = DatasetCard.load(folder / "README.md").text
+    assert "The teachers\nare **not published**" in body and "no `views` config" in body
+    assert 'loss_type="ce"' in _snippet(body)
+
+
+def test_export_refuses_a_local_repo_id(tmp_path):
+    images, labels, _ = make_inputs(3, n=5)
+    with pytest.raises(GVBSMError, match="not a Hub dataset id"):
+        export_distilled_dataset(tmp_path / "ex", images=images, labels=labels, spec=make_spec(3), method=METHOD,
+                                 repo_id=str(tmp_path / "ex"))
 
 
 def test_card_license_free_text_and_override(tmp_path):
@@ -288,7 +401,10 @@ def test_card_training_snippet_runs(tmp_path, monkeypatch):
     folder = export_distilled_dataset(tmp_path / "ex", images=images, labels=labels, spec=spec, soft_logits=logits,
                                       stored_views=stored, method=method)
     code = _snippet(DatasetCard.load(folder / "README.md").text)
-    assert "load_stored_soft_labels" in code and f'repo = "{folder.resolve()}"' in code
+    assert "load_stored_soft_labels" in code and str(tmp_path) not in code
+    placeholder = f'repo = "{hub.LOCAL_FOLDER_PLACEHOLDER}"'
+    assert placeholder in code  # no repo_id: a placeholder, never this machine's path
+    code = code.replace(placeholder, f'repo = "{folder.resolve()}"')
     monkeypatch.chdir(tmp_path)  # the snippet writes its output_dir relative to the working directory
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     namespace: dict = {}
@@ -388,7 +504,7 @@ def test_push_connection_error_becomes_offline_error(exported, teacher_folder, m
     folder = exported if kind == "dataset" else teacher_folder
     push = push_distilled_dataset if kind == "dataset" else push_teacher
     _online(monkeypatch)
-    monkeypatch.setattr("gvbsm_hf.data._hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub_utils, "hub_reachable", lambda timeout=3.0, url=None: True)
     monkeypatch.setattr(hub, "HfApi", _failing_api(where, error))
     before = folder_hashes(folder)
     with pytest.raises(OfflineError) as e:
@@ -407,7 +523,7 @@ def test_push_real_hfapi_connection_refused(exported, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr("gvbsm_hf.data._hub_reachable", lambda timeout=3.0: True)  # let the request through
+    monkeypatch.setattr(hub_utils, "hub_reachable", lambda timeout=3.0, url=None: True)  # let the request through
     before = folder_hashes(exported)
     with pytest.raises(OfflineError, match="hf upload me/toy .* --repo-type dataset"):
         push_distilled_dataset(exported, "me/toy", token="hf_not_a_real_token")
@@ -429,7 +545,7 @@ def test_push_one_commit_with_card_and_data(exported, monkeypatch):
             calls.append(("upload_folder", k))
 
     _online(monkeypatch)
-    monkeypatch.setattr("gvbsm_hf.data._hub_reachable", lambda timeout=3.0: True)
+    monkeypatch.setattr(hub_utils, "hub_reachable", lambda timeout=3.0, url=None: True)
     monkeypatch.setattr(hub, "HfApi", RecordingApi)
     url = push_distilled_dataset(exported, "me/toy", token="tok", commit_message="v1")
     assert url == "https://huggingface.co/datasets/me/toy"
@@ -485,3 +601,71 @@ def test_validation_errors(tmp_path):
         export_distilled_dataset(out, images=images, labels=labels, spec=spec, method=METHOD, results=[{"std": 1.0}])
     assert not out.exists()  # nothing written by a refused export
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------------------- hub_utils
+
+
+def test_is_hub_repo_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("me/toy", "zalando-datasets/fashion_mnist", "Org.1/model_v2"):
+        assert hub_utils.is_hub_repo_id(name), name
+    for name in ("hf-hub:timm/resnet18", "tv:resnet18", "./me/toy", "/me/toy", "~/me/toy", "a/b/c", "me/toy--x",
+                 "me toy/x", "convnet32", ""):
+        assert not hub_utils.is_hub_repo_id(name), name
+    assert hub_utils.is_hub_repo_id("cifar10", require_namespace=False)
+    (tmp_path / "outputs" / "teachers").mkdir(parents=True)
+    assert not hub_utils.is_hub_repo_id("outputs/teachers")  # valid id syntax, but a local folder here
+    assert not hub_utils.is_hub_repo_id(Path("me/toy"))  # a Path is never a repo id
+
+
+@pytest.mark.parametrize(
+    "env,datasets_scope,offline",
+    [
+        ({"HF_HUB_OFFLINE": "1"}, False, "HF_HUB_OFFLINE"),
+        ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, False, None),  # HF_HUB_OFFLINE decides first
+        ({"TRANSFORMERS_OFFLINE": "1"}, False, "TRANSFORMERS_OFFLINE"),
+        ({"HF_DATASETS_OFFLINE": "1"}, False, None),  # datasets-only switch
+        ({"HF_DATASETS_OFFLINE": "1"}, True, "HF_DATASETS_OFFLINE"),
+        ({"HF_DATASETS_OFFLINE": "0", "HF_HUB_OFFLINE": "1"}, True, None),  # as datasets.config reads it
+        ({}, True, None),
+    ],
+)
+def test_offline_reason_reads_the_environment_now(monkeypatch, env, datasets_scope, offline):
+    for var in hub_utils.OFFLINE_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    reason = hub_utils.offline_reason(datasets=datasets_scope)
+    if offline is None:
+        assert reason is None
+    else:
+        assert offline in reason
+    # huggingface_hub's own flag (read at import) also counts
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_utils.is_offline(datasets=datasets_scope)
+
+
+def test_require_online_fails_fast_naming_the_fix(monkeypatch):
+    _online(monkeypatch)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(OfflineError) as e:
+        hub_utils.require_online("Weights of 'x' are not in the local cache", "pass pretrained=False.")
+    assert time.monotonic() - start < 5
+    assert str(e.value) == "Weights of 'x' are not in the local cache (127.0.0.1 is not reachable). Fix: pass pretrained=False."
+    with socket.socket() as server:  # a listening port is reachable
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert hub_utils.hub_reachable(url=f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OfflineError, match=r"HF_HUB_OFFLINE is set; if this machine does have network access, unset"):
+        hub_utils.require_online("Weights of 'x' are not in the local cache", "pass pretrained=False.")

@@ -120,6 +120,9 @@ def test_load_teacher_missing_files(tmp_path):
         load_teacher(tmp_path)
     with pytest.raises(GVBSMError, match="does not exist"):
         load_teacher(str(tmp_path / "nope" / "deeper"))
+    for not_an_id in ("convnet32", "hf-hub:org/teacher"):  # a backbone name is not a saved teacher
+        with pytest.raises(GVBSMError, match="not a Hub model id"):
+            load_teacher(not_an_id)
 
 
 def test_load_teacher_offline_hub_id(monkeypatch, tmp_path):
@@ -130,3 +133,19 @@ def test_load_teacher_offline_hub_id(monkeypatch, tmp_path):
     with pytest.raises(OfflineError) as info:
         load_teacher("some-org/some-teacher")
     assert "some-org/some-teacher" in str(info.value) and "local teacher folder" in str(info.value)
+
+
+def test_card_of_a_teacher_trained_on_a_local_folder_names_no_path(tmp_path):
+    data = tmp_path / "my_images"
+    data.mkdir()
+    spec = DatasetSpec("my_images", 4, 16, 3, SPEC.mean, SPEC.std, source=str(data))
+    teacher = TeacherModel.from_backbone("convnet", spec, backbone_kwargs={"width": 4})
+    teacher.metrics = {"val_top1": 0.5}
+    out = tmp_path / "teacher"
+    teacher.save_pretrained(out)
+    text = (out / "README.md").read_text()
+    assert str(tmp_path) not in text and "**my_images**" in text
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert "datasets" not in card  # only Hub dataset ids go in the metadata
+    assert card["model-index"][0]["results"][0]["dataset"]["name"] == "my_images"
+    assert 'load_teacher("path/to/teacher")' in text

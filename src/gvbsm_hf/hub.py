@@ -39,6 +39,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
+from . import hub_utils
 from .data import DatasetSpec, to_uint8_tensors
 from .errors import DataValidationError, GVBSMError, OfflineError
 
@@ -236,13 +237,17 @@ def export_distilled_dataset(
     statistics: datasets.Dataset | Sequence[Any] | None = None,
     results: Sequence[Mapping[str, Any]] | None = None,
     teacher_repos: Sequence[str] | None = None,
+    teacher_names: Sequence[str] | None = None,
     grid_path: str | Path | None = None,
     repo_id: str | None = None,
     source_dataset: str | None = None,
     license: str | None = None,
 ) -> Path:
-    """Write a Hub-ready dataset folder (publish stage, SPEC "Stages": images, labels, soft labels
-    of Eq. 8, statistics of Eq. 9) and return its path.
+    """Write a Hub-ready dataset folder (publish stage, docs/method.md "Stages": images, labels,
+    soft labels of Eq. 8, statistics of Eq. 9) and return its path.
+
+    The card never contains a path of this machine: without ``repo_id`` its snippets load
+    ``"path/to/this/folder"``, local paths in ``method`` are reduced to their last component.
 
     Args:
         folder: where to write; replaced if it holds an earlier export, refused if it holds anything else.
@@ -257,9 +262,14 @@ def export_distilled_dataset(
             ``soft_logits`` or ``topk_values``/``topk_indices``): dict, ``Dataset`` or ``StoredSoftLabels``.
         statistics: :func:`gvbsm_hf.statistics.statistics_to_dataset` table (or the list of statistics).
         results: rows with ``evaluator``, ``protocol``, ``soft_label``/``labels``, ``mean``, ``std``, ``n``, ``method``.
-        teacher_repos: Hub ids (linked in the card) or local folders of the teachers.
+        teacher_repos: Hub model ids (``owner/name``) of the *published* teachers: linked in the card
+            and loaded by its on-the-fly relabel snippet. A local folder is refused: push it first
+            (:func:`push_teacher`, or ``teacher_repo_prefix`` in the recipe) or use ``teacher_names``.
+        teacher_names: names of the teachers (e.g. the folder names ``"convnet32"``, never paths), for
+            description only: without ``teacher_repos`` the card lists them as *not published* and
+            says how to get them; with it, the links are shown instead.
         grid_path: image grid copied into the folder and embedded in the card.
-        repo_id: the dataset repo the folder is meant for (used in the card's snippets).
+        repo_id: the Hub dataset id the folder is meant for (used in the card's snippets).
         source_dataset, license: provenance; ``license`` defaults to ``spec.license``.
     """
     folder = Path(folder)
@@ -284,6 +294,12 @@ def export_distilled_dataset(
             )
     method_name, ipc, hyper = _method_fields(method)
     _format_results(results, method_name)  # validate before writing anything
+    repos, teacher_labels = _check_teachers(teacher_repos, teacher_names)
+    if repo_id is not None and not hub_utils.is_hub_repo_id(repo_id):
+        raise GVBSMError(
+            f"repo_id {repo_id!r} is not a Hub dataset id 'owner/name': pass the repo the folder will be pushed to "
+            "(or None, and the card's snippets load 'path/to/this/folder')."
+        )
     if grid_path is not None and not Path(grid_path).is_file():
         raise GVBSMError(f"grid_path {grid_path} does not exist: save the grid first (visualize.save_class_grid).")
     if folder.exists() and any(folder.iterdir()) and not (folder / EXPORT_FILE).exists():
@@ -334,7 +350,8 @@ def export_distilled_dataset(
         "slot_columns": list(slot_metadata),
         "configs": {name: CONFIG_FILES[name] for name in tables},
         "views": views_meta,
-        "teachers": list(teacher_repos or []),
+        "teachers": repos,
+        "teacher_names": teacher_labels,
         "source_dataset": source_dataset,
     }
 
@@ -355,9 +372,9 @@ def export_distilled_dataset(
         (tmp / EXPORT_FILE).write_text(json.dumps(_jsonable(export_info), indent=2) + "\n")
         card = build_dataset_card(
             tables, spec=spec, method_name=method_name, ipc=ipc, hyperparameters=hyper, results=results,
-            teacher_repos=teacher_repos, grid_file=grid_file, repo_id=repo_id, source_dataset=source_dataset,
-            license=license if license is not None else spec.license, folder=tmp, soft_kind=soft_kind,
-            topk=topk, slot_columns=list(slot_metadata), load_id=repo_id or str(folder.resolve()),
+            teacher_repos=repos, teacher_names=teacher_labels, grid_file=grid_file, repo_id=repo_id,
+            source_dataset=source_dataset, license=license if license is not None else spec.license, folder=tmp,
+            soft_kind=soft_kind, topk=topk, slot_columns=list(slot_metadata),
         )
         card.save(tmp / "README.md")
         if folder.exists():
@@ -391,10 +408,50 @@ def _format_results(results: Sequence[Mapping[str, Any]] | None, default_method:
     return rows
 
 
-def _teacher_link(t: str) -> str:
-    if "/" in t and not os.path.exists(t) and not t.startswith(("/", ".")):
-        return f"[{t}](https://huggingface.co/{t})"
-    return f"`{t}` (local folder, not published)"
+# ------------------------------------------------------------------------------ card helpers
+
+LOCAL_FOLDER_PLACEHOLDER = "path/to/this/folder"
+"""What the card's snippets load when the export has no ``repo_id`` (never a path of this machine)."""
+METHOD_DOC_URL = "https://github.com/gvbsm-hf/gvbsm-hf/blob/main/docs/method.md"
+_LOCATION_KEYS = frozenset({"output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint"})
+"""Recipe fields that only say where a run wrote its files: not shown in the card."""
+
+
+def _check_teachers(
+    teacher_repos: Sequence[str] | None, teacher_names: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """(published Hub model ids, teacher names), validated."""
+    repos = [str(t) for t in (teacher_repos or [])]
+    names = [str(t) for t in (teacher_names or [])]
+    for i, t in enumerate(repos):
+        if not hub_utils.is_hub_repo_id(t):
+            what = "a local path" if os.path.exists(t) else "not a Hub model id 'owner/name'"
+            raise GVBSMError(
+                f"teacher_repos[{i}] = {t!r} is {what}. teacher_repos lists published teachers only (the card links "
+                "them and its snippet loads them on any machine). Push the teacher first (push_teacher(folder, "
+                "'<org>/<name>'), or `teacher_repo_prefix: <org>/<name>` in the recipe) and pass its id; or describe "
+                f"unpublished teachers with teacher_names=[{Path(t).name!r}, ...]."
+            )
+    for i, t in enumerate(names):
+        if not t or "/" in t or "\\" in t or os.path.isabs(t):
+            raise GVBSMError(
+                f"teacher_names[{i}] = {t!r} is not a plain name: teacher_names describe unpublished teachers in the "
+                f"card (e.g. the folder name {Path(t).name!r}, never a path); a published teacher goes in "
+                "teacher_repos as its Hub id."
+            )
+    return repos, names
+
+
+def _public(value: Any) -> Any:
+    """``value`` (recipe / hyper-parameters) without paths of this machine: location fields
+    dropped, other local paths reduced to ``"<local: last component>"``."""
+    if isinstance(value, Mapping):
+        return {k: _public(v) for k, v in value.items() if k not in _LOCATION_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and hub_utils.is_local_path(value):
+        return f"<local: {hub_utils.public_name(value)}>"
+    return value
 
 
 def build_dataset_card(
@@ -407,6 +464,7 @@ def build_dataset_card(
     folder: Path,
     results: Sequence[Mapping[str, Any]] | None = None,
     teacher_repos: Sequence[str] | None = None,
+    teacher_names: Sequence[str] | None = None,
     grid_file: str | None = None,
     repo_id: str | None = None,
     source_dataset: str | None = None,
@@ -414,66 +472,83 @@ def build_dataset_card(
     soft_kind: str | None = None,
     topk: int | None = None,
     slot_columns: Sequence[str] = (),
-    load_id: str | None = None,
 ) -> DatasetCard:
     """The ``DatasetCard`` of an export: metadata through ``DatasetCardData`` (with the ``configs``
-    and ``dataset_info`` blocks written by ``datasets``' own helpers), body from the template."""
+    and ``dataset_info`` blocks written by ``datasets``' own helpers), body from the template.
+
+    ``folder`` is only read (file sizes); the card names no path of this machine: snippets load
+    ``repo_id`` or :data:`LOCAL_FOLDER_PLACEHOLDER`, teachers are Hub links (``teacher_repos``) or,
+    when none is given, names said to be unpublished (``teacher_names``).
+    """
     n = len(tables["default"])
     license_id, license_name = _hub_license(license)
-    teachers = [str(t) for t in (teacher_repos or [])]
+    teacher_ids, teacher_labels = _check_teachers(teacher_repos, teacher_names)
+    unpublished = [] if teacher_ids else teacher_labels
+    if repo_id is not None and not hub_utils.is_hub_repo_id(repo_id):
+        raise GVBSMError(f"repo_id {repo_id!r} is not a Hub dataset id 'owner/name'.")
+    name = hub_utils.public_name(spec.name) or "dataset"
     tags = ["dataset-distillation", "gvbsm", "synthetic", "image-classification", "soft-labels"]
-    if spec.name:
-        tags.append(re.sub(r"[^a-z0-9]+", "-", spec.name.lower()).strip("-"))
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if slug:
+        tags.append(slug)
     source = source_dataset or spec.source or spec.name
+    source_is_local = bool(source) and hub_utils.is_local_path(source)
+    source_on_hub = bool(source) and not source_is_local and hub_utils.is_hub_repo_id(source, require_namespace=False)
+    if source_is_local:
+        source_name = f"a local dataset (`{hub_utils.public_name(source)}`)"
+    else:
+        source_name = source or "the source dataset"
     ipc_text = str(ipc) if ipc is not None else "?"
-    title = f"{spec.name} distilled with {method_name} (IPC {ipc_text})"
+    title = f"{name} distilled with {method_name} (IPC {ipc_text})"
+    hp = _public(dict(hyperparameters))
     extra: dict[str, Any] = {}
     if license_name:
         extra["license_name"] = license_name
+    if unpublished:
+        extra["unpublished_teachers"] = unpublished
     card_data = DatasetCardData(
         license=license_id,
         task_categories=["image-classification"],
         tags=tags,
-        source_datasets=[source] if source and " " not in source else None,  # Hub ids only; text goes in the body
+        source_datasets=[source] if source_on_hub else None,  # Hub ids only; text goes in the body
         size_categories=[_size_category(n)],
         pretty_name=title,
         ipc=ipc,
         method=method_name,
-        hyperparameters=dict(hyperparameters),
-        teachers=teachers,
+        hyperparameters=hp,
+        teachers=teacher_ids or None,  # published Hub ids only
         **extra,
     )
     MetadataConfigs(
-        {name: {"data_files": [{"split": "train", "path": CONFIG_FILES[name]}]} for name in tables}
+        {config: {"data_files": [{"split": "train", "path": CONFIG_FILES[config]}]} for config in tables}
     ).to_dataset_card_data(card_data)
     infos = {}
-    for name, ds in tables.items():
+    for config, ds in tables.items():
         nbytes = int(ds.data.nbytes)
-        infos[name] = DatasetInfo(
+        infos[config] = DatasetInfo(
             features=ds.features,
             splits=SplitDict({"train": SplitInfo(name="train", num_bytes=nbytes, num_examples=len(ds))}),
-            download_size=(folder / CONFIG_FILES[name]).stat().st_size,
+            download_size=(folder / CONFIG_FILES[config]).stat().st_size,
             dataset_size=nbytes,
         )
     DatasetInfosDict(infos).to_dataset_card_data(card_data)
 
-    source_link = f"https://huggingface.co/datasets/{source}" if source and "/" in source and " " not in source else "#source-data-and-license"
-    hp = dict(hyperparameters)
+    source_link = f"https://huggingface.co/datasets/{source}" if source_on_hub else "#source-data-and-license"
     main_keys = ["syn_iterations", "syn_lr", "syn_r_bn", "syn_r_conv", "syn_alpha", "syn_beta_dr", "syn_dd",
                  "syn_backbone_choice", "stats_patch_size", "teachers", "relabel_mode", "relabel_logit_norm",
                  "student", "loss_type", "gamma", "num_train_epochs"]
     hyper_rows = [(k, hp[k]) for k in main_keys if k in hp] or sorted(hp.items())[:20]
     template = resources.files("gvbsm_hf").joinpath("templates/dataset_card.md").read_text(encoding="utf-8")
     config_table = [
-        {"name": name, "path": CONFIG_FILES[name], "rows": len(ds), "columns": ", ".join(f"`{c}`" for c in ds.column_names)}
-        for name, ds in tables.items()
+        {"name": config, "path": CONFIG_FILES[config], "rows": len(ds),
+         "columns": ", ".join(f"`{c}`" for c in ds.column_names)}
+        for config, ds in tables.items()
     ]
-    teacher_ids = [t for t in teachers if "/" in t and not t.startswith(("/", "."))] if teachers else []
     return DatasetCard.from_template(
         card_data,
         template_str=template,
         title=title,
-        source_name=source or "the source dataset",
+        source_name=source_name,
         source_link=source_link,
         num_images=n,
         ipc_text=ipc_text,
@@ -482,6 +557,7 @@ def build_dataset_card(
         image_size=spec.image_size,
         class_names=list(spec.class_names),
         method_name=method_name,
+        method_doc_url=METHOD_DOC_URL,
         grid_file=grid_file,
         config_table=config_table,
         soft_label_kind=soft_kind,
@@ -490,14 +566,15 @@ def build_dataset_card(
         has_statistics="statistics" in tables,
         has_views="views" in tables,
         results_rows=_format_results(results, method_name),
-        load_id=load_id or repo_id or str(folder.resolve()),
+        load_id=repo_id or LOCAL_FOLDER_PLACEHOLDER,
+        load_is_placeholder=repo_id is None,
         student=hp.get("student", "convnet128"),
         loss_type=hp.get("loss_type", "mse_gt") if (teacher_ids or "views" in tables) else "ce",
         gamma=hp.get("gamma", 0.1),
         epochs=hp.get("num_train_epochs", 300),
         teacher_ids=teacher_ids,
         teacher_ids_literal=json.dumps(teacher_ids),
-        teacher_links=[_teacher_link(t) for t in teachers],
+        teacher_names=unpublished,
         hyperparameter_rows=[(k, json.dumps(v) if not isinstance(v, str) else v) for k, v in hyper_rows],
         license_text=license or "unknown",
     )
@@ -593,31 +670,6 @@ def to_tensors(
 # ==========================================================================================
 
 
-def _offline_env() -> bool:
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-    return bool(constants.HF_HUB_OFFLINE) or env
-
-
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the Hub cannot be reached" (not "the Hub said no")."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
-    errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
-                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
-        try:
-            mod = __import__(module, fromlist=list(names))
-        except ImportError:
-            continue
-        errors.extend(getattr(mod, name) for name in names if hasattr(mod, name))
-    import socket
-
-    errors.append(socket.gaierror)
-    return tuple(errors)
-
-
 def retry_command(folder: str | Path, repo_id: str, repo_type: str, private: bool = False) -> str:
     """The ``hf upload`` command that pushes ``folder`` to ``repo_id`` (root of the repo)."""
     cmd = f"hf upload {shlex.quote(repo_id)} {shlex.quote(str(Path(folder).resolve()))} . --repo-type {repo_type}"
@@ -625,10 +677,11 @@ def retry_command(folder: str | Path, repo_id: str, repo_type: str, private: boo
 
 
 def _offline_error(folder: Path, repo_id: str, repo_type: str, private: bool, cause: str) -> OfflineError:
-    return OfflineError(
-        f"Could not push to the Hub {repo_type} repo {repo_id!r}: {cause}. Nothing was deleted: the local "
-        f"folder is intact at {folder.resolve()}. When the network is back (and HF_HUB_OFFLINE is unset), "
-        f"retry with:\n    {retry_command(folder, repo_id, repo_type, private)}"
+    return hub_utils.offline_error(
+        f"Could not push to the Hub {repo_type} repo {repo_id!r}",
+        cause,
+        f"nothing was deleted: the local folder is intact at {folder.resolve()}. When the network is back "
+        f"(and HF_HUB_OFFLINE is unset), retry with:\n    {retry_command(folder, repo_id, repo_type, private)}",
     )
 
 
@@ -641,14 +694,11 @@ def _push_folder(
         raise GVBSMError(f"{folder} is not a folder: export it first (export_distilled_dataset / save_pretrained).")
     if not (folder / "README.md").exists():
         raise GVBSMError(f"{folder} has no README.md card: export it with gvbsm-hf before pushing.")
-    if _offline_env():
-        raise _offline_error(folder, repo_id, repo_type, private, "offline mode is enabled (HF_HUB_OFFLINE)")
-    from .data import _hub_reachable  # quick TCP probe: fail in seconds, not after a minute of retries
-
-    if not _hub_reachable(timeout=3.0):
-        from huggingface_hub import constants
-
-        raise _offline_error(folder, repo_id, repo_type, private, f"{constants.ENDPOINT} is not reachable")
+    offline = hub_utils.offline_reason()
+    if offline is not None:
+        raise _offline_error(folder, repo_id, repo_type, private, offline)
+    if not hub_utils.hub_reachable():  # quick TCP probe: fail in seconds, not after a minute of retries
+        raise _offline_error(folder, repo_id, repo_type, private, f"{hub_utils.hub_endpoint()} is not reachable")
     api = HfApi(token=token)
     try:
         url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
@@ -657,7 +707,7 @@ def _push_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type=repo_type,
             commit_message=commit_message or f"Upload {folder.name} with gvbsm-hf",
         )
-    except _network_errors() as e:
+    except hub_utils.network_errors() as e:
         raise _offline_error(folder, repo_id, repo_type, private, f"{type(e).__name__}: {e}") from e
     logger.info("Pushed %s to %s", folder, url)
     return str(url)

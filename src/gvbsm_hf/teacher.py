@@ -2,7 +2,7 @@
 
 ``TeacherModel.save_pretrained`` writes ``model.safetensors`` (weights), ``config.json`` (the
 constructor arguments, via ``huggingface_hub.PyTorchModelHubMixin``) and a ``README.md`` model card.
-Teachers are the backbones ``f`` of SPEC "Stages": their BatchNorm running statistics are the
+Teachers are the backbones ``f`` of docs/method.md "Stages": their BatchNorm running statistics are the
 targets of Eq. 1/6, their Conv statistics are recorded for Eq. 9, their logits make Eq. 8.
 """
 
@@ -20,16 +20,21 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHubMixin
 from torch import nn
 
-from . import __version__
+from . import __version__, hub_utils
 from .backbones import create_backbone
 from .data import DatasetSpec
-from .errors import GVBSMError, OfflineError
+from .errors import GVBSMError
 from .utils import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
 CARD_TAGS = ["dataset-distillation", "gvbsm", "image-classification"]
 LIBRARY_NAME = "gvbsm-hf"
+_TEACHER_OFFLINE_FIX = (
+    "pass a local teacher folder written by TeacherModel.save_pretrained (or gvbsm_hf.squeeze.train_teacher), "
+    "train the teacher instead (squeeze stage), or download the repo once with network access "
+    "(huggingface-cli download <id>) so that it is in the local Hub cache."
+)
 _INIT_KEYS = (
     "backbone", "num_classes", "in_chans", "image_size", "mean", "std",
     "backbone_kwargs", "class_names", "metrics", "dataset", "recipe",
@@ -171,15 +176,20 @@ class TeacherModel(
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """Model card from ``templates/teacher_card.md`` (metadata via ``ModelCardData``)."""
-        repo_id = kwargs.pop("repo_id", None) or "path/to/teacher"
-        model_name = f"{self.backbone_name} teacher for {self.dataset or 'an image dataset'}"
+        repo_id = kwargs.pop("repo_id", None)
+        if not (repo_id and hub_utils.is_hub_repo_id(repo_id)):
+            repo_id = "path/to/teacher"  # the card never names a folder of this machine
+        local_dataset = hub_utils.is_local_path(self.dataset or "")
+        dataset = hub_utils.public_name(self.dataset)  # a local dataset folder: its name only
+        dataset_id = None if local_dataset else self.dataset
+        model_name = f"{self.backbone_name} teacher for {dataset or 'an image dataset'}"
         val_top1 = self.metrics.get("val_top1")
         eval_results = None
         if val_top1 is not None:
             eval_results = [
                 EvalResult(
-                    task_type="image-classification", dataset_type=self.dataset or "unknown",
-                    dataset_name=self.dataset or "unknown", dataset_split="validation",
+                    task_type="image-classification", dataset_type=dataset_id or "unknown",
+                    dataset_name=dataset or "unknown", dataset_split="validation",
                     metric_type="accuracy", metric_name="top-1 accuracy", metric_value=float(val_top1),
                 )
             ]
@@ -187,7 +197,7 @@ class TeacherModel(
             library_name=LIBRARY_NAME,
             tags=list(CARD_TAGS),
             pipeline_tag="image-classification",
-            datasets=[self.dataset] if self.dataset else None,
+            datasets=[dataset_id] if dataset_id else None,
             metrics=["accuracy"],
             model_name=model_name,
             eval_results=eval_results,
@@ -201,7 +211,7 @@ class TeacherModel(
             repo_id=repo_id,
             backbone=self.backbone_name,
             backbone_kwargs=self.backbone_kwargs,
-            dataset=self.dataset or "an unnamed dataset",
+            dataset=dataset or "an unnamed dataset",
             in_chans=self.in_chans,
             image_size=self.image_size,
             mean=[round(m, 4) for m in self.mean],
@@ -225,8 +235,6 @@ def load_teacher(name_or_path: str | Path, *, device: torch.device | str | None 
     """
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from .backbones.registry import _hf_cached, _hf_endpoint_host, _require_network
-
     target = str(name_or_path)
     if os.path.isdir(target):
         missing = [f for f in ("config.json", "model.safetensors") if not os.path.exists(os.path.join(target, f))]
@@ -237,16 +245,16 @@ def load_teacher(name_or_path: str | Path, *, device: torch.device | str | None 
             )
         local_only = True
     else:
-        if target.count("/") > 1 or target.startswith((".", "/", "~")) or os.path.sep != "/" and os.path.sep in target:
-            raise GVBSMError(f"Teacher folder {target!r} does not exist; pass an existing folder or a Hub id 'org/name'.")
-        local_only = _hf_cached(target, ("config.json",)) and _hf_cached(target, ("model.safetensors",))
-        if not local_only:
-            _require_network(
-                f"The files of teacher {target!r} (config.json, model.safetensors)", _hf_endpoint_host(),
-                fix="Fix: pass a local teacher folder written by TeacherModel.save_pretrained (or "
-                "gvbsm_hf.squeeze.train_teacher), train the teacher instead (squeeze stage), or download the repo "
-                "once with network access (huggingface-cli download <id>) so it is in the local Hub cache.",
+        if not hub_utils.is_hub_repo_id(target):
+            raise GVBSMError(
+                f"Teacher folder {target!r} does not exist and is not a Hub model id 'org/name': pass an existing "
+                "folder written by TeacherModel.save_pretrained or the id of a pushed teacher."
             )
+        files = ("config.json", "model.safetensors")
+        local_only = all(hub_utils.hub_file_cached(target, (f,)) for f in files)
+        if not local_only:
+            hub_utils.require_online(f"The files of teacher {target!r} ({', '.join(files)}) are not in the local cache",
+                                     _TEACHER_OFFLINE_FIX)
     map_location = str(torch.device(device)) if device is not None else "cpu"
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints "Loading weights from local directory"
@@ -254,8 +262,6 @@ def load_teacher(name_or_path: str | Path, *, device: torch.device | str | None 
                 target, local_files_only=local_only, map_location=map_location, strict=True
             )
     except LocalEntryNotFoundError as e:
-        raise OfflineError(
-            f"Teacher {target!r} is not in the local cache and cannot be downloaded ({e}). Pass a local teacher "
-            "folder or run once with network access."
-        ) from e
+        raise hub_utils.offline_error(f"Teacher {target!r} is not in the local cache and cannot be downloaded",
+                                      str(e), _TEACHER_OFFLINE_FIX) from e
     return teacher.eval()

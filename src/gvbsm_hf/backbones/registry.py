@@ -2,8 +2,8 @@
 bare timm name) and timm Hub models (``hf-hub:``).
 
 Every backbone maps normalised images ``(N, in_chans, S, S)`` to logits ``(N, num_classes)``.
-The teachers of the squeeze stage and the students of the evaluate stage (SPEC, "Stages") are
-created here.
+The teachers of the squeeze stage and the students of the evaluate stage (docs/method.md "Stages")
+are created here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import socket
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
@@ -19,7 +18,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..errors import GVBSMError, OfflineError, UnknownBackboneError
+from .. import hub_utils
+from ..errors import GVBSMError, UnknownBackboneError
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,8 @@ _REGISTRY: dict[str, tuple[BackboneFactory, dict[str, Any]]] = {}
 TV_PREFIX = "tv:"
 TIMM_PREFIX = "timm:"
 HF_HUB_PREFIX = "hf-hub:"
-PROBE_TIMEOUT_S = 3.0
 _OFFLINE_FIX = (
-    "Fix: pass pretrained=False (teacher_pretrained: false) to train from scratch; or, on a machine "
+    "pass pretrained=False (teacher_pretrained: false) to train from scratch; or, on a machine "
     "with network access, download the weights once into the local cache (HF_HOME / TORCH_HOME) and "
     "copy the cache here; or pass a local teacher folder (written by TeacherModel.save_pretrained) "
     "instead of a backbone name."
@@ -102,8 +101,8 @@ def create_backbone(
         return _create_torchvision(name[len(TV_PREFIX):], num_classes, in_chans, pretrained, **kwargs)
     if name.startswith(HF_HUB_PREFIX):
         repo = name[len(HF_HUB_PREFIX):]
-        if not _hf_cached(repo, ("config.json",)):
-            _require_network(f"timm Hub model {name!r}", _hf_endpoint_host())
+        if not hub_utils.hub_file_cached(repo, ("config.json",)):
+            _require_network(f"timm Hub model {name!r}")
         return _create_timm(name, num_classes, in_chans, pretrained, **kwargs)
     import timm
 
@@ -120,12 +119,12 @@ def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, *
     import timm
 
     if pretrained and not name.startswith(HF_HUB_PREFIX) and not _timm_weights_cached(name):
-        _require_network(f"pretrained timm weights for {name!r}", _hf_endpoint_host())
+        _require_network(f"pretrained timm weights for {name!r}")
     try:
         return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     except (OSError, RuntimeError) as e:  # huggingface_hub offline / connection errors
         if pretrained or name.startswith(HF_HUB_PREFIX):
-            raise OfflineError(f"Could not fetch weights for {name!r}: {e}. {_OFFLINE_FIX}") from e
+            raise hub_utils.offline_error(f"Could not fetch weights for {name!r}", str(e), _OFFLINE_FIX) from e
         raise
 
 
@@ -140,7 +139,7 @@ def _timm_weights_cached(name: str) -> bool:
         return False
     if cfg.hf_hub_id:
         files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-        if _hf_cached(cfg.hf_hub_id, files):
+        if hub_utils.hub_file_cached(cfg.hf_hub_id, files):
             return True
     return bool(cfg.url) and _torch_hub_cached(cfg.url)
 
@@ -156,7 +155,7 @@ def _create_torchvision(name: str, num_classes: int, in_chans: int, pretrained: 
     if pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         if not _torch_hub_cached(weights.url):
-            _require_network(f"pretrained torchvision weights for 'tv:{name}'", urlparse(weights.url).hostname or "")
+            _require_network(f"pretrained torchvision weights for 'tv:{name}'", url=weights.url)
         model = torchvision.models.get_model(name, weights="DEFAULT", **kwargs)
         _replace_classifier(model, num_classes)
     else:
@@ -219,49 +218,15 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
 # ------------------------------------------------------------------------------- network and caches
 
 
-def _offline_env() -> bool:
-    """HF_HUB_OFFLINE read at call time (huggingface_hub reads it only at import)."""
-    from huggingface_hub import constants
-
-    value = os.environ.get("HF_HUB_OFFLINE", "")
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hf_endpoint_host() -> str:
-    from huggingface_hub import constants
-
-    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-
-
-def _hf_cached(repo_id: str, filenames: tuple[str, ...]) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    for filename in filenames:
-        try:
-            path = try_to_load_from_cache(repo_id, filename)
-        except Exception:  # noqa: BLE001 - invalid repo id etc.: treat as not cached
-            return False
-        if isinstance(path, str) and os.path.exists(path):
-            return True
-    return False
-
-
 def _torch_hub_cached(url: str) -> bool:
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
     return os.path.exists(path)
 
 
-def _require_network(what: str, host: str, fix: str = _OFFLINE_FIX) -> None:
-    """Raise :class:`OfflineError` within ~3 s if ``host`` cannot be reached (or HF_HUB_OFFLINE is set)."""
-    if _offline_env():
-        raise OfflineError(f"{what} are not in the local cache and HF_HUB_OFFLINE is set. {fix}")
-    try:
-        with socket.create_connection((host, 443), timeout=PROBE_TIMEOUT_S):
-            pass
-    except OSError as e:
-        raise OfflineError(
-            f"{what} are not in the local cache and {host}:443 is unreachable ({e}). {fix}"
-        ) from e
+def _require_network(what: str, *, url: str | None = None) -> None:
+    """Raise :class:`~gvbsm_hf.errors.OfflineError` within seconds if ``url`` (default: the Hub)
+    cannot be reached or offline mode is on (:func:`gvbsm_hf.hub_utils.require_online`)."""
+    hub_utils.require_online(f"{what} are not in the local cache", _OFFLINE_FIX, url=url)
 
 
 # ----------------------------------------------------------------------------------- error messages

@@ -1,0 +1,41 @@
+"""Datasets as ``datasets.DatasetDict`` (``image``: Image, ``label``: ClassLabel) plus what the
+rest of the pipeline needs to know about them (:class:`DatasetSpec`).
+
+Modules: :mod:`.spec` (``DatasetSpec``, ``get_dataset_spec``), :mod:`.builtin` (short names:
+digits, fashion_mnist, cifar10, ...), :mod:`.loading` (``load_image_dataset``, subsets),
+:mod:`.validation` (``validate_image_dataset``), :mod:`.decoding` (tensors and batches).
+Everything is importable from ``gvbsm_hf.data``.
+"""
+
+from .builtin import (
+    BUILTIN_DATASETS,
+    FASHION_MNIST_DEFAULT_DIR,
+    FASHION_MNIST_ENV,
+    FASHION_MNIST_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BuiltinDataset,
+    get_builtin_dataset,
+)
+from .decoding import image_batches, to_uint8_tensors
+from .loading import class_balanced_indices, load_image_dataset
+from .spec import DatasetSpec, get_dataset_spec
+from .validation import validate_image_dataset
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "FASHION_MNIST_DEFAULT_DIR",
+    "FASHION_MNIST_ENV",
+    "FASHION_MNIST_NAMES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BuiltinDataset",
+    "DatasetSpec",
+    "class_balanced_indices",
+    "get_builtin_dataset",
+    "get_dataset_spec",
+    "image_batches",
+    "load_image_dataset",
+    "to_uint8_tensors",
+    "validate_image_dataset",
+]

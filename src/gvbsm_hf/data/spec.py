@@ -1,0 +1,126 @@
+"""What the pipeline needs to know about an image-classification dataset (:class:`DatasetSpec`),
+and how to get it from a loaded ``DatasetDict`` (:func:`get_dataset_spec`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from ..errors import DataValidationError
+from .builtin import get_builtin_dataset
+from .decoding import _mode_channels, _open_image, image_batches
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Resolution, channels, normalisation and classes of an image-classification dataset."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()
+    license: str | None = None
+    source: str | None = None
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or float in [0, 1]) ``(N, C, H, W)`` -> normalised float32."""
+        x = images.float()
+        if images.dtype == torch.uint8:
+            x = x / 255.0
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised float -> float in [0, 1] (clamped)."""
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x * std + mean).clamp(0.0, 1.0)
+
+    def pixel_bounds(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel ``(low, high)`` of the normalised range, shaped ``(1, C, 1, 1)``."""
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return (0.0 - mean) / std, (1.0 - mean) / std
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DatasetSpec":
+        d = dict(d)
+        for k in ("mean", "std", "class_names"):
+            if k in d and d[k] is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def get_dataset_spec(
+    dataset: datasets.DatasetDict | datasets.IterableDatasetDict,
+    name: str,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    max_stat_images: int = 10_000,
+) -> DatasetSpec:
+    """The :class:`DatasetSpec` of a loaded dataset.
+
+    Built-in names take size, channels, mean/std and license from :data:`BUILTIN_DATASETS`
+    (``image_size``/``channels`` override). Otherwise size and channels come from the first train
+    image and mean/std (per channel, population std) from up to ``max_stat_images`` train images
+    (seeded sample) after conversion to that size and channel count.
+    """
+    train = dataset["train"]
+    feat = train.features["label"] if train.features else None
+    if not isinstance(feat, datasets.ClassLabel):
+        raise DataValidationError(
+            "The train split's 'label' column is not a datasets.ClassLabel: load the data with load_image_dataset."
+        )
+    class_names = tuple(str(n) for n in feat.names)
+    builtin = get_builtin_dataset(name)
+    if builtin is not None:
+        return DatasetSpec(
+            name=builtin.name, num_classes=len(class_names), image_size=int(image_size or builtin.image_size),
+            channels=int(channels or builtin.channels), mean=tuple(builtin.mean), std=tuple(builtin.std),
+            class_names=class_names, license=builtin.license, source=builtin.hub_id or builtin.source,
+        )
+    streaming = isinstance(train, datasets.IterableDataset)
+    raw = train.cast_column("image", datasets.Image(decode=False))
+    first = next(iter(raw.take(1)))["image"] if streaming else raw[0]["image"]
+    img = _open_image(first)
+    c = int(channels or _mode_channels(img.mode))
+    size = int(image_size or img.size[1])
+    provisional = DatasetSpec(name=name, num_classes=len(class_names), image_size=size, channels=c,
+                              mean=(0.0,) * c, std=(1.0,) * c, class_names=class_names)
+    sub = train
+    if streaming:
+        sub = train.take(max_stat_images)
+    elif len(train) > max_stat_images:
+        idx = np.sort(np.random.default_rng(0).choice(len(train), size=max_stat_images, replace=False))
+        sub = train.select(idx.tolist())
+    # exact integer sums (no float accumulation error, no (N, C, H, W) float copy)
+    s1 = torch.zeros(c, dtype=torch.int64)
+    s2 = torch.zeros(c, dtype=torch.int64)
+    count = 0
+    for images, _ in image_batches(sub, provisional, 512):
+        v = images.to(torch.int64).transpose(0, 1).reshape(c, -1)
+        s1 += v.sum(dim=1)
+        s2 += (v * v).sum(dim=1)
+        count += v.shape[1]
+    if count == 0:
+        raise DataValidationError("The train split is empty: nothing to compute mean/std from.")
+    mean = s1.double() / (255.0 * count)
+    std = (s2.double() / (255.0**2 * count) - mean**2).clamp_min(0.0).sqrt()
+    info = getattr(train, "info", None)
+    return DatasetSpec(
+        name=name, num_classes=len(class_names), image_size=size, channels=c,
+        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), class_names=class_names,
+        license=(info.license or None) if info is not None else None, source=name,
+    )
