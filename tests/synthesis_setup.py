@@ -48,11 +48,13 @@ def make_teachers(n: int = 2, epochs: int = 3) -> list[torch.nn.Module]:
     return teachers
 
 
-def make_statistics(teachers, patch_size: int = 4):
+def make_statistics(teachers, patch_size: int = 4, augment: str = "authors", patch_mode: str = "resize"):
+    """Statistics as the default (authors') protocol records them: train-transform augmentation, resized patches."""
     images, labels = digits_uint8()
     batches = list(zip(images[:512].split(128), labels[:512].split(128)))
     return [
-        record_statistics(t, batches, SPEC, patch_size=patch_size, conv_target="input", teacher_name=f"t{i}")
+        record_statistics(t, batches, SPEC, patch_size=patch_size, conv_target="input", teacher_name=f"t{i}",
+                          augment=augment, patch_mode=patch_mode)
         for i, t in enumerate(teachers)
     ]
 

@@ -167,7 +167,7 @@ def test_record_equals_float64_weighted_mean_of_batch_stats(monkeypatch, augment
     prov = stats.provenance
     assert prov["num_images"] == total == 11
     assert prov["teacher_fingerprint"] == model_fingerprint(teacher)
-    assert (prov["patch_size"], prov["conv_target"], prov["augment"]) == (4, target, augment)
+    assert (prov["patch_size"], prov["conv_target"], prov["augment"]) == (4, target, "per_image_rrc" if augment else "none")
     assert prov["dataset"] == "toy" and prov["teacher_name"] == "toy-net" and prov["split"] == "train"
     assert "per-batch biased variances" in prov["variance_definition"]
     if augment:

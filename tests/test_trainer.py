@@ -128,10 +128,15 @@ def _reference_loss(loss_type, s, z, targets, args) -> torch.Tensor:
     return ce
 
 
-@pytest.mark.parametrize("loss_type", ["mse_gt", "kl", "ce"])
+@pytest.mark.parametrize("loss_type, ce_label", [("mse_gt", "original"), ("mse_gt", "mixed"), ("kl", "original"),
+                                                  ("ce", "original")])
 @pytest.mark.parametrize("cutmix_prob", [0.0, 1.0])
-def test_loss_equals_hand_computation_on_same_view(tmp_path, data, teachers, monkeypatch, loss_type, cutmix_prob):
-    args = make_args(tmp_path, loss_type=loss_type, cutmix_prob=cutmix_prob, gamma=0.3, kd_temperature=3.0)
+def test_loss_equals_hand_computation_on_same_view(tmp_path, data, teachers, monkeypatch, loss_type, ce_label,
+                                                   cutmix_prob):
+    """Under CutMix the soft label is the teachers' on the MIXED image; Eq. 11's GT term takes the
+    original label (``cutmix_ce_label="original"``, authors) or the lambda-mixed one."""
+    args = make_args(tmp_path, loss_type=loss_type, cutmix_prob=cutmix_prob, gamma=0.3, kd_temperature=3.0,
+                     cutmix_ce_label=ce_label)
     ens = TeacherEnsemble(teachers)
     ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
     student = mlp_student()
@@ -165,7 +170,8 @@ def test_loss_equals_hand_computation_on_same_view(tmp_path, data, teachers, mon
         x, perm, lam = seen["mix"]
         lam = torch.as_tensor(lam, dtype=torch.float64).reshape(-1, 1)
         oh = F.one_hot(y, 10).double()
-        targets = lam * oh + (1 - lam) * oh[torch.as_tensor(perm)]
+        if not (loss_type == "mse_gt" and ce_label == "original"):
+            targets = lam * oh + (1 - lam) * oh[torch.as_tensor(perm)]
     else:
         assert "mix" not in seen
     z = ens(x)  # the teachers see the same augmented (mixed) batch
@@ -177,7 +183,7 @@ def test_loss_equals_hand_computation_on_same_view(tmp_path, data, teachers, mon
         torch.testing.assert_close(g.double(), rg.double(), rtol=1e-4, atol=1e-6)
     # and the library functions agree
     if loss_type == "mse_gt":
-        lib = losses.mse_gt_loss(s, z, targets.float() if cutmix_prob else targets, gamma=args.gamma)
+        lib = losses.mse_gt_loss(s, z, targets.float() if targets.is_floating_point() else targets, gamma=args.gamma)
         torch.testing.assert_close(loss, lib, rtol=1e-5, atol=1e-6)
 
 

@@ -31,7 +31,30 @@ __all__ = [
     "random_resized_crop_flip",
     "pad_crop_flip",
     "cutmix",
+    "AUGMENT_KINDS",
+    "authors_batch_augment",
+    "synthesis_augment",
+    "recording_augment",
+    "is_imagenet_scale",
 ]
+
+AUGMENT_KINDS = ("authors", "per_image_rrc", "none")
+"""Augmentation families of synthesis (``syn_augment``) and recording (``stats_augment``), docs/differences.md."""
+
+IMAGENET_SCALE = 128
+"""Images at least this large get the ImageNet-style (random-resized-crop) augmentation under ``authors``."""
+
+AUTHORS_JITTER = 32
+"""The authors' ``torch.roll`` shift: 0..32 px in H and in W, one draw per batch."""
+
+
+def is_imagenet_scale(image_size: int) -> bool:
+    return int(image_size) >= IMAGENET_SCALE
+
+
+def authors_pad(image_size: int) -> int:
+    """Pad of the authors' pad-crop: 4 px at 32 px, 8 px at 64 px (``round(size / 8)``)."""
+    return max(1, int(round(image_size / 8)))
 
 
 @dataclass
@@ -251,3 +274,69 @@ def cutmix(
     mixed = torch.where(mask, x[perm], x)
     lam = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
     return mixed, perm, lam
+
+
+def authors_batch_augment(
+    x: torch.Tensor,
+    *,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    jitter: int = AUTHORS_JITTER,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The authors' synthesis augmentation: ONE draw for the whole batch (docs/differences.md row 1).
+
+    Small images (< 128 px): zero-pad by ``round(H / 8)`` (4 at 32 px, 8 at 64 px), crop back at one
+    random offset, flip with probability 1/2; ImageNet-scale images: one random-resized crop
+    (``crop_scale``) + flip resized back to ``H x W``. Then ``torch.roll`` by one random shift
+    ``(dh, dw)`` with ``dh, dw`` uniform in ``0..jitter``. Differentiable w.r.t. ``x``. Generator
+    draws, in order: the crop (2 integers, or the RRC numbers of :func:`sample_crop_flip` for one
+    image), the flip, the two shifts."""
+    if x.ndim != 4:
+        raise GVBSMError(f"authors_batch_augment expects (N, C, H, W), got shape {tuple(x.shape)}.")
+    n, _, h, w = x.shape
+    if is_imagenet_scale(h):
+        one = sample_crop_flip(1, h, w, scale=crop_scale, generator=generator)
+        params = CropFlipParams(one.boxes.expand(n, 4).contiguous(), one.flip.expand(n).contiguous())
+        out = apply_crop_flip(x, params, (h, w))
+    else:
+        p = authors_pad(h)
+        i, j = (int(v) for v in torch.randint(0, 2 * p + 1, (2,), generator=generator))
+        flip = bool(torch.rand((), generator=generator) < 0.5)
+        out = F.pad(x, (p, p, p, p))[..., i : i + h, j : j + w]
+        if flip:
+            out = out.flip(-1)
+    dh, dw = (int(v) for v in torch.randint(0, int(jitter) + 1, (2,), generator=generator))
+    return torch.roll(out, shifts=(dh, dw), dims=(2, 3))
+
+
+def synthesis_augment(
+    x: torch.Tensor, kind: str, *, crop_scale: Sequence[float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """The synthetic batch's view at one iteration: ``authors`` (one crop/flip/roll per batch,
+    :func:`authors_batch_augment`), ``per_image_rrc`` (an independent random-resized crop + flip
+    per image, gvbsm-hf 0.1) or ``none``."""
+    if kind == "none":
+        return x
+    if kind == "authors":
+        return authors_batch_augment(x, crop_scale=crop_scale, generator=generator)
+    if kind == "per_image_rrc":
+        n, _, h, w = x.shape
+        params = sample_crop_flip(n, h, w, scale=tuple(crop_scale), generator=generator).to(x.device)
+        return apply_crop_flip(x, params, (h, w))
+    raise GVBSMError(f"Unknown augmentation {kind!r}; choose one of {AUGMENT_KINDS}.")
+
+
+def recording_augment(
+    x: torch.Tensor, kind: str, *, crop_scale: Sequence[float], generator: torch.Generator | None
+) -> torch.Tensor:
+    """The real batch's view in the record stage: ``authors`` = each dataset's train transform per
+    image (pad-crop + flip below 128 px, random-resized crop + flip at ImageNet scale),
+    ``per_image_rrc`` = a random-resized crop (``crop_scale``) + flip per image, ``none``."""
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    if kind == "authors" and not is_imagenet_scale(h):
+        return pad_crop_flip(x, padding=authors_pad(h), generator=generator)
+    if kind in ("authors", "per_image_rrc"):
+        return random_resized_crop_flip(x, scale=tuple(crop_scale), generator=generator)
+    raise GVBSMError(f"Unknown augmentation {kind!r}; choose one of {AUGMENT_KINDS}.")

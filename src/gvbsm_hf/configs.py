@@ -34,6 +34,26 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 ConvTarget = Literal["input", "output"]
 RelabelMode = Literal["on_the_fly", "stored"]
 LossType = Literal["mse_gt", "kl", "ce"]
+AugmentKind = Literal["authors", "per_image_rrc", "none"]
+SynProtocol = Literal["authors", "gvbsm_hf_v0"]
+FirstLayer = Literal["first_conv", "first_bn_and_conv"]
+DropUnit = Literal["layer", "statistic"]
+EmaInit = Literal["zero", "first"]
+DDPool = Literal["always", "downsample_only"]
+PatchMode = Literal["resize", "partial"]
+CutMixLabel = Literal["original", "mixed"]
+
+PROTOCOLS: dict[str, dict[str, str]] = {
+    # the authors' public G-VBSM code (docs/differences.md, one row per field)
+    "authors": {"syn_augment": "authors", "syn_first_layer": "first_conv", "syn_beta_dr_unit": "layer",
+                "syn_ema_init": "zero", "syn_dd_pool": "always", "stats_patch_mode": "resize"},
+    # what gvbsm-hf 0.1 did
+    "gvbsm_hf_v0": {"syn_augment": "per_image_rrc", "syn_first_layer": "first_bn_and_conv",
+                    "syn_beta_dr_unit": "statistic", "syn_ema_init": "first", "syn_dd_pool": "downsample_only",
+                    "stats_patch_mode": "partial"},
+}
+"""``syn_protocol``: the values of the implementation-fidelity fields left unset (``None``) in a
+recipe. An explicit value always wins. ``stats_augment`` left unset follows ``syn_augment``."""
 
 
 class RecipeError(GVBSMError):
@@ -201,7 +221,15 @@ class StatisticsArguments(ValidatedArguments):
         metadata={"help": "Match the Conv2d 'input' (authors' code, default) or 'output' (paper text)."},
     )
     stats_batch_size: int = field(default=256)
-    stats_augment: bool = field(default=True, metadata={"help": "Apply the synthesis augmentation to real data."})
+    stats_augment: Optional[AugmentKind] = field(
+        default=None, metadata={"help": "Augmentation of the real data while recording: 'authors' (each dataset's "
+                                "train transform), 'per_image_rrc' or 'none'. Unset: the family of syn_augment. "
+                                "Recorded in the statistics; synthesis refuses statistics of another family unless "
+                                "this is set explicitly."})
+    stats_patch_mode: Optional[PatchMode] = field(
+        default=None, metadata={"help": "Patch statistics on maps whose side is not a multiple of stats_patch_size: "
+                                "'resize' the map bilinearly (authors) or average 'partial' edge patches. Unset: "
+                                "syn_protocol's."})
     stats_max_samples: Optional[int] = field(default=None, metadata={"help": "Cap on images in the pass."})
 
     def validate(self) -> None:
@@ -240,8 +268,23 @@ class SynthesisArguments(ValidatedArguments):
     syn_teachers: Optional[list[str]] = field(
         default=None, metadata={"help": "Subset of teachers used in synthesis (None: all)."}
     )
-    syn_augment: bool = field(default=True, metadata={"help": "Random resized crop + flip each iteration."})
+    syn_protocol: SynProtocol = field(
+        default="authors", metadata={"help": "Fills the fidelity fields left unset: 'authors' (the authors' code, "
+                                     "default) or 'gvbsm_hf_v0' (gvbsm-hf 0.1). See docs/differences.md."})
+    syn_augment: Optional[AugmentKind] = field(
+        default=None, metadata={"help": "'authors' (one pad-crop/RRC + flip + roll per batch), 'per_image_rrc' "
+                                "(independent random-resized crop + flip per image) or 'none'. Unset: syn_protocol's."})
     syn_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    syn_first_layer: Optional[FirstLayer] = field(
+        default=None, metadata={"help": "Layers that get syn_first_layer_multiplier: 'first_conv' (authors) or "
+                                "'first_bn_and_conv' (gvbsm-hf 0.1). Unset: syn_protocol's."})
+    syn_beta_dr_unit: Optional[DropUnit] = field(
+        default=None, metadata={"help": "beta_dr drops a whole 'layer' (authors) or each 'statistic'. Unset: syn_protocol's."})
+    syn_ema_init: Optional[EmaInit] = field(
+        default=None, metadata={"help": "SDS EMA starts at 'zero' (authors) or at the 'first' statistic. Unset: syn_protocol's."})
+    syn_dd_pool: Optional[DDPool] = field(
+        default=None, metadata={"help": "DD pools to syn_dd_pool_size 'always' (authors; upsamples 28 px) or "
+                                "'downsample_only'. Unset: syn_protocol's."})
     syn_mixed_precision: MixedPrecision = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' autocast."})
     syn_channels_last: bool = field(default=False)
     syn_checkpoint_every: int = field(default=100, metadata={"help": "Iterations between checkpoints."})
@@ -266,6 +309,9 @@ class SynthesisArguments(ValidatedArguments):
     def validate(self) -> None:
         from .methods import list_methods
 
+        for name, value in PROTOCOLS[self.syn_protocol].items():
+            if name.startswith("syn_") and getattr(self, name) is None:
+                setattr(self, name, value)
         check_choice("syn_method", self.syn_method, list_methods())
         check_range("ipc", self.ipc, 1)
         check_range("syn_iterations", self.syn_iterations, 0)
@@ -321,7 +367,10 @@ class GVBSMTrainingArguments(TrainingArguments):
     )
     student_augment: bool = field(default=True)
     student_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    cutmix_prob: float = field(default=0.0, metadata={"help": "Probability of CutMix on a batch."})
+    cutmix_prob: float = field(default=0.0, metadata={"help": "Probability of CutMix on a batch (authors: 1.0)."})
+    cutmix_ce_label: CutMixLabel = field(
+        default="original", metadata={"help": "Under CutMix, the GT cross-entropy of Eq. 11 uses the 'original' label "
+                                      "(authors) or the lambda-'mixed' one."})
     student_channels_last: bool = field(
         default=False, metadata={"help": "channels_last memory format for the student and its batches (faster convs)."}
     )
@@ -335,6 +384,7 @@ class GVBSMTrainingArguments(TrainingArguments):
         check_range("gamma", self.gamma, 0)
         check_range("kd_temperature", self.kd_temperature, 0, low_open=True)
         check_range("cutmix_prob", self.cutmix_prob, 0, 1)
+        check_choice("cutmix_ce_label", self.cutmix_ce_label, typing.get_args(CutMixLabel))
         check_crop_scale("student_crop_scale", self.student_crop_scale)
         if not self.eval_seeds:
             raise RecipeError("eval_seeds is empty: give at least one seed, e.g. `eval_seeds: [0, 1, 2]`.")

@@ -120,15 +120,32 @@ def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def conv_statistics(x: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+PATCH_MODES = ("resize", "partial")
+
+
+def conv_statistics(x: torch.Tensor, patch_size: int, patch_mode: str = "partial") -> dict[str, torch.Tensor]:
     """Channel and patch mean / biased variance of a Conv feature map ``(N, C, H, W)`` (Eq. 9).
 
     Returns ``channel_mean``, ``channel_var`` (``(C,)``) and ``patch_mean``, ``patch_var``
-    (``(ceil(H/p), ceil(W/p))``), float32, differentiable w.r.t. ``x``.
+    (``(ceil(H/p), ceil(W/p))``), float32, differentiable w.r.t. ``x``. On a map whose side is not
+    a multiple of ``p``: ``patch_mode="partial"`` averages a partial edge patch over its real pixels;
+    ``"resize"`` (authors' code) first resizes the map bilinearly (``align_corners=False``) up to
+    the next multiple of ``p`` for the PATCH statistics (channel statistics use the map as is).
     """
     if x.dim() != 4:
         raise ValueError(f"Conv statistics need a 4-D (N, C, H, W) feature map, got shape {tuple(x.shape)}.")
+    if patch_mode not in PATCH_MODES:
+        raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r} (stats_patch_mode).")
     p = int(patch_size)
+    h, w = x.shape[-2:]
+    if patch_mode == "resize" and (h % p or w % p):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            channel = conv_statistics(x, p, "partial")
+            size = (-(-h // p) * p, -(-w // p) * p)
+            resized = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+            patch = conv_statistics(resized, p, "partial")
+        return {"channel_mean": channel["channel_mean"], "channel_var": channel["channel_var"],
+                "patch_mean": patch["patch_mean"], "patch_var": patch["patch_var"]}
     with torch.autocast(device_type=x.device.type, enabled=False):
         s1, s2, shift = _batch_moments(x)  # (C, H, W), (C, H, W), (C, 1, 1)
         # channel statistics, shifted per channel
@@ -189,6 +206,7 @@ class StatisticsHooks:
         conv: bool = True,
         conv_target: Literal["input", "output"] = "input",
         patch_size: int = 4,
+        patch_mode: str = "partial",
         layer_filter: Callable[[str, nn.Module], bool] | None = None,
         enabled: bool = True,
     ) -> None:
@@ -198,6 +216,7 @@ class StatisticsHooks:
             raise ValueError(f"patch_size must be a positive integer, got {patch_size!r} (stats_patch_size).")
         self.conv_target = conv_target
         self.patch_size = int(patch_size)
+        self.patch_mode = patch_mode
         self.enabled = enabled
         self.bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv_stats: dict[str, dict[str, torch.Tensor]] = {}
@@ -239,7 +258,7 @@ class StatisticsHooks:
                 return
             self._fired[name] = None
             x = self._first_input(args, kwargs) if self.conv_target == "input" else output
-            self.conv_stats[name] = conv_statistics(x, self.patch_size)
+            self.conv_stats[name] = conv_statistics(x, self.patch_size, self.patch_mode)
 
         return hook
 

@@ -45,12 +45,17 @@ def _check_unit_interval(name: str, value: float) -> None:
         raise GVBSMError(f"{name} must lie in [0, 1], got {value}; set it in the synthesis config (e.g. syn_{name}).")
 
 
+EMA_INITS = ("zero", "first")
+
+
 def sds_matching_loss(
-    current: torch.Tensor, target: torch.Tensor, ema: torch.Tensor | None, alpha: float
+    current: torch.Tensor, target: torch.Tensor, ema: torch.Tensor | None, alpha: float, ema_init: str = "first"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDS-form distance of one statistic to its target (docs/method.md Eq. 6; Eq. 1 when ``alpha = 0``).
 
-    ``new_ema = alpha * ema + (1 - alpha) * sg(current)`` (``sg(current)`` when ``ema`` is None) and
+    ``new_ema = alpha * ema + (1 - alpha) * sg(current)``. On the first call (``ema`` None) the EMA
+    starts at ``sg(current)`` (``ema_init="first"``) or at zero (``"zero"``, the authors' code: the
+    first value is then ``(1 - alpha) * sg(current)``). And
     ``loss = ||target - (new_ema + current - sg(current))||_2`` (authors' code; L2 norm, not squared).
 
     Value: ``||target - new_ema||_2``. Gradient w.r.t. ``current``: ``(new_ema - target) /
@@ -67,7 +72,9 @@ def sds_matching_loss(
     cur = current.float()
     cur_sg = cur.detach()
     if ema is None:
-        new_ema = cur_sg
+        if ema_init not in EMA_INITS:
+            raise GVBSMError(f"ema_init must be one of {EMA_INITS}, got {ema_init!r} (syn_ema_init).")
+        new_ema = cur_sg if ema_init == "first" else (1.0 - alpha) * cur_sg
     else:
         ema = ema.detach().float()
         if ema.shape != cur.shape:
@@ -87,6 +94,7 @@ def bn_matching_loss(
     *,
     alpha: float,
     layer_weights: Mapping[str, float] | None = None,
+    ema_init: str = "first",
 ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """BatchNorm matching ``L'_BN`` (docs/method.md Eq. 6; plain Eq. 1 when ``alpha = 0``).
 
@@ -115,8 +123,8 @@ def bn_matching_loss(
                     f"has shape {tuple(tgt.shape)}; the targets belong to another teacher."
                 )
         old = emas.get(name) if emas is not None else None
-        l_mean, e_mean = sds_matching_loss(mean, t_mean, None if old is None else old[0], alpha)
-        l_var, e_var = sds_matching_loss(var, t_var, None if old is None else old[1], alpha)
+        l_mean, e_mean = sds_matching_loss(mean, t_mean, None if old is None else old[0], alpha, ema_init)
+        l_var, e_var = sds_matching_loss(var, t_var, None if old is None else old[1], alpha, ema_init)
         new_emas[name] = (e_mean, e_var)
         terms.append(float(weights.get(name, 1.0)) * (l_mean + l_var))
     if not terms:
@@ -142,6 +150,7 @@ def conv_matching_loss(
     generator: torch.Generator | None = None,
     layer_weights: Mapping[str, float] | None = None,
     drop: Literal["statistic", "layer"] = "statistic",
+    ema_init: str = "first",
 ) -> tuple[torch.Tensor, dict[str, dict[str, torch.Tensor]], int]:
     """Convolution statistic matching ``L'_Conv`` (docs/method.md Eq. 10) with random term dropping.
 
@@ -213,7 +222,7 @@ def conv_matching_loss(
                 )
             if not keep:
                 continue
-            loss, ema = sds_matching_loss(cur, tgt, old.get(stat_name), alpha)
+            loss, ema = sds_matching_loss(cur, tgt, old.get(stat_name), alpha, ema_init)
             new_emas.setdefault(name, {})[stat_name] = ema
             layer_terms.append(loss)
             kept += 1
@@ -240,12 +249,13 @@ def _spectral_kl(x: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def data_densification_loss(
-    images: torch.Tensor, labels: torch.Tensor, *, tau: float = 4.0, pool_size: int = 32
+    images: torch.Tensor, labels: torch.Tensor, *, tau: float = 4.0, pool_size: int = 32, pool: str = "downsample_only"
 ) -> torch.Tensor:
     """Data densification ``L_DD`` (docs/method.md Eq. 4-5).
 
-    Images ``(N, C, H, W)`` are average-pooled to at most ``pool_size`` per side (``adaptive_avg_pool2d``,
-    a no-op at ``<= pool_size``) and flattened. For every class with ``n_y >= 2`` images,
+    Images ``(N, C, H, W)`` are average-pooled with ``adaptive_avg_pool2d``: to ``pool_size`` per side
+    always (``pool="always"``, the authors' code: 28 px is upsampled to 32), or only when larger
+    (``"downsample_only"``, a no-op at ``<= pool_size``), then flattened. For every class with ``n_y >= 2`` images,
     ``G_y = X_y X_y^T`` and ``Sigma_y = eigvalsh(G_y)``;
     ``L_DD = sum_y KL(sg(softmax(Sigma_y / tau)) || softmax(Sigma_y))`` ("sum" reduction, i.e.
     ``sum_i p_i (log p_i - log q_i)``). Classes with one image are skipped; with no class of two
@@ -272,7 +282,11 @@ def data_densification_loss(
     with torch.autocast(device_type=images.device.type, enabled=False):
         x = images.float()
         h, w = x.shape[-2:]
-        if h > pool_size or w > pool_size:
+        if pool == "always":
+            x = F.adaptive_avg_pool2d(x, (pool_size, pool_size))
+        elif pool != "downsample_only":
+            raise GVBSMError(f"pool must be 'always' or 'downsample_only', got {pool!r} (syn_dd_pool).")
+        elif h > pool_size or w > pool_size:
             x = F.adaptive_avg_pool2d(x, (min(h, pool_size), min(w, pool_size)))
         x = x.flatten(1)
 

@@ -186,7 +186,11 @@ def validate_recipe(recipe: Recipe) -> None:
     dataclass): teacher subsets, backbone names, the main method's options and sizes."""
     from .methods import method_config
 
+    from .configs import PROTOCOLS
+
     r = recipe
+    if r.stats.stats_patch_mode is None:  # a recipe-level protocol field (record and recover use it)
+        r.stats.stats_patch_mode = PROTOCOLS[r.synthesis.syn_protocol]["stats_patch_mode"]
     for option, subset in (("syn_teachers", r.synthesis.syn_teachers), ("relabel_teachers", r.relabel.relabel_teachers)):
         unknown = [n for n in subset or [] if n not in r.squeeze.teachers]
         if unknown:

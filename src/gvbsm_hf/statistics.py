@@ -65,6 +65,13 @@ class TeacherStatistics:
         return list(self.layers)
 
 
+def augment_kind(augment: bool | str) -> str:
+    """``True`` / ``False`` (gvbsm-hf 0.1 files and calls) as ``"per_image_rrc"`` / ``"none"``."""
+    if isinstance(augment, bool):
+        return "per_image_rrc" if augment else "none"
+    return str(augment)
+
+
 def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
     """CPU generator of global batch ``batch_index``: the same on every process layout."""
     return seeded_generator(seed, "record", batch_index)
@@ -79,8 +86,9 @@ def record_statistics(
     accelerator=None,
     patch_size: int = 4,
     conv_target: str = "input",
-    augment: bool = False,
+    augment: bool | str = False,
     crop_scale: tuple[float, float] = (0.08, 1.0),
+    patch_mode: str = "partial",
     seed: int = 0,
     teacher_name: str = "",
     dataset_name: str = "",
@@ -100,8 +108,11 @@ def record_statistics(
         accelerator: ``accelerate.Accelerator`` (device, process index, reduction); None = one
             process on the teacher's device.
         patch_size, conv_target: as in :class:`gvbsm_hf.hooks.StatisticsHooks`.
-        augment, crop_scale: pass each batch through ``gvbsm_hf.augment.random_resized_crop_flip``
-            with a generator seeded from ``(seed, global batch index)``.
+        augment, crop_scale: the recording augmentation (:func:`gvbsm_hf.augment.recording_augment`):
+            ``"authors"`` (each dataset's train transform), ``"per_image_rrc"`` (``True``),
+            ``"none"`` (``False``), with a generator seeded from ``(seed, global batch index)``.
+            Recorded in the provenance: synthesis refuses statistics of another family.
+        patch_mode: ``"partial"`` or ``"resize"`` patches (:func:`gvbsm_hf.hooks.conv_statistics`).
         teacher_name, dataset_name, split: provenance.
         total_batches: number of batches of ALL processes (progress bar only).
 
@@ -119,8 +130,8 @@ def record_statistics(
     fingerprint = model_fingerprint(teacher)
     was_training = teacher.training
     teacher.to(device).eval()
-    if augment:
-        from .augment import random_resized_crop_flip
+    augment = augment_kind(augment)
+    from .augment import recording_augment
 
     local_total = None
     if total_batches is not None:
@@ -140,7 +151,8 @@ def record_statistics(
                 else:
                     acc[key] = value.to(torch.float64) * weight
 
-    hooks = StatisticsHooks(teacher, bn=False, conv=True, conv_target=conv_target, patch_size=patch_size)
+    hooks = StatisticsHooks(teacher, bn=False, conv=True, conv_target=conv_target, patch_size=patch_size,
+                            patch_mode=patch_mode)
     try:
         if not hooks.conv_layers:
             raise DataValidationError(
@@ -151,8 +163,8 @@ def record_statistics(
         for k, batch in enumerate(progress):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             x = spec.normalize(images.to(device, non_blocking=True))
-            if augment:
-                x = random_resized_crop_flip(x, scale=tuple(crop_scale), generator=_batch_generator(seed, k * world + rank))
+            if augment != "none":
+                x = recording_augment(x, augment, crop_scale=tuple(crop_scale), generator=_batch_generator(seed, k * world + rank))
             image_size = image_size or (int(x.shape[-2]), int(x.shape[-1]))
             hooks.clear()
             teacher(x)
@@ -204,8 +216,9 @@ def record_statistics(
         "num_images": count,
         "patch_size": int(patch_size),
         "conv_target": conv_target,
-        "augment": bool(augment),
-        "crop_scale": json.dumps([float(c) for c in crop_scale]) if augment else "",
+        "augment": augment,
+        "crop_scale": json.dumps([float(c) for c in crop_scale]) if augment != "none" else "",
+        "patch_mode": patch_mode,
         "image_size": h if h == w else f"{h}x{w}",
         "seed": int(seed),
         "gvbsm_hf_version": __version__,
@@ -251,6 +264,8 @@ def load_statistics(
     expect_patch_size: int | None = None,
     expect_conv_target: str | None = None,
     expect_layers: Sequence[str] | None = None,
+    expect_augment: str | None = None,
+    expect_patch_mode: str | None = None,
 ) -> TeacherStatistics:
     """Read a file written by :func:`save_statistics`, checking that it fits its use.
 
@@ -295,6 +310,11 @@ def load_statistics(
         raise _mismatch(path, "patch_size (stats_patch_size)", provenance.get("patch_size"), int(expect_patch_size))
     if expect_conv_target is not None and provenance.get("conv_target") != expect_conv_target:
         raise _mismatch(path, "conv_target (stats_conv_target)", provenance.get("conv_target"), expect_conv_target)
+    if expect_augment is not None and augment_kind(provenance.get("augment", False)) != expect_augment:
+        raise _mismatch(path, "recording augmentation (stats_augment)", augment_kind(provenance.get("augment", False)),
+                        expect_augment)
+    if expect_patch_mode is not None and provenance.get("patch_mode", "partial") != expect_patch_mode:
+        raise _mismatch(path, "patch mode (stats_patch_mode)", provenance.get("patch_mode", "partial"), expect_patch_mode)
     if expect_layers is not None:
         expected = list(expect_layers)
         missing = [n for n in expected if n not in layers]

@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import apply_crop_flip, sample_crop_flip
+from .augment import synthesis_augment
+from .configs import PROTOCOLS
 from .configs import StatisticsArguments, SynthesisArguments
 from .data import DatasetSpec
 from .errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError
@@ -80,7 +81,12 @@ class SyntheticSet:
 
     def uint8_images(self, spec: DatasetSpec) -> torch.Tensor:
         """Images quantised to uint8 pixels (what is published as PNG)."""
-        return (spec.denormalize(self.images.float()) * 255.0).round().to(torch.uint8)
+        return (spec.denormalize(self.images.float()) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+    def shipped_images(self, spec: DatasetSpec) -> torch.Tensor:
+        """The published images, normalised: what relabel, evaluate and the exported soft labels use,
+        so that what is evaluated is what is shipped (the authors train on their saved PNGs)."""
+        return spec.normalize(self.uint8_images(spec))
 
     def to_dataset(self, spec: DatasetSpec):
         """``datasets.Dataset`` with ``image`` (Image), ``label`` (ClassLabel), slot and job columns."""
@@ -159,6 +165,36 @@ def cosine_lr(base_lr: float, iteration: int, total: int) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * iteration / max(total, 1)))
 
 
+def stats_patch_mode(stats_args: StatisticsArguments, args: SynthesisConfig) -> str:
+    """``stats_patch_mode``, or the synthesis protocol's when unset."""
+    return stats_args.stats_patch_mode or PROTOCOLS[args.syn_protocol]["stats_patch_mode"]
+
+
+def stats_augment_kind(stats_args: StatisticsArguments, syn_augment: str) -> str:
+    """``stats_augment``, or the family of the synthesis augmentation when unset."""
+    return stats_args.stats_augment or syn_augment
+
+
+def check_statistics_fit(stats: TeacherStatistics, stats_args: StatisticsArguments, args: SynthesisConfig) -> None:
+    """Recorded statistics must come from the recording augmentation family and patch mode this
+    synthesis expects (docs/differences.md rows 2 and 6); raise :class:`StatisticsMismatchError`."""
+    from .statistics import augment_kind
+
+    name = stats.provenance.get("teacher_name") or "a teacher"
+    found = augment_kind(stats.provenance.get("augment", False))
+    expected = stats_augment_kind(stats_args, args.syn_augment)
+    if found != expected:
+        raise StatisticsMismatchError(
+            f"The statistics of {name} were recorded with augmentation {found!r}, but this synthesis expects "
+            f"{expected!r} (syn_augment={args.syn_augment!r}, stats_augment={stats_args.stats_augment!r}). Record "
+            "them again (`--redo record`), or set `stats_augment` explicitly to use statistics of another family.")
+    mode = stats.provenance.get("patch_mode", "partial")
+    if mode != stats_patch_mode(stats_args, args):
+        raise StatisticsMismatchError(
+            f"The statistics of {name} were recorded with stats_patch_mode {mode!r}, this synthesis uses "
+            f"{stats_patch_mode(stats_args, args)!r}: record them again (`--redo record`).")
+
+
 class _TeacherSlot:
     """A teacher prepared for synthesis: frozen, hooked, with its matching targets."""
 
@@ -189,6 +225,7 @@ class _TeacherSlot:
                 conv=use_conv,
                 conv_target=stats_args.stats_conv_target,
                 patch_size=stats_args.stats_patch_size,
+                patch_mode=stats_patch_mode(stats_args, args),
             )
         )
         self.bn_targets = {k: (m.to(device), v.to(device)) for k, (m, v) in self.hooks.bn_targets().items()}
@@ -201,6 +238,7 @@ class _TeacherSlot:
                     f"The statistics file has no entry for Conv layer(s) {missing[:3]} of this teacher; it was "
                     "recorded for another backbone. Re-run the record stage (`--redo record`)."
                 )
+            check_statistics_fit(stats, stats_args, args)
             for name in self._conv_layer_names():
                 self.conv_targets[name] = {k: v.to(device) for k, v in stats.layers[name].items()}
         self._weights: dict[tuple[str, float], dict[str, float]] = {}
@@ -346,12 +384,7 @@ class _JobRunner:
         self.teachers_used.add(k)
         slot = self.slots[k]
         x = self.x
-        if args.syn_augment:
-            params = sample_crop_flip(
-                len(self.job), self.spec.image_size, self.spec.image_size,
-                scale=tuple(args.syn_crop_scale), generator=self.generator,
-            ).to(self.device)
-            x = apply_crop_flip(x, params, self.spec.image_size)
+        x = synthesis_augment(x, args.syn_augment, crop_scale=args.syn_crop_scale, generator=self.generator)
         if args.syn_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = (

@@ -428,7 +428,9 @@ class GVBSMTrainer(Trainer):
         """Augment (+ CutMix) a batch on its device and soft-label that exact view.
 
         Returns ``(inputs, soft_logits or None, targets)``; ``targets`` are integer labels, or
-        probability vectors ``lam * onehot(y) + (1 - lam) * onehot(y[perm])`` after CutMix.
+        probability vectors ``lam * onehot(y) + (1 - lam) * onehot(y[perm])`` after CutMix, except
+        for Eq. 11 with ``cutmix_ce_label="original"`` (authors): the GT term keeps the original label
+        while the soft label is computed on the mixed image. Hard-label training always mixes.
         """
         args = self.args
         x = pixel_values
@@ -471,6 +473,8 @@ class GVBSMTrainer(Trainer):
             k = self.spec.num_classes
             onehot = F.one_hot(labels.long(), k).float()
             targets = lam_t * onehot + (1.0 - lam_t) * onehot[perm]
+            if self.label_mode != "hard" and args.loss_type == "mse_gt" and args.cutmix_ce_label == "original":
+                targets = labels  # Eq. 11's GT term on the ORIGINAL label (authors' code); the soft label sees the mix
             if soft is not None:  # stored logits: mix like the images (approximation, documented)
                 soft = lam_t * soft + (1.0 - lam_t) * soft[perm]
 
@@ -586,7 +590,7 @@ _SETTING_FIELDS = (
     "max_grad_norm", "optim", "optim_args", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio",
     "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "data_seed",
     "fp16", "bf16", "gamma", "kd_temperature", "student_augment", "student_crop_scale", "cutmix_prob",
-    "student_channels_last",
+    "cutmix_ce_label", "student_channels_last",
 )
 
 

@@ -63,23 +63,30 @@ class SRe2LGBMConfig(SRe2LConfig):
 
 
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5), each on when its weight is."""
+    """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5), each on when its weight is.
+
+    The first-layer multiplier goes to the first hooked Conv only (``syn_first_layer="first_conv"``,
+    authors) or to the first BN too; ``syn_beta_dr_unit`` drops whole layers or single statistics;
+    ``syn_ema_init`` starts the SDS EMAs at zero or at the first statistic (docs/differences.md)."""
     c: GVBSMConfig = step.config  # type: ignore[assignment]
     t = step.teacher
     ce = F.cross_entropy(step.logits.float(), step.labels)
     bn = conv = dd = ce.new_zeros(())
     if c.syn_r_bn > 0:
+        bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
         bn, step.state["bn"] = bn_matching_loss(
             t.hooks.bn_stats, t.bn_targets, step.state.get("bn"), alpha=c.syn_alpha,
-            layer_weights=t.layer_weights("bn", c.syn_first_layer_multiplier),
+            layer_weights=t.layer_weights("bn", bn_multiplier), ema_init=c.syn_ema_init,
         )
     if c.syn_r_conv > 0:
         conv, step.state["conv"], _ = conv_matching_loss(
             t.hooks.conv_stats, t.conv_targets, step.state.get("conv"), alpha=c.syn_alpha, beta_dr=c.syn_beta_dr,
             generator=step.generator, layer_weights=t.layer_weights("conv", c.syn_first_layer_multiplier),
+            drop=c.syn_beta_dr_unit, ema_init=c.syn_ema_init,
         )
     if c.syn_dd:
-        dd = data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau, pool_size=c.syn_dd_pool_size)
+        dd = data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau, pool_size=c.syn_dd_pool_size,
+                                     pool=c.syn_dd_pool)
     loss = c.syn_ce_weight * ce + c.syn_r_bn * bn + c.syn_r_conv * conv + c.syn_dd_weight * dd
     return loss, {"ce": ce, "bn": bn, "conv": conv, "dd": dd}
 

@@ -40,8 +40,13 @@ class SynthesisConfig:
     syn_classes_per_batch: Optional[int] = None
     syn_slots_per_batch: Optional[int] = None
     syn_teachers: Optional[list] = None
-    syn_augment: bool = True
+    syn_protocol: str = "authors"
+    syn_augment: str = "authors"
     syn_crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    syn_first_layer: str = "first_conv"
+    syn_beta_dr_unit: str = "layer"
+    syn_ema_init: str = "zero"
+    syn_dd_pool: str = "always"
     syn_mixed_precision: str = "no"
     syn_channels_last: bool = False
     syn_checkpoint_every: int = 100
@@ -53,9 +58,10 @@ class SynthesisConfig:
 
     PROTOCOL_FIELDS: ClassVar[tuple[str, ...]] = (
         "ipc", "syn_iterations", "syn_lr", "syn_adam_betas", "syn_classes_per_batch", "syn_slots_per_batch",
-        "syn_teachers", "syn_augment", "syn_crop_scale", "syn_mixed_precision", "syn_channels_last",
-        "syn_checkpoint_every", "syn_seed",
+        "syn_teachers", "syn_protocol", "syn_augment", "syn_crop_scale", "syn_first_layer", "syn_beta_dr_unit",
+        "syn_ema_init", "syn_dd_pool", "syn_mixed_precision", "syn_channels_last", "syn_checkpoint_every", "syn_seed",
     )
+    """Fields shared by the main method and every baseline (the harness and its fidelity options)."""
 
     def uses_bn(self) -> bool:
         """Whether the teachers' BN inputs are hooked (BN matching)."""

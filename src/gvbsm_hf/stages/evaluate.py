@@ -87,7 +87,7 @@ class EvaluateStage(Stage):
             loss_type=r.training.loss_type if label_mode == "soft" else "ce",
         )
         evaluate_students(
-            syn.images, syn.labels, ctx.real("validation"), ctx.spec, targs, students=[student], seeds=seeds,
+            syn.shipped_images(ctx.spec), syn.labels, ctx.real("validation"), ctx.spec, targs, students=[student], seeds=seeds,
             soft_labeler=ctx.ensemble if label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly" else None,
             stored=ctx.stored.get(method) if label_mode == "soft" else None,
             completed=list(runs), on_run_done=on_run_done,

@@ -53,7 +53,7 @@ class ExportStage(Stage):
         if acc.is_main_process:
             with torch.no_grad():
                 ctx.ensemble.to(acc.device)
-                soft = torch.cat([ctx.ensemble(b.to(acc.device)).float().cpu() for b in main.images.split(256)])
+                soft = torch.cat([ctx.ensemble(b.to(acc.device)).float().cpu() for b in main.shipped_images(ctx.spec).split(256)])
             present = [s for s in ctx.statistics if s is not None]
             views = ctx.stored[ctx.main_method].to_dataset() if ctx.main_method in ctx.stored else None
             repos = teacher_repo_ids(ctx)

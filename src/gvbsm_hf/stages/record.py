@@ -35,7 +35,7 @@ def needs_statistics(ctx: StageContext) -> bool:
 
 class RecordStage(Stage):
     name = "record"
-    depends_on = ("stats", "synthesis.syn_crop_scale", "training.seed")
+    depends_on = ("stats", "synthesis.syn_augment", "synthesis.syn_crop_scale", "training.seed")
 
     def path(self, ctx: StageContext, folder: Path) -> Path:
         return ctx.output_dir / "statistics" / f"{folder.name}.safetensors"
@@ -53,6 +53,8 @@ class RecordStage(Stage):
     def _statistics(self, ctx: StageContext, compute: bool) -> None:
         from ..data import image_batches
         from ..statistics import load_statistics, record_statistics, save_statistics
+        from ..synthesis import stats_augment_kind
+
 
         r, acc = ctx.recipe, ctx.accelerator
         ctx.statistics = [None] * len(ctx.teachers)
@@ -60,12 +62,14 @@ class RecordStage(Stage):
             return
         split = subset(ctx.dataset["train"], r.stats.stats_max_samples, r.training.seed) if compute else None
         redo = compute and ctx.cache.redo_requested(self.name)
+        augment = stats_augment_kind(r.stats, r.synthesis.syn_augment)
         for i, (teacher, folder) in enumerate(zip(ctx.teachers, ctx.teacher_dirs)):
             path = self.path(ctx, folder)
             if path.exists() and not redo:
                 ctx.statistics[i] = load_statistics(
                     path, expect_fingerprint=teacher.fingerprint, expect_patch_size=r.stats.stats_patch_size,
-                    expect_conv_target=r.stats.stats_conv_target,
+                    expect_conv_target=r.stats.stats_conv_target, expect_augment=augment,
+                    expect_patch_mode=r.stats.stats_patch_mode,
                 )
                 continue
             if split is None:  # not selected: recover says what is missing
@@ -74,7 +78,7 @@ class RecordStage(Stage):
                                     num_processes=acc.num_processes, num_workers=r.data.dataloader_workers)
             ctx.statistics[i] = record_statistics(
                 teacher, batches, ctx.spec, accelerator=acc, patch_size=r.stats.stats_patch_size,
-                conv_target=r.stats.stats_conv_target, augment=r.stats.stats_augment,
+                conv_target=r.stats.stats_conv_target, augment=augment, patch_mode=r.stats.stats_patch_mode,
                 crop_scale=tuple(r.synthesis.syn_crop_scale), seed=r.training.seed, teacher_name=folder.name,
                 dataset_name=ctx.spec.name,
                 total_batches=None if r.data.streaming else -(-len(split) // r.stats.stats_batch_size),

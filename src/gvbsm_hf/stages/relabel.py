@@ -55,7 +55,7 @@ class RelabelStage(Stage):
             if not compute:
                 continue
             ctx.stored[method] = relabel_stored(
-                syn.images, ctx.ensemble, num_views=r.relabel.relabel_num_views, out_size=ctx.spec.image_size,
+                syn.shipped_images(ctx.spec), ctx.ensemble, num_views=r.relabel.relabel_num_views, out_size=ctx.spec.image_size,
                 crop_scale=tuple(r.training.student_crop_scale), seed=r.relabel.relabel_seed,
                 topk=r.relabel.relabel_topk, accelerator=ctx.accelerator,
             )
