@@ -1,7 +1,8 @@
-"""Relabel (SPEC Eq. 8): teacher ensemble and stored soft labels."""
+"""Relabel (docs/method.md Eq. 8): teacher ensemble and stored soft labels."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,6 +10,9 @@ import sys
 import textwrap
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
@@ -16,7 +20,10 @@ from torch import nn
 from gvbsm_hf.augment import apply_crop_flip
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError
+from gvbsm_hf import relabel
 from gvbsm_hf.relabel import (
+    STORED_LABELS_FILE,
+    STORED_META_FILE,
     StoredSoftLabels,
     TeacherEnsemble,
     derive_seed,
@@ -227,6 +234,150 @@ def test_rows_round_trip_exact(images, ensemble, tmp_path, topk) -> None:
     # save / load folder
     st.save(tmp_path / "stored")
     _assert_same(st, StoredSoftLabels.load(tmp_path / "stored"))
+
+
+# fp16 bit patterns a value-based comparison would miss: NaN with a payload, -0, the smallest
+# subnormal, +-inf, the largest finite value
+_FP16_SPECIALS = [0x7E01, 0x8000, 0x0001, 0x7C00, 0xFC00, 0x7BFF]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return {torch.float16: lambda: t.view(torch.int16), torch.float32: lambda: t.view(torch.int32)}.get(
+        t.dtype, lambda: t
+    )()
+
+
+def _assert_bit_exact(a: StoredSoftLabels, b: StoredSoftLabels) -> None:
+    for name in ("boxes", "flip", "logits", "topk_values", "topk_indices"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        assert (ta is None) == (tb is None), name
+        if ta is not None:
+            assert tb.dtype == ta.dtype and tb.shape == ta.shape, name
+            assert torch.equal(_bits(ta.contiguous()), _bits(tb)), name
+    assert a.metadata() == b.metadata()
+
+
+def _tricky_stored(kind: str, n: int = 23, v: int = 3) -> StoredSoftLabels:
+    """Labels with special fp16 / float32 bit patterns and non-contiguous tensors."""
+    g = torch.Generator().manual_seed(11)
+    boxes = (torch.rand(v, n, 4, generator=g) * 31).transpose(0, 1)  # strided (N, V, 4)
+    boxes[0, 0] = torch.tensor([-0.0, 1e-45, 3.4e38, 0.1])
+    flip = torch.rand(n, v, generator=g) > 0.5
+    specials = torch.tensor(_FP16_SPECIALS, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    common = dict(boxes=boxes, flip=flip, image_size=(32, 31), out_size=17, seed=9, crop_scale=(0.2, 0.9),
+                  clean_view=True, logit_norm=True, fill_margin=0.5, extra={"teachers": ["a", "b"]})
+    if kind == "dense":
+        k = 7
+        logits = (torch.randn(n, k, v, generator=g) * 50).half().transpose(1, 2)  # strided (N, V, K)
+        logits[1, 2, : len(specials)] = specials
+        return StoredSoftLabels(num_classes=k, logits=logits, **common)
+    k, idx_dtype = {"topk_int16": (32767, torch.int16), "topk_int32": (40000, torch.int32)}[kind]
+    values = (torch.randn(n, v, len(specials), generator=g) * 50).half()
+    values[2, 1] = specials
+    indices = torch.randint(0, k, (n, v, len(specials)), generator=g).to(idx_dtype)
+    indices[0, 0, :2] = torch.tensor([0, k - 1])
+    return StoredSoftLabels(num_classes=k, topk_values=values, topk_indices=indices, **common)
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk_int16", "topk_int32"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, monkeypatch, kind) -> None:
+    st = _tricky_stored(kind)
+    folder = st.save(tmp_path / "stored")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([STORED_LABELS_FILE, STORED_META_FILE])
+    assert json.loads((folder / STORED_META_FILE).read_text()) == st.metadata()
+    _assert_bit_exact(st, StoredSoftLabels.load(folder))
+    monkeypatch.setattr(relabel, "_BATCH_VALUES", 1)  # one row per row group and per read batch
+    st.save(tmp_path / "stored")
+    assert pq.ParquetFile(folder / STORED_LABELS_FILE).metadata.num_row_groups == len(st)
+    _assert_bit_exact(st, StoredSoftLabels.load(folder))
+    # the same file through datasets' own parquet reader, and the in-memory table
+    ds = datasets.Dataset.from_parquet(str(folder / STORED_LABELS_FILE), cache_dir=str(tmp_path / "cache"))
+    _assert_bit_exact(st, StoredSoftLabels.from_rows(ds, st.metadata()))
+    _assert_bit_exact(st, StoredSoftLabels.from_rows(st.to_dataset()))
+    _assert_bit_exact(st, StoredSoftLabels.from_rows(st.to_arrays(), st.metadata()))
+
+
+def test_tables_keep_the_list_built_schema(tmp_path) -> None:
+    """Same columns, features and parquet schema as a table built from Python lists, whose files
+    (as written before the tables went through Arrow buffers) still load."""
+    for kind in ("dense", "topk_int16"):
+        st = _tricky_stored(kind)
+        listed = datasets.Dataset.from_dict(st.to_rows(), features=st.features())
+        ds = st.to_dataset()
+        assert ds.column_names == listed.column_names and ds.features == listed.features
+        assert ds.data.schema.equals(listed.data.schema, check_metadata=True)
+        old = tmp_path / f"old_{kind}"
+        old.mkdir()
+        listed.to_parquet(str(old / STORED_LABELS_FILE))
+        (old / STORED_META_FILE).write_text(json.dumps(st.metadata()))
+        new = st.save(tmp_path / f"new_{kind}")
+        assert pq.read_schema(new / STORED_LABELS_FILE).equals(pq.read_schema(old / STORED_LABELS_FILE),
+                                                               check_metadata=True)
+        _assert_bit_exact(st, StoredSoftLabels.load(old))
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk_int16"])
+def test_to_dataset_is_built_from_the_tensor_buffers(kind) -> None:
+    st = _tricky_stored(kind, n=9)
+    tensors = ("boxes", "logits", "topk_values", "topk_indices")
+    st = dataclasses.replace(
+        st, **{name: getattr(st, name).contiguous() for name in tensors if getattr(st, name) is not None}
+    )
+    n, v = len(st), st.num_views
+    ds = st.to_dataset()
+    cols = ds.with_format("numpy")[:]
+    assert cols["views_boxes"].dtype == np.float32 and cols["views_boxes"].shape == (n, v, 4)
+    assert cols["views_flip"].dtype == np.bool_ and cols["views_flip"].shape == (n, v)
+    np.testing.assert_array_equal(cols["views_boxes"], st.boxes.numpy())
+    np.testing.assert_array_equal(cols["views_flip"], st.flip.numpy())
+    names = ["soft_logits"] if kind == "dense" else ["topk_values", "topk_indices"]
+    assert set(cols) == {"views_boxes", "views_flip", *names}
+    for name in names:
+        t = st.logits if name == "soft_logits" else getattr(st, name)
+        assert cols[name].shape == tuple(t.shape)  # datasets' numpy format widens fp16 to float32, exactly
+        np.testing.assert_array_equal(cols[name], t.numpy().astype(cols[name].dtype))
+    # Arrow keeps the stored dtypes, and the values are the tensors' own memory: no per-element copy
+    for name, t in [("views_boxes", st.boxes)] + [
+        (name, st.logits if name == "soft_logits" else getattr(st, name)) for name in names
+    ]:
+        chunks = ds.data.column(name).chunks
+        assert len(chunks) == 1
+        leaf = chunks[0].storage.flatten().flatten()
+        assert leaf.type == pa.from_numpy_dtype(t.numpy().dtype), name
+        assert leaf.buffers()[1].address == t.data_ptr(), name
+    # reading back copies into new tensors
+    back = StoredSoftLabels.from_rows(ds)
+    values = back.logits if kind == "dense" else back.topk_values
+    assert values.data_ptr() != (st.logits if kind == "dense" else st.topk_values).data_ptr()
+    values.zero_()
+    back.boxes.zero_()
+    _assert_bit_exact(st, StoredSoftLabels.from_rows(ds))
+
+
+def test_from_rows_follows_dataset_selection_and_rejects_ragged_rows() -> None:
+    st = _tricky_stored("dense", n=8)
+    picked = StoredSoftLabels.from_rows(st.to_dataset().select([5, 0, 2]))
+    assert torch.equal(_bits(picked.logits), _bits(st.logits[[5, 0, 2]].contiguous()))
+    assert torch.equal(picked.boxes, st.boxes[[5, 0, 2]]) and torch.equal(picked.flip, st.flip[[5, 0, 2]])
+
+    meta = dict(st.metadata(), num_views=1, num_classes=2)
+    ragged = {"views_boxes": [[[0.0, 0.0, 1.0, 1.0]], [[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0]]],
+              "views_flip": [[False], [True, False]], "soft_logits": [[[0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]]}
+    with pytest.raises(DataValidationError, match="different lengths"):
+        StoredSoftLabels.from_rows(datasets.Dataset.from_dict(ragged), meta)
+    with pytest.raises(DataValidationError, match="different shapes"):
+        StoredSoftLabels.from_rows(ragged, meta)
+    holes = {"views_boxes": [[[0.0, 0.0, 1.0, 1.0]], None], "views_flip": [[False], [True]],
+             "soft_logits": [[[0.0, 1.0]], [[1.0, 0.0]]]}
+    with pytest.raises(DataValidationError, match="missing values"):
+        StoredSoftLabels.from_rows(datasets.Dataset.from_dict(holes), meta)
+
+
+def test_bfloat16_logits_name_the_fix() -> None:
+    st = StoredSoftLabels(boxes=torch.zeros(2, 1, 4), flip=torch.zeros(2, 1, dtype=torch.bool), num_classes=3,
+                          image_size=(8, 8), out_size=8, logits=torch.zeros(2, 1, 3, dtype=torch.bfloat16))
+    with pytest.raises(GVBSMError, match="float16"):
+        st.to_dataset()
 
 
 def test_bad_inputs_name_the_fix(images, ensemble, tmp_path) -> None:

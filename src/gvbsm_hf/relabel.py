@@ -1,11 +1,11 @@
-"""Relabel: ensemble soft labels (SPEC Eq. 8), on the fly or stored.
+"""Relabel: ensemble soft labels (docs/method.md Eq. 8), on the fly or stored.
 
 * :class:`TeacherEnsemble` runs every teacher on the SAME (augmented) batch and averages the
   logits (optionally with logit normalisation), ``z~ = ensemble_logits([f(x) for f in S])``; the
   soft label is ``softmax(z~ / tau)``.
 * :func:`relabel_stored` precomputes, for every synthetic image, ``num_views`` augmented views
   (random resized crop + flip parameters) and the ensemble logits of each view (FKD-style,
-  SPEC "Where the authors' code differs"). The student then replays exactly those views
+  docs/method.md "Where the authors' code differs from the paper"). The student then replays exactly those views
   (:class:`gvbsm_hf.trainer.GVBSMTrainer`), so that each soft label matches its view.
 
 View parameters of image ``i`` come from a CPU ``torch.Generator`` seeded with
@@ -38,6 +38,7 @@ from .losses import ensemble_logits, soft_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
+    import pyarrow as pa
     from accelerate import Accelerator
 
 __all__ = [
@@ -67,7 +68,7 @@ def derive_seed(*keys: int) -> int:
 
 
 class TeacherEnsemble(nn.Module):
-    """Frozen teachers whose logits are averaged on the same input (SPEC Eq. 8).
+    """Frozen teachers whose logits are averaged on the same input (docs/method.md Eq. 8).
 
     Args:
         teachers: modules mapping a normalised batch ``(B, C, H, W)`` to logits ``(B, K)``
@@ -298,6 +299,9 @@ class StoredSoftLabels:
         return out.scatter_(-1, idx, vals)
 
     # ---- tables --------------------------------------------------------------------------
+    # Storage goes through numpy / Arrow buffers, never per-element Python objects: the
+    # ``datasets`` table wraps the tensors' memory (zero-copy for contiguous CPU tensors, see
+    # :meth:`to_dataset`) and reading copies Arrow buffers straight into preallocated arrays.
     def metadata(self) -> dict[str, Any]:
         """JSON-able description needed by :meth:`from_rows` (everything but the per-image rows)."""
         return {
@@ -319,26 +323,38 @@ class StoredSoftLabels:
             "extra": dict(self.extra),
         }
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The table's columns as numpy arrays, one row per image (views of the tensors, no copy
+        for contiguous CPU tensors).
+
+        ``views_boxes`` float32 ``(N, V, 4)``, ``views_flip`` bool ``(N, V)`` and either
+        ``soft_logits`` ``(N, V, K)`` or ``topk_values`` / ``topk_indices`` ``(N, V, k)`` in
+        their stored dtypes. :meth:`from_rows` accepts this dict back.
+        """
+        cols: dict[str, np.ndarray] = {
+            "views_boxes": _as_numpy(self.boxes, torch.float32, "boxes"),
+            "views_flip": _as_numpy(self.flip, torch.bool, "flip"),
+        }
+        if self.logits is not None:
+            cols["soft_logits"] = _as_numpy(self.logits, None, "logits")
+        else:
+            cols["topk_values"] = _as_numpy(self.topk_values, None, "topk_values")
+            cols["topk_indices"] = _as_numpy(self.topk_indices, None, "topk_indices")
+        return cols
+
     def to_rows(self) -> dict[str, list]:
-        """Columns of a ``datasets`` table, one row per image (dict of lists).
+        """Columns of a ``datasets`` table, one row per image (dict of Python lists).
 
         ``views_boxes`` ``(V, 4)``, ``views_flip`` ``(V,)`` and either ``soft_logits`` ``(V, K)``
         or ``topk_values`` / ``topk_indices`` ``(V, k)``. Lists of python numbers: exact for
-        fp16/float32/int values. Use :meth:`features` for the matching ``datasets.Features``.
+        fp16/float32/int values, JSON-able, but slow and large for big sets: :meth:`to_arrays`,
+        :meth:`to_dataset` and :meth:`save` do not go through them. Use :meth:`features` for the
+        matching ``datasets.Features``.
         """
-        rows: dict[str, list] = {
-            "views_boxes": self.boxes.float().numpy().tolist(),
-            "views_flip": self.flip.bool().numpy().tolist(),
-        }
-        if self.logits is not None:
-            rows["soft_logits"] = self.logits.cpu().numpy().tolist()
-        else:
-            rows["topk_values"] = self.topk_values.cpu().numpy().tolist()
-            rows["topk_indices"] = self.topk_indices.cpu().numpy().tolist()
-        return rows
+        return {name: col.tolist() for name, col in self.to_arrays().items()}
 
     def features(self) -> "datasets.Features":
-        """``datasets.Features`` of :meth:`to_rows` (fixed-shape arrays, original dtypes)."""
+        """``datasets.Features`` of the table (fixed-shape arrays, original dtypes)."""
         import datasets
 
         v = self.num_views
@@ -347,36 +363,51 @@ class StoredSoftLabels:
             "views_flip": datasets.List(datasets.Value("bool"), length=v),
         }
         if self.logits is not None:
-            feats["soft_logits"] = datasets.Array2D(
-                shape=(v, self.num_classes), dtype=str(self.logits.dtype).replace("torch.", "")
-            )
+            feats["soft_logits"] = datasets.Array2D(shape=(v, self.num_classes), dtype=_dtype_name(self.logits))
         else:
             k = self.topk
-            feats["topk_values"] = datasets.Array2D(
-                shape=(v, k), dtype=str(self.topk_values.dtype).replace("torch.", "")
-            )
-            feats["topk_indices"] = datasets.Array2D(
-                shape=(v, k), dtype=str(self.topk_indices.dtype).replace("torch.", "")
-            )
+            feats["topk_values"] = datasets.Array2D(shape=(v, k), dtype=_dtype_name(self.topk_values))
+            feats["topk_indices"] = datasets.Array2D(shape=(v, k), dtype=_dtype_name(self.topk_indices))
         return datasets.Features(feats)
 
-    def to_dataset(self) -> "datasets.Dataset":
-        """A ``datasets.Dataset`` holding :meth:`to_rows` (metadata in ``info.description`` as JSON)."""
-        import datasets
+    def to_arrow(self) -> "pa.Table":
+        """The table as a ``pyarrow.Table`` with the schema of :meth:`features` (built from the
+        tensors' buffers: no per-element conversion; zero-copy for contiguous CPU tensors)."""
+        return self._arrow_table(self.to_arrays())
 
-        features = self.features()
-        info = datasets.DatasetInfo(
-            description=json.dumps({"gvbsm_stored_soft_labels": self.metadata()}), features=features
-        )
-        return datasets.Dataset.from_dict(self.to_rows(), features=features, info=info)
+    def _arrow_table(self, cols: Mapping[str, np.ndarray]) -> "pa.Table":
+        import pyarrow as pa
+
+        schema = self.features().arrow_schema
+        arrays = [_arrow_fixed_shape(cols[name], schema.field(name).type, name) for name in schema.names]
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    def to_dataset(self) -> "datasets.Dataset":
+        """A ``datasets.Dataset`` of the per-image rows (metadata in ``info.description`` as JSON).
+
+        Columns and features are those of :meth:`features`. The table is built from the tensors'
+        buffers (see :meth:`to_arrow`): for contiguous CPU tensors it shares their memory, so do
+        not modify the tensors in place while the dataset is in use.
+        """
+        import datasets
+        from datasets.table import InMemoryTable
+
+        cols = self.to_arrays()  # first: names an unstorable dtype (bfloat16) before datasets does
+        table = self._arrow_table(cols)
+        description = json.dumps({"gvbsm_stored_soft_labels": self.metadata()})
+        info = datasets.DatasetInfo(description=description, features=self.features())
+        # datasets would fingerprint the table by pickling it (a full serialised copy): hash the buffers
+        return datasets.Dataset(InMemoryTable(table), info=info, fingerprint=_fingerprint(description, cols))
 
     @classmethod
     def from_rows(cls, rows: Any, metadata: Mapping[str, Any] | None = None, **overrides: Any) -> "StoredSoftLabels":
-        """Inverse of :meth:`to_rows`.
+        """Inverse of :meth:`to_rows` / :meth:`to_arrays` / :meth:`to_dataset`.
 
-        ``rows``: a dict of lists, a list of row dicts or a ``datasets.Dataset``. ``metadata``:
-        :meth:`metadata` (read from a dataset's ``info.description`` when omitted); keyword
-        ``overrides`` replace single entries (e.g. ``out_size=32``).
+        ``rows``: a ``datasets.Dataset`` (or ``pyarrow.Table``), a dict of columns (numpy arrays,
+        tensors or lists) or a list of row dicts. ``metadata``: :meth:`metadata` (read from a
+        dataset's ``info.description`` when omitted); keyword ``overrides`` replace single entries
+        (e.g. ``out_size=32``). Arrow tables are copied buffer by buffer into new tensors (no
+        Python objects per element); the result does not share memory with ``rows``.
         """
         meta: dict[str, Any] = {}
         if metadata is None and hasattr(rows, "info") and getattr(rows.info, "description", None):
@@ -388,60 +419,50 @@ class StoredSoftLabels:
             meta = dict(metadata)
         meta.update(overrides)
 
-        table = None
-        if not isinstance(rows, (Mapping, list)):  # datasets.Dataset: all columns as numpy at once
-            table = rows.with_format("numpy")[:]
+        table = _as_arrow_table(rows)
+        if table is not None:
+            names = [name for name in _COLUMNS if name in table.column_names]
+            cols = _read_arrow_columns(
+                ({name: table.column(name).chunks for name in names},), len(table), names, meta
+            )
+        else:
+            cols = {name: _python_column(rows, name) for name in _COLUMNS}
+            cols = {name: col for name, col in cols.items() if col is not None}
+        return cls._from_columns(cols, meta)
 
-        def column(name: str) -> np.ndarray | None:
-            if table is not None:
-                col = table.get(name)
-            elif isinstance(rows, Mapping):
-                col = rows.get(name)
-            elif isinstance(rows, list):
-                col = [r[name] for r in rows] if rows and name in rows[0] else None
-            else:
-                col = None
-            if col is None:
-                return None
-            if isinstance(col, np.ndarray) and col.dtype != object:
-                return col
-            return np.stack([np.asarray(c) for c in col]) if len(col) else np.asarray(col)
-
-        boxes = column("views_boxes")
-        flip = column("views_flip")
+    @classmethod
+    def _from_columns(cls, cols: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> "StoredSoftLabels":
+        boxes, flip = cols.get("views_boxes"), cols.get("views_flip")
         if boxes is None or flip is None:
             raise DataValidationError(
                 "Stored soft-label rows need 'views_boxes' and 'views_flip' columns: build them with "
-                "StoredSoftLabels.to_rows() / relabel_stored()."
+                "StoredSoftLabels.to_dataset() / to_rows() / relabel_stored()."
             )
         dtype = getattr(torch, meta.get("logits_dtype", "float16"))
-        dense = column("soft_logits")
+        dense = cols.get("soft_logits")
         kwargs: dict[str, Any] = {}
         if dense is not None:
-            kwargs["logits"] = torch.from_numpy(np.ascontiguousarray(dense)).to(dtype)
+            kwargs["logits"] = _to_tensor(dense, dtype)
             num_classes = int(meta.get("num_classes", dense.shape[-1]))
         else:
-            values, indices = column("topk_values"), column("topk_indices")
+            values, indices = cols.get("topk_values"), cols.get("topk_indices")
             if values is None or indices is None:
                 raise DataValidationError(
                     "Stored soft-label rows need 'soft_logits' or 'topk_values' + 'topk_indices' columns."
                 )
-            kwargs["topk_values"] = torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
-            kwargs["topk_indices"] = torch.from_numpy(np.ascontiguousarray(indices)).to(
-                getattr(torch, meta.get("index_dtype") or "int32")
-            )
+            kwargs["topk_values"] = _to_tensor(values, dtype)
+            kwargs["topk_indices"] = _to_tensor(indices, getattr(torch, meta.get("index_dtype") or "int32"))
             if "num_classes" not in meta:
                 raise DataValidationError("Top-k stored soft labels need metadata['num_classes'] (see .metadata()).")
             num_classes = int(meta["num_classes"])
-        boxes_t = torch.from_numpy(np.ascontiguousarray(boxes)).float()
         if "image_size" not in meta or "out_size" not in meta:
             raise DataValidationError(
                 "Stored soft labels need metadata with 'image_size' and 'out_size': pass "
                 "metadata=stored.metadata() (saved beside the table by StoredSoftLabels.save)."
             )
         return cls(
-            boxes=boxes_t,
-            flip=torch.from_numpy(np.ascontiguousarray(flip)).bool(),
+            boxes=_to_tensor(boxes, torch.float32),
+            flip=_to_tensor(flip, torch.bool),
             num_classes=num_classes,
             image_size=tuple(meta["image_size"]),
             out_size=int(meta["out_size"]),
@@ -455,17 +476,24 @@ class StoredSoftLabels:
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``soft_labels.parquet`` (``datasets``) and ``soft_labels_meta.json`` into ``folder``."""
+        """Write ``soft_labels.parquet`` (``datasets``, row groups of about a million logits) and
+        ``soft_labels_meta.json`` into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.to_dataset().to_parquet(str(folder / STORED_LABELS_FILE))
+        # row groups of about _BATCH_VALUES logits: bounded writer / reader memory
+        self.to_dataset().to_parquet(str(folder / STORED_LABELS_FILE), batch_size=self._batch_rows(self.metadata()))
         (folder / STORED_META_FILE).write_text(json.dumps(self.metadata(), indent=2))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> "StoredSoftLabels":
-        """Read what :meth:`save` wrote."""
-        import datasets
+        """Read what :meth:`save` wrote.
+
+        The parquet file is read batch by batch straight into preallocated arrays: the peak is
+        about one copy of the labels plus one row group, and nothing is written to the
+        ``datasets`` cache.
+        """
+        import pyarrow.parquet as pq
 
         folder = Path(folder)
         meta_path, table_path = folder / STORED_META_FILE, folder / STORED_LABELS_FILE
@@ -475,8 +503,223 @@ class StoredSoftLabels:
                 "run the relabel stage with relabel_mode='stored' first."
             )
         meta = json.loads(meta_path.read_text())
-        ds = datasets.Dataset.from_parquet(str(table_path), keep_in_memory=True)
-        return cls.from_rows(ds, meta)
+        # pre_buffer=False: pyarrow would otherwise read ahead the column chunks of the whole file
+        with pq.ParquetFile(str(table_path), pre_buffer=False) as pf:
+            names = [name for name in _COLUMNS if name in pf.schema_arrow.names]
+            batches = (
+                {name: [batch.column(name)] for name in names}
+                for batch in pf.iter_batches(batch_size=cls._batch_rows(meta), columns=names)
+            )
+            cols = _read_arrow_columns(batches, pf.metadata.num_rows, names, meta)
+        return cls._from_columns(cols, meta)
+
+    @staticmethod
+    def _batch_rows(meta: Mapping[str, Any]) -> int:
+        """Rows (images) of about ``_BATCH_VALUES`` logits: parquet row groups / read batches."""
+        width = meta.get("topk") or meta.get("num_classes") or 1
+        return max(1, _BATCH_VALUES // max(1, int(meta.get("num_views") or 1) * int(width)))
+
+
+# ---- array helpers of StoredSoftLabels -------------------------------------------------------
+
+_COLUMNS = ("views_boxes", "views_flip", "soft_logits", "topk_values", "topk_indices")
+_INT32_MAX = 2**31 - 1
+_BATCH_VALUES = 1 << 20  # logits per parquet row group / read batch (2 MiB of fp16)
+
+
+def _fingerprint(description: str, cols: Mapping[str, np.ndarray]) -> str:
+    """Content hash of a table (``datasets`` fingerprint): metadata, then each column's dtype,
+    shape and raw bytes, read in place."""
+    try:
+        import xxhash  # a dependency of datasets
+
+        h = xxhash.xxh64()
+    except ImportError:  # pragma: no cover
+        h = hashlib.blake2b(digest_size=8)
+    h.update(description.encode())
+    for name, arr in cols.items():
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+        h.update(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _numpy_dtype(dtype: torch.dtype, what: str) -> np.dtype:
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError as err:  # bfloat16 & co: no numpy / Arrow equivalent
+        raise GVBSMError(
+            f"{what} has dtype {dtype}, which numpy/Arrow cannot store: use float16 or float32 "
+            "(relabel_stored(dtype=torch.float16))."
+        ) from err
+
+
+def _as_numpy(t: torch.Tensor, dtype: torch.dtype | None, what: str) -> np.ndarray:
+    """C-contiguous numpy view of ``t`` (copied only if it is on a device, strided or of another dtype)."""
+    t = t.detach()
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    _numpy_dtype(t.dtype, what)
+    return t.cpu().contiguous().numpy()
+
+
+def _arrow_fixed_shape(arr: np.ndarray, typ: "pa.DataType", name: str) -> "pa.Array":
+    """Arrow array of type ``typ`` (nested lists, fixed-size lists or a datasets ArrayND
+    extension over nested lists) whose rows are ``arr[i]``; built from ``arr``'s buffer."""
+    import pyarrow as pa
+
+    if isinstance(typ, pa.ExtensionType):
+        return pa.ExtensionArray.from_storage(typ, _arrow_fixed_shape(arr, typ.storage_type, name))
+    n, shape = arr.shape[0], arr.shape[1:]
+    level_types, t = [], typ
+    for _ in shape:
+        if not (pa.types.is_list(t) or pa.types.is_fixed_size_list(t)):
+            raise GVBSMError(f"column {name!r}: Arrow type {typ} does not nest {len(shape)} lists.")
+        level_types.append(t)
+        t = t.value_type
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if flat.size > _INT32_MAX:
+        raise GVBSMError(
+            f"column {name!r} has {flat.size} values, more than an Arrow list column holds (2**31 - 1): "
+            "store the top-k logits (relabel_stored(topk=...)) or fewer views."
+        )
+    out = pa.array(flat, type=t)  # zero-copy for numeric dtypes, bit-packed for bool
+    for level in reversed(range(len(shape))):
+        d, lt = int(shape[level]), level_types[level]
+        rows = n * math.prod(int(s) for s in shape[:level])
+        if pa.types.is_fixed_size_list(lt):
+            if lt.list_size != d:
+                raise GVBSMError(f"column {name!r}: Arrow type {typ} does not match shape {arr.shape}.")
+            out = pa.FixedSizeListArray.from_arrays(out, type=lt)
+        else:
+            offsets = pa.array((np.arange(rows + 1, dtype=np.int64) * d).astype(np.int32))
+            out = pa.ListArray.from_arrays(offsets, out, type=lt)
+    return out
+
+
+def _arrow_chunk_numpy(chunk: "pa.Array", ndim: int, name: str) -> np.ndarray:
+    """Numpy array ``(len(chunk), d_1, ..., d_ndim)`` of a column chunk of nested (fixed-size)
+    lists of equal lengths (a view of the Arrow buffer where Arrow allows it: read-only)."""
+    import pyarrow as pa
+
+    a = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+    n, dims = len(a), []
+    for _ in range(ndim):
+        if a.null_count:
+            raise DataValidationError(f"column {name!r} has missing values: every row needs all its views.")
+        if pa.types.is_fixed_size_list(a.type):
+            dims.append(int(a.type.list_size))
+        elif pa.types.is_list(a.type) or pa.types.is_large_list(a.type):
+            lengths = np.diff(a.offsets.to_numpy())
+            if lengths.size and (lengths != lengths[0]).any():
+                raise DataValidationError(
+                    f"column {name!r} has rows of different lengths ({int(lengths.min())}..{int(lengths.max())}): "
+                    "every image needs the same number of views / classes."
+                )
+            dims.append(int(lengths[0]) if lengths.size else 0)
+        else:
+            raise DataValidationError(f"column {name!r} has Arrow type {chunk.type}: expected {ndim} nested lists.")
+        a = a.flatten()
+    if a.null_count:
+        raise DataValidationError(f"column {name!r} has missing values: every row needs all its views.")
+    return a.to_numpy(zero_copy_only=False).reshape(n, *dims)
+
+
+_COLUMN_NDIM = {"views_boxes": 2, "views_flip": 1, "soft_logits": 2, "topk_values": 2, "topk_indices": 2}
+
+
+def _column_dtype(name: str, meta: Mapping[str, Any]) -> torch.dtype:
+    if name == "views_boxes":
+        return torch.float32
+    if name == "views_flip":
+        return torch.bool
+    if name == "topk_indices":
+        return getattr(torch, meta.get("index_dtype") or "int32")
+    return getattr(torch, meta.get("logits_dtype", "float16"))
+
+
+def _empty_shape(name: str, meta: Mapping[str, Any]) -> tuple[int, ...]:
+    v = int(meta.get("num_views", 0))
+    last = {"views_boxes": 4, "soft_logits": meta.get("num_classes"), "topk_values": meta.get("topk"),
+            "topk_indices": meta.get("topk")}
+    return (0, v) if name == "views_flip" else (0, v, int(last.get(name) or 0))
+
+
+def _read_arrow_columns(batches, n: int, names: Sequence[str], meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Copy the chunks of ``batches`` (an iterable of ``{name: [arrow chunks]}``) into one
+    preallocated, writable numpy array per column, in the dtype the tensor will have."""
+    out: dict[str, np.ndarray] = {}
+    pos = dict.fromkeys(names, 0)
+    for batch in batches:
+        for name in names:
+            for chunk in batch[name]:
+                if not len(chunk):
+                    continue
+                a = _arrow_chunk_numpy(chunk, _COLUMN_NDIM[name], name)
+                if name not in out:
+                    out[name] = np.empty((n, *a.shape[1:]), dtype=_numpy_dtype(_column_dtype(name, meta), name))
+                elif a.shape[1:] != out[name].shape[1:]:
+                    raise DataValidationError(
+                        f"column {name!r} has rows of shape {a.shape[1:]} and {out[name].shape[1:]}: "
+                        "every image needs the same number of views / classes."
+                    )
+                if pos[name] + len(a) > n:
+                    raise DataValidationError(f"column {name!r} has more than the table's {n} rows.")
+                out[name][pos[name] : pos[name] + len(a)] = a
+                pos[name] += len(a)
+    for name in names:
+        if name not in out:
+            out[name] = np.empty(_empty_shape(name, meta), dtype=_numpy_dtype(_column_dtype(name, meta), name))
+        elif pos[name] != n:
+            raise DataValidationError(f"column {name!r} has {pos[name]} rows for a table of {n}.")
+    return out
+
+
+def _as_arrow_table(rows: Any) -> "pa.Table | None":
+    """The rows of a ``datasets.Dataset`` (its selection / order applied) or a ``pyarrow.Table``."""
+    import pyarrow as pa
+
+    if isinstance(rows, pa.Table):
+        return rows
+    if isinstance(rows, (Mapping, list)):
+        return None
+    if hasattr(rows, "with_format") and hasattr(rows, "column_names"):
+        return rows.with_format("arrow")[:]  # zero-copy slice (a take with an indices mapping)
+    raise DataValidationError(
+        f"from_rows got a {type(rows).__name__}: pass a datasets.Dataset, a dict of columns or a list of row dicts."
+    )
+
+
+def _python_column(rows: Mapping[str, Any] | list, name: str) -> np.ndarray | None:
+    """Column ``name`` of a dict of columns (arrays, tensors or lists) or a list of row dicts."""
+    if isinstance(rows, Mapping):
+        col = rows.get(name)
+    else:
+        col = [r[name] for r in rows] if rows and name in rows[0] else None
+    if col is None:
+        return None
+    if isinstance(col, torch.Tensor):
+        return col.detach().cpu().numpy()
+    try:
+        arr = np.asarray(col)
+    except ValueError as err:
+        raise DataValidationError(
+            f"column {name!r} has rows of different shapes: every image needs the same number of views / classes."
+        ) from err
+    if arr.dtype == object:
+        arr = np.stack([np.asarray(c) for c in col])
+    return arr
+
+
+def _to_tensor(arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor of ``arr`` in ``dtype`` (no copy when ``arr`` is writable, contiguous and of that dtype)."""
+    arr = np.asarray(arr)
+    if not arr.flags.writeable or not arr.flags.c_contiguous:
+        arr = np.array(arr, order="C")
+    return torch.from_numpy(arr).to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
