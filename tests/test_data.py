@@ -240,7 +240,7 @@ def test_mixed_channels_name_the_fix():
     with pytest.raises(DataValidationError) as e:
         validate_image_dataset(dsd)
     msg = str(e.value)
-    assert "channel" in msg and "'L'" in msg and "convert" in msg and "channels=" in msg
+    assert "channel" in msg and "'L'" in msg and "convert" in msg and "`channels: 3`" in msg and "--channels 3" in msg
     validate_image_dataset(dsd, channels=3)
 
 

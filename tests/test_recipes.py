@@ -298,7 +298,8 @@ def test_smoke_recipe_runs_end_to_end(smoke_run):
 
     rows = json.loads((out / "evaluate" / "results.json").read_text())
     assert rows == summary["results"]
-    assert {(row["method"], row["labels"]) for row in rows} == {("gvbsm", "soft"), ("random_real", "soft")}
+    assert {(row["method"], row["labels"]) for row in rows} == {("gvbsm", "soft"), ("gvbsm", "stored_views"),
+                                                                ("random_real", "soft")}
     for row in rows:
         assert row["evaluator"] == smoke["student"] and row["ipc"] == IPC and row["n"] == 1 and row["seeds"] == [0]
         assert 0.0 <= row["mean"] <= 100.0
@@ -596,5 +597,8 @@ def test_stage_cache_redo_and_recipe_changes_invalidate_later_stages(tmp_path):
     assert [s for s in STAGES if cache.redo_requested(s)] == ["recover", "relabel", "evaluate", "export"]
     assert cache.changed["recover"] == ["syn_lr"]
     assert "syn_lr" in cache.describe_changes()
-    student = parse_recipe(["--config", str(SMOKE), "--output_dir", str(tmp_path), "--num_train_epochs", "7"])
+    student = parse_recipe(["--config", str(SMOKE), "--output_dir", str(tmp_path), "--gamma", "0.2"])
     assert [s for s in STAGES if StageCache(tmp_path, [], student).redo_requested(s)] == ["evaluate", "export"]
+    # the stored views are one per student epoch: more epochs relabel too
+    epochs = parse_recipe(["--config", str(SMOKE), "--output_dir", str(tmp_path), "--num_train_epochs", "7"])
+    assert [s for s in STAGES if StageCache(tmp_path, [], epochs).redo_requested(s)] == ["relabel", "evaluate", "export"]

@@ -172,8 +172,17 @@ class DataArguments(ValidatedArguments):
     dataloader_workers: int = field(
         default=0, metadata={"help": "DataLoader worker processes decoding images in the record stage (0: in-process)."}
     )
+    image_size: Optional[int] = field(
+        default=None, metadata={"help": "Resize every image to image_size x image_size (bilinear); None: the "
+                                "built-in size, else the first training image's height (images must then agree)."}
+    )
+    channels: Optional[Literal[1, 3]] = field(
+        default=None, metadata={"help": "Convert every image to 1 (grey, 'L') or 3 (RGB) channels; None: the "
+                                "built-in value, else the first training image's mode (images must then agree)."}
+    )
 
     def validate(self) -> None:
+        check_range("image_size", self.image_size, 1, allow_none=True)
         check_range("max_train_samples", self.max_train_samples, 1, allow_none=True)
         check_range("max_eval_samples", self.max_eval_samples, 1, allow_none=True)
         check_range("dataloader_workers", self.dataloader_workers, 0)
@@ -196,7 +205,9 @@ class SqueezeArguments(ValidatedArguments):
     teacher_label_smoothing: float = field(default=0.0)
     teacher_augment: bool = field(default=True, metadata={"help": "Random crop (pad 4) + flip."})
     teacher_pretrained: bool = field(
-        default=False, metadata={"help": "Start from pretrained timm/torchvision weights (needs the Hub)."}
+        default=False, metadata={"help": "Teachers that have pretrained weights ('timm:', 'tv:', 'hf-hub:' and bare "
+                                 "timm names) start from them (downloaded once, then cached); zoo teachers have none "
+                                 "and are trained from scratch."}
     )
     teacher_seed: int = field(default=0)
 
@@ -346,12 +357,18 @@ class RelabelArguments(ValidatedArguments):
     )
     relabel_teachers: Optional[list[str]] = field(default=None, metadata={"help": "Subset (None: all)."})
     relabel_logit_norm: bool = field(default=False, metadata={"help": "Logit normalisation (ImageNet-1k)."})
-    relabel_num_views: int = field(default=4, metadata={"help": "Stored augmented views per image."})
+    relabel_num_views: Optional[int] = field(
+        default=None, metadata={"help": "Stored augmented views per image, replayed as view (epoch mod V). None: one per "
+                                "student epoch (num_train_epochs), the authors' FKD-style dense labels."})
+    relabel_export_views: bool = field(
+        default=True, metadata={"help": "Also store the views of the main method in relabel_mode on_the_fly, so the "
+                                "export carries replayable soft labels (the `views` config) and evaluate reports "
+                                "the 'stored_views' row (trained from the exported files alone)."})
     relabel_topk: Optional[int] = field(default=None, metadata={"help": "Keep only top-k logits (stored)."})
     relabel_seed: int = field(default=0)
 
     def validate(self) -> None:
-        check_range("relabel_num_views", self.relabel_num_views, 1)
+        check_range("relabel_num_views", self.relabel_num_views, 1, allow_none=True)
         check_range("relabel_topk", self.relabel_topk, 1, allow_none=True)
 
 
@@ -432,6 +449,15 @@ class PipelineArguments(ValidatedArguments):
         metadata={"help": "Also evaluate these registered methods under the same protocol (built from their own defaults)."},
     )
     evaluate_hard_labels: bool = field(default=False, metadata={"help": "Also report hard-label training."})
+    accept_unhealthy_synthesis: bool = field(
+        default=False, metadata={"help": "Go on with a synthetic set the teachers classify worse than chance (the "
+                                 "health check at the end of recover stops the run otherwise)."})
+    num_threads: Optional[int] = field(
+        default=None, metadata={"help": "torch CPU threads per process (torch.set_num_threads). CPU results are "
+                                "bit-identical only at a fixed thread count; recorded in stages.json and provenance."})
+    num_processes: Optional[int] = field(
+        default=None, metadata={"help": "Expected number of processes: the run stops at once if the launcher "
+                                "started another number (e.g. `accelerate launch --cpu --num_processes 2` starts one)."})
 
     def validate(self) -> None:
         from .methods import list_methods
@@ -441,6 +467,8 @@ class PipelineArguments(ValidatedArguments):
                 check_choice(f"{name}[{i}]", s, STAGES)
         for i, b in enumerate(self.baselines):
             check_choice(f"baselines[{i}]", b, list_methods())
+        check_range("num_threads", self.num_threads, 1, allow_none=True)
+        check_range("num_processes", self.num_processes, 1, allow_none=True)
 
 
 RECIPE_CLASSES = (

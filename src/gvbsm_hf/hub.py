@@ -242,6 +242,7 @@ def export_distilled_dataset(
     repo_id: str | None = None,
     source_dataset: str | None = None,
     license: str | None = None,
+    health: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a Hub-ready dataset folder (publish stage, docs/method.md "Stages": images, labels,
     soft labels of Eq. 8, statistics of Eq. 9) and return its path.
@@ -371,7 +372,7 @@ def export_distilled_dataset(
         (tmp / CONFIG_FILE).write_text(json.dumps(_jsonable(dict(method)), indent=2, sort_keys=True) + "\n")
         (tmp / EXPORT_FILE).write_text(json.dumps(_jsonable(export_info), indent=2) + "\n")
         card = build_dataset_card(
-            tables, spec=spec, method_name=method_name, ipc=ipc, hyperparameters=hyper, results=results,
+            tables, spec=spec, method_name=method_name, ipc=ipc, hyperparameters=hyper, results=results, health=health,
             teacher_repos=repos, teacher_names=teacher_labels, grid_file=grid_file, repo_id=repo_id,
             source_dataset=source_dataset, license=license if license is not None else spec.license, folder=tmp,
             soft_kind=soft_kind, topk=topk, slot_columns=list(slot_metadata),
@@ -385,6 +386,12 @@ def export_distilled_dataset(
         raise
     logger.info("Exported %d distilled images to %s (configs: %s)", n, folder, ", ".join(tables))
     return folder
+
+
+LABEL_NAMES = {
+    "stored_views": "trained from this folder alone (stored views)",
+}
+"""How the card names the evaluate stage's label modes."""
 
 
 def _format_results(results: Sequence[Mapping[str, Any]] | None, default_method: str) -> list[dict[str, str]]:
@@ -403,8 +410,9 @@ def _format_results(results: Sequence[Mapping[str, Any]] | None, default_method:
         protocol = r.get("protocol") or "last epoch, mean ± std over seeds"
         seeds = f"{n} seed" + ("" if str(n) == "1" else "s")
         protocol = protocol.replace("over seeds", f"over {seeds}") if "over seeds" in protocol else protocol
+        labels = LABEL_NAMES.get(str(labels), str(labels))
         rows.append({"method": str(r.get("method", default_method)), "evaluator": str(r["evaluator"]),
-                     "labels": str(labels), "score": score, "n": str(n), "protocol": protocol})
+                     "labels": labels, "score": score, "n": str(n), "protocol": protocol})
     return rows
 
 
@@ -463,6 +471,7 @@ def build_dataset_card(
     hyperparameters: Mapping[str, Any],
     folder: Path,
     results: Sequence[Mapping[str, Any]] | None = None,
+    health: Mapping[str, Any] | None = None,
     teacher_repos: Sequence[str] | None = None,
     teacher_names: Sequence[str] | None = None,
     grid_file: str | None = None,
@@ -566,6 +575,7 @@ def build_dataset_card(
         has_statistics="statistics" in tables,
         has_views="views" in tables,
         results_rows=_format_results(results, method_name),
+        health=dict(health) if health else None,
         load_id=repo_id or LOCAL_FOLDER_PLACEHOLDER,
         load_is_placeholder=repo_id is None,
         student=hp.get("student", "convnet128"),

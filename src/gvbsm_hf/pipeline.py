@@ -17,13 +17,17 @@ Layout of ``output_dir``::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from .configs import STAGES
 from .recipe import Recipe, load_recipe_yaml, parse_recipe, recipe_parser, recipe_to_dict
 from .stages import STAGE_REGISTRY, StageCache, StageContext, stage_configs, stage_fingerprints
+from .utils import write_json_atomic
 
 __all__ = [
     "STAGES", "Recipe", "StageCache", "format_results_table", "load_recipe_yaml", "parse_recipe", "recipe_parser",
@@ -34,53 +38,142 @@ __all__ = [
 def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     """Run the stages of ``recipe.pipeline.stages`` in order (docs/method.md "Stages"); a stage not
     selected only loads what it has on disk. Returns a summary: results rows, and the paths of the
-    dataset folder, card and grid."""
+    dataset folder, card and grid.
+
+    Before any data is loaded: the output folder is checked (a file, read-only, not creatable) and
+    locked (a second run on it stops at once, naming the holder's pid), and the launched process
+    count is checked against ``num_processes``. A full disk inside a stage stops with a message
+    naming the stage; every finished artefact is kept (files are written atomically)."""
+    import torch
     from accelerate import Accelerator
     from accelerate.logging import get_logger
 
     from .data import get_dataset_spec, load_image_dataset
-    from .utils import seed_everything
+    from .utils import runtime_provenance, seed_everything
 
     logger = get_logger("gvbsm_hf.pipeline")
     r = recipe
+    if r.pipeline.num_threads:
+        torch.set_num_threads(int(r.pipeline.num_threads))
     out = Path(r.training.output_dir)
+    check_output_dir(out)
     report_to = [t for t in (r.training.report_to or []) if t not in ("none", "all")] if isinstance(r.training.report_to, list) else []
     accelerator = Accelerator(cpu=bool(r.training.use_cpu), log_with=report_to or None, project_dir=str(out))
-    if report_to:
-        accelerator.init_trackers("gvbsm", config=recipe_to_dict(r))
-    out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(out, r.pipeline.redo, recipe)
-    if cache.changed:
-        logger.warning(cache.describe_changes())
-    seed_everything(r.training.seed)
-    if accelerator.is_main_process:
-        (out / "recipe.json").write_text(json.dumps(recipe_to_dict(r), indent=2))
-
-    d = r.data
-    dataset = load_image_dataset(
-        d.dataset_name, config_name=d.dataset_config_name, image_column=d.image_column, label_column=d.label_column,
-        train_split=d.train_split, validation_split=d.validation_split, streaming=d.streaming,
-        max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=r.training.seed,
-    )
-    spec = get_dataset_spec(dataset, d.dataset_name)
-    if accelerator.is_main_process:
-        (out / "data_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
-    logger.info(f"data: {spec.name}: {spec.num_classes} classes, {spec.channels}x{spec.image_size}px")
-
-    ctx = StageContext(recipe=r, accelerator=accelerator, output_dir=out, cache=cache, dataset=dataset, spec=spec,
-                       logger=logger)
-    selected = set(r.pipeline.stages)
-    for name, stage in STAGE_REGISTRY.items():
-        if name not in selected:
-            stage.load(ctx)
-            continue
+    check_process_count(accelerator.num_processes, r.pipeline.num_processes, logger)
+    with output_dir_lock(out, accelerator.is_main_process):
+        if report_to:
+            accelerator.init_trackers("gvbsm", config=recipe_to_dict(r))
+        cache = StageCache(out, r.pipeline.redo, recipe)
+        if cache.changed:
+            logger.warning(cache.describe_changes())
+        seed_everything(r.training.seed)
         if accelerator.is_main_process:
-            cache.start(name)
-        info = stage.run(ctx)
-        cache.mark(name, **info)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+            write_json_atomic(out / "recipe.json", recipe_to_dict(r) | {"runtime": runtime_provenance(accelerator.num_processes)})
+
+        d = r.data
+        dataset = load_image_dataset(
+            d.dataset_name, config_name=d.dataset_config_name, image_column=d.image_column, label_column=d.label_column,
+            train_split=d.train_split, validation_split=d.validation_split, streaming=d.streaming,
+            max_train_samples=d.max_train_samples, max_eval_samples=d.max_eval_samples, seed=r.training.seed,
+            image_size=d.image_size, channels=d.channels,
+        )
+        spec = get_dataset_spec(dataset, d.dataset_name, image_size=d.image_size, channels=d.channels)
+        if accelerator.is_main_process:
+            write_json_atomic(out / "data_spec.json", spec.to_dict())
+        logger.info(f"data: {spec.name}: {spec.num_classes} classes, {spec.channels}x{spec.image_size}px")
+
+        ctx = StageContext(recipe=r, accelerator=accelerator, output_dir=out, cache=cache, dataset=dataset, spec=spec,
+                           logger=logger)
+        selected = set(r.pipeline.stages)
+        for name, stage in STAGE_REGISTRY.items():
+            if name not in selected:
+                stage.load(ctx)
+                continue
+            if accelerator.is_main_process:
+                cache.start(name)
+            try:
+                info = stage.run(ctx)
+            except Exception as err:
+                if is_disk_full(err):
+                    raise disk_full_error(name, out, err) from err
+                raise
+            cache.mark(name, **info, runtime=runtime_provenance(accelerator.num_processes))
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
     return {"results": ctx.rows, "output_dir": str(out), **ctx.summary}
+
+
+LOCK_FILE = ".gvbsm.lock"
+
+
+def check_output_dir(out: Path) -> None:
+    """The output folder must be a creatable, writable folder; say which path and what to do."""
+    from .errors import GVBSMError
+
+    if out.exists() and not out.is_dir():
+        raise GVBSMError(f"output_dir {out} is a file, not a folder: set `output_dir:` (or --output_dir) to a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise GVBSMError(f"output_dir {out} cannot be written ({err.strerror or err}): choose a folder you can write "
+                         "to with `output_dir:` (or --output_dir), or fix its permissions.") from None
+
+
+@contextlib.contextmanager
+def output_dir_lock(out: Path, is_main_process: bool):
+    """One run per output folder: the main process holds ``<output_dir>/.gvbsm.lock`` (``filelock``)
+    for the whole run; a second run fails at once, naming the holder's pid."""
+    from filelock import FileLock, Timeout
+
+    from .errors import GVBSMError
+
+    if not is_main_process:
+        yield
+        return
+    lock = FileLock(str(out / LOCK_FILE))
+    pid_file = out / (LOCK_FILE + ".pid")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = pid_file.read_text().strip() if pid_file.exists() else "unknown"
+        raise GVBSMError(f"{out} is in use by another gvbsm-hf run (pid {holder}): wait for it to finish, stop it, or "
+                         "use another `output_dir`. Two runs on one folder would overwrite each other's files.") from None
+    try:
+        pid_file.write_text(str(os.getpid()))
+        yield
+    finally:
+        pid_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def check_process_count(launched: int, expected: int | None, logger) -> None:
+    """``num_processes`` set and different from what was launched: stop. ``accelerate launch --cpu
+    --num_processes N`` starts ONE process (it sets MASTER_ADDR but no WORLD_SIZE): say how to get N."""
+    from .errors import GVBSMError
+
+    hint = ("On CPU, `accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml ...` (or "
+            "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...`, or `torchrun "
+            "--nproc_per_node 2 ...`) starts two.")
+    if expected is not None and launched != expected:
+        raise GVBSMError(f"num_processes: {expected} but the launcher started {launched} process(es). {hint}")
+    if launched == 1 and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        logger.warning(f"A multi-process launch was requested but ONE process runs (accelerate's simple launcher). {hint}")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    text = str(err)
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in text or "unexpected pos" in text
+
+
+def disk_full_error(stage: str, out: Path, err: BaseException):
+    from .errors import GVBSMError
+
+    return GVBSMError(f"The disk filled up during the {stage} stage ({err}). Nothing computed so far is lost: finished "
+                      f"stages and checkpoints are in {out} (stages.json lists them; files are written atomically). "
+                      "Free some space and rerun the same command: it resumes where it stopped.")
 
 
 def dataclasses_replace(obj, **changes):

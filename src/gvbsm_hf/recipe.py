@@ -198,12 +198,12 @@ def validate_recipe(recipe: Recipe) -> None:
                               "name teachers exactly as in `teachers`.")
     method_config(r.synthesis.syn_method, r.synthesis)  # the main method accepts every method field set
     check_backbone_names(r)
-    from .stages.squeeze import is_teacher_reference
+    from .stages.squeeze import is_teacher_reference, teacher_starts_pretrained, untrained_teachers_message
 
     trained = [n for n in r.squeeze.teachers if not is_teacher_reference(n)]
-    if trained and r.squeeze.teacher_epochs == 0 and not r.squeeze.teacher_pretrained:
-        raise RecipeError(f"teacher_epochs: 0 with teacher_pretrained: false would use untrained teachers {trained}; "
-                          "set teacher_epochs >= 1 or teacher_pretrained: true.")
+    untrained = [n for n in trained if not teacher_starts_pretrained(n, r.squeeze.teacher_pretrained)]
+    if untrained and r.squeeze.teacher_epochs == 0:
+        raise RecipeError(untrained_teachers_message(untrained, r.squeeze.teacher_pretrained))
 
 
 def check_backbone_names(recipe: Recipe) -> None:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .utils import derive_seed  # noqa: F401  (re-exported: the package's one seeding scheme)
 from .augment import CropFlipParams, apply_crop_flip, sample_crop_flip
 from .errors import DataValidationError, GVBSMError
 from .losses import ensemble_logits, soft_labels
@@ -51,15 +52,6 @@ __all__ = [
 
 STORED_LABELS_FILE = "soft_labels.parquet"
 STORED_META_FILE = "soft_labels_meta.json"
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit generator seed from a tuple of integers (e.g. ``(seed, image_index)``).
-
-    sha256-based, so nearby keys give unrelated streams and ``(a, b)`` never aliases ``(a', b')``.
-    """
-    h = hashlib.sha256(",".join(str(int(k)) for k in keys).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,6 +192,7 @@ def train_teacher(
     keep_checkpoints: int = 2,
     nesterov: bool = False,
     warmup_ratio: float = 0.03,
+    pretrained: bool | None = None,
 ) -> TeacherModel:
     """Train ``backbone`` on ``train`` (uint8 images, labels) and save it as a teacher in ``output_dir``.
 
@@ -202,11 +203,18 @@ def train_teacher(
     ``args.teacher_epochs``), saving a checkpoint; the final teacher (``save_pretrained``, with
     metrics ``val_top1``, ``epochs``, ``train_time_s`` and a model card) is written only when all
     epochs are done. Returns the (unwrapped, plain-BatchNorm) :class:`TeacherModel`.
+    ``pretrained``: start from pretrained weights; ``None`` (default) follows
+    ``args.teacher_pretrained`` for backbones that have them (``tv:``, ``timm:``, ``hf-hub:``) and
+    trains zoo backbones (no pretrained weights) from scratch.
     Note: ``accelerator.free_memory()`` is called before and after, so the accelerator's
     checkpoint registry only holds this teacher's model and optimiser.
     """
     _check_split("train", train, spec)
     _check_split("validation", validation, spec)
+    if pretrained is None:
+        from .backbones.registry import has_pretrained_weights
+
+        pretrained = bool(args.teacher_pretrained) and has_pretrained_weights(backbone)
     if args.teacher_epochs < 1 or args.teacher_batch_size < 1:
         raise GVBSMError("teacher_epochs and teacher_batch_size must be >= 1.")
     output_dir = Path(output_dir)
@@ -228,7 +236,7 @@ def train_teacher(
         "label smoothing": args.teacher_label_smoothing,
         "augmentation": "random crop (pad 4) + horizontal flip" if args.teacher_augment else "none",
         "seed": args.teacher_seed,
-        "pretrained init": args.teacher_pretrained,
+        "pretrained init": bool(pretrained),
         "train images": n_train,
         "processes": world,
         "mixed precision": str(accelerator.mixed_precision),
@@ -238,7 +246,7 @@ def train_teacher(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.teacher_seed)
         teacher = TeacherModel.from_backbone(
-            backbone, spec, backbone_kwargs=backbone_kwargs, pretrained=args.teacher_pretrained, recipe=recipe
+            backbone, spec, backbone_kwargs=backbone_kwargs, pretrained=bool(pretrained), recipe=recipe
         )
     init_kwargs = teacher.init_kwargs()
     model: nn.Module = teacher

@@ -34,7 +34,7 @@ from . import __version__
 from .data import DatasetSpec
 from .errors import DataValidationError, StatisticsMismatchError
 from .hooks import CONV_STATISTICS, StatisticsHooks
-from .utils import model_fingerprint, seeded_generator
+from .utils import damaged_file_error, model_fingerprint, save_safetensors, seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +232,6 @@ def record_statistics(
 # ------------------------------------------------------------------------------------- files
 def save_statistics(stats: TeacherStatistics, path: str | Path) -> Path:
     """Write ``stats`` as safetensors: ``"<layer>/<stat>"`` tensors, provenance as JSON metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -246,7 +244,7 @@ def save_statistics(stats: TeacherStatistics, path: str | Path) -> Path:
     metadata[_RESERVED_PREFIX + "format"] = FORMAT_NAME
     metadata[_RESERVED_PREFIX + "format_version"] = str(FORMAT_VERSION)
     metadata[_RESERVED_PREFIX + "layers"] = json.dumps(list(stats.layers))
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(tensors, path, metadata=metadata)  # atomic: a kill never leaves a torn file
     return path
 
 
@@ -279,13 +277,18 @@ def load_statistics(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No statistics file at {path}. Run the record stage (stages: [record]) first.")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get(_RESERVED_PREFIX + "format") != FORMAT_NAME:
-            raise StatisticsMismatchError(
-                f"{path} is not a gvbsm-hf statistics file (no '{_RESERVED_PREFIX}format' metadata). {_REDO_FIX}"
-            )
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get(_RESERVED_PREFIX + "format") != FORMAT_NAME:
+                raise StatisticsMismatchError(
+                    f"{path} is not a gvbsm-hf statistics file (no '{_RESERVED_PREFIX}format' metadata). {_REDO_FIX}"
+                )
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except StatisticsMismatchError:
+        raise
+    except Exception as err:  # a torn file: safetensors cannot read its header
+        raise damaged_file_error(path, "record", f"{type(err).__name__}: {err}") from None
     provenance = {
         key: json.loads(value) for key, value in metadata.items() if not key.startswith(_RESERVED_PREFIX)
     }

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,7 +43,7 @@ from .hooks import StatisticsHooks
 from .losses import first_layer_weights
 from .methods import SynthesisConfig, SynthesisStep, get_method, method_config
 from .statistics import TeacherStatistics
-from .utils import derive_seed, seeded_generator
+from .utils import load_safetensors, save_safetensors, seeded_generator
 
 logger = get_logger(__name__)
 
@@ -119,21 +119,17 @@ class SyntheticSet:
         """Float images and metadata as ``synthetic.safetensors`` (exact, for resuming stages)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(
+        save_safetensors(  # atomic: synthetic.safetensors is the recover stage's "done" marker
             {"images": self.images.contiguous(), "labels": self.labels, "slots": self.slots, "jobs": self.jobs},
-            str(folder / "synthetic.safetensors"),
+            folder / "synthetic.safetensors",
             metadata={"method": self.method, "config": json.dumps(self.config)},
         )
         return folder / "synthetic.safetensors"
 
     @classmethod
     def load(cls, folder: str | Path) -> "SyntheticSet":
-        from safetensors import safe_open
-
         path = Path(folder) / "synthetic.safetensors"
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        t = load_file(str(path))
+        t, meta = load_safetensors(path, "recover", with_metadata=True)
         return cls(t["images"], t["labels"], t["slots"], t["jobs"], meta.get("method", ""), json.loads(meta.get("config", "{}")))
 
 
@@ -344,11 +340,7 @@ class _JobRunner:
     def load_checkpoint(self) -> bool:
         if not self.ckpt_path.exists():
             return False
-        from safetensors import safe_open
-
-        with safe_open(str(self.ckpt_path), framework="pt") as f:
-            meta = f.metadata() or {}
-        t = load_file(str(self.ckpt_path))
+        t, meta = load_safetensors(self.ckpt_path, "recover", with_metadata=True)
         if t["x"].shape != self.x.shape:
             raise GVBSMError(
                 f"Checkpoint {self.ckpt_path} holds images of shape {tuple(t['x'].shape)}, this run expects "
@@ -424,8 +416,10 @@ class _JobRunner:
         )
         return NonFiniteLossError(
             f"Synthesis job {self.job.index} hit a non-finite loss ({what}) before iteration {self.iteration}; "
-            f"{where}. Lower syn_lr (now {self.args.syn_lr}) or the loss weights, or disable "
-            "syn_mixed_precision, then rerun: the run resumes from that checkpoint."
+            f"{where}. Lower syn_lr (now {self.args.syn_lr}) or the loss weights, or disable syn_mixed_precision, "
+            "and rerun the same command: the changed recipe restarts recover from iteration 0 with the new values "
+            "(teachers and statistics are kept). Rerunning with the same values resumes from that checkpoint and "
+            "will diverge again."
         )
 
     def flush_components(self) -> dict[str, float]:
@@ -568,14 +562,14 @@ def recover(
                     runner.save_checkpoint()
                 break
             final = {"images": runner.x.detach().float().cpu().contiguous(), "labels": job.labels, "slots": job.slot_ids}
-            save_file(final, str(runner.done_path), metadata={"seconds": f"{time.perf_counter() - t0:.2f}"})
+            save_safetensors(final, runner.done_path, metadata={"seconds": f"{time.perf_counter() - t0:.2f}"})
             runner.ckpt_path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     if stopped_early:
         return None
     images, labels, slot_ids, job_ids = [], [], [], []
     for job in jobs:
-        t = load_file(str(folder / "jobs" / f"job_{job.index:05d}.safetensors"))
+        t = load_safetensors(folder / "jobs" / f"job_{job.index:05d}.safetensors", "recover")
         images.append(t["images"])
         labels.append(t["labels"])
         slot_ids.append(t["slots"])

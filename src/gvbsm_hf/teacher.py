@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from importlib import resources
@@ -31,9 +32,9 @@ logger = logging.getLogger(__name__)
 CARD_TAGS = ["dataset-distillation", "gvbsm", "image-classification"]
 LIBRARY_NAME = "gvbsm-hf"
 _TEACHER_OFFLINE_FIX = (
-    "pass a local teacher folder written by TeacherModel.save_pretrained (or gvbsm_hf.squeeze.train_teacher), "
-    "train the teacher instead (squeeze stage), or download the repo once with network access "
-    "(huggingface-cli download <id>) so that it is in the local Hub cache."
+    "list a local teacher folder (e.g. <output_dir>/teachers/<name>/ of an earlier run) in `teachers:` "
+    "(--teachers <folder>), list a backbone name there instead so that the squeeze stage trains it, or download "
+    "the repo once with network access (huggingface-cli download <id>) so that it is in the local Hub cache."
 )
 _INIT_KEYS = (
     "backbone", "num_classes", "in_chans", "image_size", "mean", "std",
@@ -169,10 +170,22 @@ class TeacherModel(
 
     def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None, **kwargs: Any) -> str | None:
         """Write ``model.safetensors``, ``config.json`` and a fresh ``README.md`` model card."""
-        readme = Path(save_directory) / "README.md"
-        if readme.exists():
-            readme.unlink()  # the mixin never overwrites a card; ours reflects the current metrics
-        return super().save_pretrained(save_directory, config=config or self.config, **kwargs)
+        import shutil
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        # written into a temporary folder, then moved in file by file with model.safetensors LAST: it is
+        # the squeeze stage's "done" marker, so a kill at any byte never leaves a torn teacher behind
+        tmp = folder / f".tmp-save-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            result = super().save_pretrained(tmp, config=config or self.config, **kwargs)
+            names = sorted(p.name for p in tmp.iterdir())
+            for name in [n for n in names if n != "model.safetensors"] + [n for n in names if n == "model.safetensors"]:
+                os.replace(tmp / name, folder / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return result
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
         """Model card from ``templates/teacher_card.md`` (metadata via ``ModelCardData``)."""
@@ -264,4 +277,10 @@ def load_teacher(name_or_path: str | Path, *, device: torch.device | str | None 
     except LocalEntryNotFoundError as e:
         raise hub_utils.offline_error(f"Teacher {target!r} is not in the local cache and cannot be downloaded",
                                       str(e), _TEACHER_OFFLINE_FIX) from e
+    except Exception as e:  # noqa: BLE001 - a torn file (safetensors' SafetensorError, a cut config.json)
+        if type(e).__name__ == "SafetensorError" or "deserializ" in str(e) or isinstance(e, json.JSONDecodeError):
+            from .utils import damaged_file_error
+
+            raise damaged_file_error(target, "squeeze", f"{type(e).__name__}: {e}") from None
+        raise
     return teacher.eval()

@@ -31,10 +31,10 @@ TV_PREFIX = "tv:"
 TIMM_PREFIX = "timm:"
 HF_HUB_PREFIX = "hf-hub:"
 _OFFLINE_FIX = (
-    "pass pretrained=False (teacher_pretrained: false) to train from scratch; or, on a machine "
-    "with network access, download the weights once into the local cache (HF_HOME / TORCH_HOME) and "
-    "copy the cache here; or pass a local teacher folder (written by TeacherModel.save_pretrained) "
-    "instead of a backbone name."
+    "set `teacher_pretrained: false` in the recipe (--teacher_pretrained false; pretrained=False in Python) "
+    "to train from scratch; or, on a machine with network access, download the weights once into the local "
+    "cache (HF_HOME / TORCH_HOME) and copy the cache here; or list a trained teacher folder in `teachers:` "
+    "(--teachers <folder>) instead of the backbone name."
 )
 
 
@@ -59,6 +59,15 @@ def register_backbone(name: str, **default_kwargs: Any) -> Callable[[BackboneFac
 def list_backbones() -> list[str]:
     """Names of the registered (zoo) backbones, sorted."""
     return sorted(_REGISTRY)
+
+
+def has_pretrained_weights(name: str) -> bool:
+    """True if ``name`` can start from pretrained weights: torchvision (``tv:``), timm (``timm:`` or a
+    bare timm name) and timm Hub (``hf-hub:``) backbones. Zoo backbones have none (trained from
+    scratch). Resolves the name only (no network); timm may still lack weights for a given model."""
+    if name in _REGISTRY:
+        return False
+    return name.startswith((TV_PREFIX, TIMM_PREFIX, HF_HUB_PREFIX)) or is_backbone_name(name)
 
 
 def is_backbone_name(name: str) -> bool:
@@ -92,8 +101,10 @@ def create_backbone(
     if name in _REGISTRY:
         if pretrained:
             raise GVBSMError(
-                f"Zoo backbone {name!r} has no pretrained weights. Use pretrained=False and train it with "
-                "gvbsm_hf.squeeze.train_teacher, or load a trained teacher folder with gvbsm_hf.teacher.load_teacher."
+                f"Zoo backbone {name!r} has no pretrained weights (pretrained=False only). In a recipe, "
+                "`teacher_pretrained: true` starts only 'timm:' / 'tv:' / 'hf-hub:' teachers from pretrained "
+                f"weights and trains zoo teachers such as {name!r} from scratch, which needs "
+                "`teacher_epochs: N` >= 1 (--teacher_epochs N); or list a trained teacher folder in `teachers:`."
             )
         fn, defaults = _REGISTRY[name]
         return fn(num_classes=num_classes, in_chans=in_chans, image_size=image_size, **{**defaults, **kwargs})
@@ -238,15 +249,20 @@ def _unknown_message(name: str) -> str:
 
     zoo = list_backbones()
     tv = [TV_PREFIX + n for n in torchvision.models.list_models()]
+
+    def close(query: str, candidates: list[str], n: int) -> list[str]:
+        return difflib.get_close_matches(query, candidates, n=n, cutoff=0.5)
+
+    # the zoo names first (what a recipe usually means), then torchvision, then timm: one list
+    # ranked by similarity alone would put timm's many near-names before the zoo name one typo away
     if name.startswith(TV_PREFIX):
-        query, candidates = name, tv
+        matches = close(name, tv, 5)
     elif name.startswith(TIMM_PREFIX):
-        query, candidates = name[len(TIMM_PREFIX):], timm.list_models()
+        matches = [TIMM_PREFIX + m for m in close(name[len(TIMM_PREFIX):], timm.list_models(), 5)]
     else:
-        query, candidates = name, zoo + tv + timm.list_models()
-    matches = difflib.get_close_matches(query, candidates, n=5, cutoff=0.5)
-    if name.startswith(TIMM_PREFIX):
-        matches = [TIMM_PREFIX + m for m in matches]
+        matches = close(name, zoo, 3)
+        zoo_names = set(zoo)  # a zoo name shadows the timm model of the same name
+        matches += close(name, tv, 2) + close(name, [m for m in timm.list_models() if m not in zoo_names], 2)
     hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
     return (
         f"Unknown backbone {name!r}.{hint} Zoo backbones (gvbsm_hf.backbones.list_backbones()): {', '.join(zoo)}. "

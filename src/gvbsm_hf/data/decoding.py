@@ -69,7 +69,8 @@ def _open_image(value: Any) -> PILImage.Image:
 def _target_mode(channels: int) -> str:
     modes = {1: "L", 3: "RGB", 4: "RGBA"}
     if channels not in modes:
-        raise DataValidationError(f"channels={channels} is not supported: use 1 (grayscale) or 3 (RGB).")
+        raise DataValidationError(f"channels={channels} is not supported: set `channels: 1` (grey) or `channels: 3` "
+                                  "(RGB) in the recipe (--channels 1 / --channels 3).")
     return modes[channels]
 
 
@@ -153,7 +154,8 @@ def image_batches(
     if batch_size < 1:
         raise GVBSMError(f"batch_size={batch_size} must be >= 1.")
     if num_workers < 0:
-        raise GVBSMError(f"num_workers={num_workers} must be >= 0 (0 decodes in this process).")
+        raise GVBSMError(f"num_workers={num_workers} must be >= 0 (0 decodes in this process; recipe field "
+                         "`dataloader_workers`).")
     if not 0 <= process_index < num_processes:
         raise GVBSMError(f"process_index={process_index} must be in [0, num_processes={num_processes}).")
     raw = split.cast_column("image", datasets.Image(decode=False))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .builtin import (
     get_builtin_dataset,
 )
 from .decoding import _labels_array, _split_labels
-from .validation import _missing_column, validate_image_dataset
+from .validation import _missing_column, recipe_hint, validate_image_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,91 @@ def _offline_error(repo_id: str, cause: str) -> OfflineError:
     return hub_utils.offline_error(
         f"Dataset {repo_id!r} is not in the local cache and cannot be downloaded from the Hugging Face Hub",
         cause,
-        f"on a machine with network run `datasets.load_dataset({repo_id!r}).save_to_disk('<folder>')` (or "
-        f"download the repo with `huggingface-cli download --repo-type dataset {repo_id} --local-dir <folder>`), "
-        "copy it here and pass that local folder as the dataset name.",
+        f"on a machine with network download the repo (`huggingface-cli download --repo-type dataset {repo_id} "
+        "--local-dir <folder>`, or load it there and write it with datasets' save_to_disk), copy the folder here "
+        f"and set {recipe_hint('dataset_name', '<that local folder>')}.",
     )
+
+
+_FALLBACK_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _image_extensions() -> frozenset[str]:
+    """The file extensions ``datasets``' imagefolder builder reads as images."""
+    try:
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+        return frozenset(e.lower() for e in ImageFolder.EXTENSIONS)
+    except (ImportError, AttributeError):
+        return frozenset(_FALLBACK_IMAGE_EXTENSIONS)
+
+
+def _ignored_name(name: str) -> bool:
+    """Hidden files and folders, which ``datasets`` skips too."""
+    return name.startswith((".", "__"))
+
+
+def _check_class_folders(root: Path) -> None:
+    """Raise when a class folder of an image folder holds no image.
+
+    ``datasets``' imagefolder builder takes the classes from the folders that directly hold image
+    files, so an empty class folder (``train/emu/`` with nothing in it) silently disappears from
+    the ClassLabel: a 4-class folder loads as 3 classes. The class folders are the sub-folders of
+    every folder whose sub-folders hold images (``<folder>/<class>/`` or
+    ``<folder>/<split>/<class>/``). Folders with a ``metadata.*`` file (labels may come from it) or
+    mostly non-image files (another builder reads them) are not checked."""
+    if not root.is_dir():
+        return
+    from datasets.data_files import FILES_TO_IGNORE
+
+    exts = _image_extensions()
+    image_dirs: set[Path] = set()
+    n_images = n_other = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not _ignored_name(d)]
+        for f in filenames:
+            if _ignored_name(f) or f in FILES_TO_IGNORE:
+                continue
+            if f.startswith("metadata."):
+                return
+            if os.path.splitext(f)[1].lower() in exts:
+                n_images += 1
+                image_dirs.add(Path(dirpath))
+            else:
+                n_other += 1
+    if n_images == 0 or n_other > n_images:
+        return
+    labels = {d.name for d in image_dirs}
+    empty: list[Path] = []
+    for parent in sorted({d.parent for d in image_dirs if d != root}):
+        for child in sorted(parent.iterdir()):
+            if not child.is_dir() or _ignored_name(child.name) or child in image_dirs:
+                continue
+            if any(child in d.parents for d in image_dirs):
+                continue  # a folder above image folders (a split folder), not a class folder
+            if child.name in labels and not _is_train_folder(parent.name):
+                # the class has training images: an empty validation folder drops nothing
+                logger.warning(f"class folder {child} holds no images (class {child.name!r} has images elsewhere)")
+                continue
+            empty.append(child)
+    if empty:
+        shown = ", ".join(str(p) for p in empty[:5]) + (f" (and {len(empty) - 5} more)" if len(empty) > 5 else "")
+        dropped = sorted({p.name for p in empty} - labels)
+        if dropped:
+            effect = (f"so class(es) {dropped} would be dropped silently ({len(labels)} classes instead of "
+                      f"{len(labels) + len(dropped)})")
+        else:
+            effect = f"so class(es) {sorted({p.name for p in empty})} would have no training images"
+        raise DataValidationError(
+            f"Class folder(s) {shown} of image folder {str(root)!r} hold no images, {effect}. Add images to each "
+            "empty folder, or remove the folder if that class is not meant to exist. Image files are recognised "
+            "by their extension (.png, .jpg, ...)."
+        )
+
+
+def _is_train_folder(name: str) -> bool:
+    """A folder ``datasets`` reads as the train split (the keyword as a word of its name: train, training)."""
+    return bool({"train", "training"} & set(re.split(r"[-._ 0-9]+", name.lower())))
 
 
 def _load_generic(
@@ -117,18 +199,20 @@ def _load_generic(
             if streaming:
                 loaded = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
             return loaded
+        _check_class_folders(Path(path) / data_dir if data_dir else Path(path))
         try:
             loaded = datasets.load_dataset(path, config_name, data_dir=data_dir, streaming=streaming)
         except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as e:
             raise DataValidationError(
                 f"No image files found in folder {path!r} ({e}). Use the imagefolder layout "
-                "<folder>/<split>/<class>/<image> (or <folder>/<class>/<image>), or a `save_to_disk` folder."
+                "<folder>/<split>/<class>/<image> (or <folder>/<class>/<image>) or a folder written by datasets' "
+                f"save_to_disk, and set {recipe_hint('dataset_name', '<that folder>')}."
             ) from e
     elif not hub_utils.is_hub_repo_id(path, require_namespace=False):
         problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
         raise DataValidationError(
-            f"Dataset folder {path!r} {problem}: check the path, or pass a built-in name "
-            f"({', '.join(BUILTIN_DATASETS)}) or a Hub dataset id (owner/name)."
+            f"Dataset folder {path!r} {problem}: set {recipe_hint('dataset_name', '<name>')} to an existing folder, "
+            f"a built-in name ({', '.join(BUILTIN_DATASETS)}) or a Hub dataset id (owner/name)."
         )
     else:
         offline = hub_utils.offline_reason(datasets=True)
@@ -140,8 +224,9 @@ def _load_generic(
             raise _offline_error(path, offline or str(e).splitlines()[0]) from e
         except datasets.exceptions.DatasetNotFoundError as e:
             raise DataValidationError(
-                f"Dataset {path!r} was not found on the Hub ({e}). Check the id (owner/name), log in with "
-                "`huggingface-cli login` for gated/private datasets, or pass a local folder."
+                f"Dataset {path!r} was not found on the Hub ({e}). Check `dataset_name:` (--dataset_name; a Hub id "
+                "is owner/name), log in with `huggingface-cli login` for gated/private datasets, or set "
+                "`dataset_name:` to a local folder."
             ) from e
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         loaded = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)({"train": loaded})
@@ -161,7 +246,8 @@ def _resolve_split(splits: Sequence[str], wanted: str | None, candidates: Sequen
     if wanted is not None:
         if wanted not in splits:
             raise DataValidationError(
-                f"Split {wanted!r} not found; available splits: {list(splits)}. Pass {arg}=<one of them>."
+                f"Split {wanted!r} not found; available splits: {list(splits)}. "
+                f"Set {recipe_hint(arg, '<one of them>')}."
             )
         return wanted
     for c in candidates:
@@ -184,7 +270,9 @@ def _standardize(
     splits = list(raw.keys())
     tr = _resolve_split(splits, train_split, ("train",), "train_split")
     if tr is None:
-        raise DataValidationError(f"No 'train' split; available splits: {splits}. Pass train_split=<one of them>.")
+        raise DataValidationError(
+            f"No 'train' split; available splits: {splits}. Set {recipe_hint('train_split', '<one of them>')}."
+        )
     va = _resolve_split(splits, validation_split, [s for s in _VALIDATION_SPLIT_NAMES if s != tr], "validation_split")
     train, val = raw[tr], (raw[va] if va is not None else None)
 
@@ -202,8 +290,8 @@ def _standardize(
         raise _missing_column(label_column or "label", "label", tr, columns)
     if features and not isinstance(features[img_col], datasets.Image):
         raise DataValidationError(
-            f"Column {img_col!r} is {features[img_col]}, not an image. Pass image_column=<the image column> "
-            f"(columns: {columns}), or cast it with dataset.cast_column({img_col!r}, datasets.Image())."
+            f"Column {img_col!r} is {features[img_col]}, not an image. Set "
+            f"{recipe_hint('image_column', '<the image column>')} (columns: {columns})."
         )
 
     def select(ds: Any, split_name: str) -> Any:
@@ -228,8 +316,8 @@ def _standardize(
         if streaming:
             raise DataValidationError(
                 f"Label column {lab_col!r} is {lab_feat}, not a ClassLabel, and the dataset is streamed, so the "
-                "classes cannot be counted. Cast it first (dataset.cast_column('label', datasets.ClassLabel("
-                "names=[...]))) or load without streaming."
+                f"classes cannot be counted. Set {recipe_hint('streaming', 'false')}, or "
+                f"{recipe_hint('label_column', '<a ClassLabel column>')}."
             )
         dtype = getattr(lab_feat, "dtype", None)
         parts = [train] + ([val] if val is not None else [])
@@ -242,7 +330,7 @@ def _standardize(
         else:
             raise DataValidationError(
                 f"Label column {lab_col!r} has type {lab_feat}; it needs integer or string class labels. "
-                f"Pass label_column=<the class column> (columns: {columns})."
+                f"Set {recipe_hint('label_column', '<the class column>')} (columns: {columns})."
             )
         lab_feat = datasets.ClassLabel(names=names)
     try:
@@ -252,8 +340,9 @@ def _standardize(
             val = val.cast_column("label", lab_feat)
     except (ValueError, TypeError) as e:
         raise DataValidationError(
-            f"Labels of {lab_col!r} do not fit the ClassLabel {lab_feat.names[:10]}...: {e}. Cast the label "
-            "column to a ClassLabel with all class names, or drop rows whose label is unknown."
+            f"Labels of {lab_col!r} do not fit the ClassLabel {lab_feat.names[:10]}...: {e}. If that is not the "
+            f"class column, set {recipe_hint('label_column', '<the class column>')}; otherwise save the dataset with "
+            "a label feature that lists every class name in both splits, or remove the rows whose label is unknown."
         ) from e
 
     # ---- validation split -----------------------------------------------------------------
@@ -261,8 +350,8 @@ def _standardize(
         if streaming:
             raise DataValidationError(
                 f"No validation split (looked for {list(_VALIDATION_SPLIT_NAMES)}; available {splits}) and the "
-                "dataset is streamed, so none can be split off. Pass validation_split=<split> or load without "
-                "streaming."
+                f"dataset is streamed, so none can be split off. Set {recipe_hint('validation_split', '<split>')}, "
+                f"or {recipe_hint('streaming', 'false')} to hold out a stratified 10 % of train."
             )
         keep, held = _stratified_split(_split_labels(train), 0.1, seed)
         logger.info(f"no validation split found: holding out a seeded stratified 10% of train ({len(held)} rows)")

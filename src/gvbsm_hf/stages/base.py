@@ -39,6 +39,7 @@ class StageContext:
     stored: dict = field(default_factory=dict)
     ensemble: Any = None
     rows: list[dict] = field(default_factory=list)
+    health: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     _decoded: dict = field(default_factory=dict)
 

@@ -6,10 +6,10 @@ resumes the unfinished one from its Trainer checkpoint when ``save_strategy`` is
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ..utils import write_json_atomic
 from .base import Stage, StageContext, method_folder
 
 PROTOCOL = "last epoch, mean ± std over seeds"
@@ -24,13 +24,6 @@ def summarise(method: str, label_mode: str, student: str, ipc: int, runs: list[d
             "mean": float(top1.mean()) if top1.size else float("nan"),
             "std": float(top1.std(ddof=1)) if top1.size > 1 else 0.0, "n": int(top1.size),
             "protocol": PROTOCOL, "seeds": [int(run["seed"]) for run in runs], "per_seed": [float(t) for t in top1]}
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
 
 
 class EvaluateStage(Stage):
@@ -56,9 +49,11 @@ class EvaluateStage(Stage):
         seeds = [int(s) for s in r.training.eval_seeds]
         students = list(r.training.eval_students or [r.training.student])
         label_modes = ["soft"] + (["hard"] if r.pipeline.evaluate_hard_labels else [])
+        if r.relabel.relabel_mode == "on_the_fly" and ctx.main_method in ctx.stored:
+            label_modes.append("stored_views")  # what the exported folder alone trains (bitwise, tested)
         for method, syn in ctx.synthetic.items():
             for label_mode in label_modes:
-                if label_mode == "hard" and method != ctx.main_method:
+                if label_mode in ("hard", "stored_views") and method != ctx.main_method:
                     continue
                 for student in students:
                     self._evaluate(ctx, method, syn, label_mode, student, seeds, evaluate_students, dataclasses_replace)
@@ -84,12 +79,14 @@ class EvaluateStage(Stage):
 
         targs = replace(
             r.training, output_dir=str(ctx.output_dir / "evaluate" / method_folder(method) / label_mode),
-            loss_type=r.training.loss_type if label_mode == "soft" else "ce",
+            loss_type="ce" if label_mode == "hard" else r.training.loss_type,
         )
+        on_the_fly = label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly"
+        use_stored = label_mode == "stored_views" or (label_mode == "soft" and r.relabel.relabel_mode == "stored")
         evaluate_students(
-            syn.shipped_images(ctx.spec), syn.labels, ctx.real("validation"), ctx.spec, targs, students=[student], seeds=seeds,
-            soft_labeler=ctx.ensemble if label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly" else None,
-            stored=ctx.stored.get(method) if label_mode == "soft" else None,
+            syn.shipped_images(ctx.spec), syn.labels, ctx.real("validation"), ctx.spec, targs, students=[student],
+            seeds=seeds, soft_labeler=ctx.ensemble if on_the_fly else None,
+            stored=ctx.stored.get(method) if use_stored else None,
             completed=list(runs), on_run_done=on_run_done,
             reuse_saved_runs=not ctx.cache.redo_requested(self.name),
         )

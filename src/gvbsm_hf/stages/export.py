@@ -49,6 +49,11 @@ class ExportStage(Stage):
         if main is None:
             raise GVBSMError(f"export needs the {ctx.main_method!r} synthetic set: add `recover` to `stages`.")
         folder = self.folder(ctx)
+        if acc.is_main_process:  # temporary folders of an export that was killed half-way
+            import shutil
+
+            for stale in folder.parent.glob(f".{folder.name}.tmp-*") if folder.parent.exists() else []:
+                shutil.rmtree(stale, ignore_errors=True)
         grid = ctx.output_dir / "recover" / method_folder(ctx.main_method) / "grid.png"
         if acc.is_main_process:
             with torch.no_grad():
@@ -65,6 +70,7 @@ class ExportStage(Stage):
                 teacher_names=[p.name for p in ctx.teacher_dirs],
                 grid_path=grid if grid.exists() else None, repo_id=r.publish.dataset_repo_id,
                 source_dataset=ctx.spec.source or ctx.spec.name, license=r.publish.dataset_license or ctx.spec.license,
+                health=ctx.health.get(ctx.main_method),
             )
             ctx.summary.update(dataset_folder=str(folder), card=str(folder / "README.md"), grid=str(grid))
             if r.publish.push_dataset:

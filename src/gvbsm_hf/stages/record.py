@@ -62,16 +62,28 @@ class RecordStage(Stage):
             return
         split = subset(ctx.dataset["train"], r.stats.stats_max_samples, r.training.seed) if compute else None
         redo = compute and ctx.cache.redo_requested(self.name)
+        explicit = compute and self.name in r.pipeline.redo
         augment = stats_augment_kind(r.stats, r.synthesis.syn_augment)
+        from ..errors import StatisticsMismatchError
+        from ..recipe import config_fingerprint
+        from ..utils import runtime_provenance
+
+        record_fp = config_fingerprint(self.config(r))
         for i, (teacher, folder) in enumerate(zip(ctx.teachers, ctx.teacher_dirs)):
             path = self.path(ctx, folder)
-            if path.exists() and not redo:
-                ctx.statistics[i] = load_statistics(
-                    path, expect_fingerprint=teacher.fingerprint, expect_patch_size=r.stats.stats_patch_size,
-                    expect_conv_target=r.stats.stats_conv_target, expect_augment=augment,
-                    expect_patch_mode=r.stats.stats_patch_mode,
-                )
-                continue
+            if path.exists() and not explicit:
+                try:  # kept if recorded for this very teacher (weights fingerprint) with these settings
+                    stats = load_statistics(
+                        path, expect_fingerprint=teacher.fingerprint, expect_patch_size=r.stats.stats_patch_size,
+                        expect_conv_target=r.stats.stats_conv_target, expect_augment=augment,
+                        expect_patch_mode=r.stats.stats_patch_mode,
+                    )
+                    if not redo or stats.provenance.get("record_fingerprint") == record_fp:
+                        ctx.statistics[i] = stats
+                        continue
+                except StatisticsMismatchError:
+                    if not compute:
+                        raise
             if split is None:  # not selected: recover says what is missing
                 continue
             batches = image_batches(split, ctx.spec, r.stats.stats_batch_size, process_index=acc.process_index,
@@ -83,6 +95,7 @@ class RecordStage(Stage):
                 dataset_name=ctx.spec.name,
                 total_batches=None if r.data.streaming else -(-len(split) // r.stats.stats_batch_size),
             )
+            ctx.statistics[i].provenance.update(record_fingerprint=record_fp, **runtime_provenance(acc.num_processes))
             if acc.is_main_process:
                 save_statistics(ctx.statistics[i], path)
         acc.wait_for_everyone()

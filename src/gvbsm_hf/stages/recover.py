@@ -3,6 +3,8 @@ synthesises or selects its set into ``recover/<method>/`` (docs/method.md "Recov
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,25 @@ def random_real_rows(split, ipc: int, seed: int, spec):
     from ..data import class_balanced_indices, to_uint8_tensors
 
     return to_uint8_tensors(split.select(class_balanced_indices(split["label"], n_per_class=ipc, seed=seed)), spec)
+
+
+def synthesis_health(syn, teachers, spec, device) -> dict[str, Any]:
+    """The teacher ensemble on the shipped images (no augmentation): top-1 and cross-entropy, against
+    chance (``ln K``). A set the teachers classify worse than chance has diverged (e.g. a huge syn_lr)."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..relabel import TeacherEnsemble
+
+    ensemble = TeacherEnsemble(list(teachers)).to(device).eval()
+    with torch.no_grad():
+        logits = torch.cat([ensemble(b.to(device)).float().cpu() for b in syn.shipped_images(spec).split(256)])
+    ce = float(F.cross_entropy(logits, syn.labels.long()))
+    top1 = float((logits.argmax(1) == syn.labels).float().mean() * 100)
+    chance = math.log(spec.num_classes)
+    healthy = math.isfinite(ce) and ce < chance and top1 > 100.0 / spec.num_classes
+    return {"ensemble_top1": round(top1, 2), "ensemble_ce": round(ce, 4), "chance_ce": round(chance, 4),
+            "num_classes": spec.num_classes, "healthy": healthy}
 
 
 def teacher_subset(names, subset) -> list[int]:
@@ -42,6 +63,8 @@ class RecoverStage(Stage):
             path = self.folder(ctx, method) / "synthetic.safetensors"
             if path.exists():
                 ctx.synthetic[method] = SyntheticSet.load(path.parent)
+            if (path.parent / "health.json").exists():
+                ctx.health[method] = json.loads((path.parent / "health.json").read_text())
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from ..synthesis import SyntheticSet, recover
@@ -75,4 +98,34 @@ class RecoverStage(Stage):
                                 spec.class_names or [str(i) for i in range(spec.num_classes)], folder / "grid.png")
             ctx.synthetic[method] = result
         acc.wait_for_everyone()
+        for method in ctx.methods:
+            self.check_health(ctx, method, [ctx.teachers[i] for i in syn_idx])
         return {"methods": ctx.methods}
+
+    def check_health(self, ctx: StageContext, method: str, teachers) -> None:
+        """Health check (``recover/<method>/health.json``): warn, and stop unless
+        ``accept_unhealthy_synthesis``, when the teachers find the set worse than chance. The images are
+        kept on disk either way, so accepting it later costs nothing."""
+        from ..errors import GVBSMError
+
+        path = self.folder(ctx, method) / "health.json"
+        if path.exists():
+            health = json.loads(path.read_text())
+        else:
+            health = synthesis_health(ctx.synthetic[method], teachers, ctx.spec, ctx.accelerator.device)
+            if ctx.accelerator.is_main_process:
+                from ..utils import write_json_atomic
+
+                write_json_atomic(path, health)
+        ctx.health[method] = health
+        if health["healthy"] or not get_method(method).optimised:
+            return
+        what = (f"The {method!r} synthetic set looks diverged: the teacher ensemble classifies {health['ensemble_top1']} % "
+                f"of it correctly, with cross-entropy {health['ensemble_ce']} >= chance {health['chance_ce']} = "
+                f"ln {health['num_classes']}.")
+        if ctx.recipe.pipeline.accept_unhealthy_synthesis:
+            ctx.logger.warning(what + " Kept because accept_unhealthy_synthesis: true; the card says so.")
+            return
+        raise GVBSMError(what + f" Its images are kept in {path.parent}. Lower syn_lr (now "
+                         f"{ctx.recipe.synthesis.syn_lr}) or the loss weights and rerun (recover restarts), or set "
+                         "`accept_unhealthy_synthesis: true` (--accept_unhealthy_synthesis true) to go on with it.")

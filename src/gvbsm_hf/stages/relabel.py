@@ -12,7 +12,7 @@ from .recover import teacher_subset
 
 class RelabelStage(Stage):
     name = "relabel"
-    depends_on = ("relabel", "training.student_crop_scale")
+    depends_on = ("relabel", "training.student_crop_scale", "training.num_train_epochs")
 
     def folder(self, ctx: StageContext, method: str) -> Path:
         return ctx.output_dir / "relabel" / method_folder(method)
@@ -20,9 +20,7 @@ class RelabelStage(Stage):
     def outputs(self, ctx: StageContext) -> list[Path]:
         from ..relabel import STORED_META_FILE
 
-        if ctx.recipe.relabel.relabel_mode != "stored":
-            return []
-        return [self.folder(ctx, m) / STORED_META_FILE for m in ctx.synthetic]
+        return [self.folder(ctx, m) / STORED_META_FILE for m in self.methods(ctx)]
 
     def _ensemble(self, ctx: StageContext) -> None:
         from ..relabel import TeacherEnsemble
@@ -39,15 +37,25 @@ class RelabelStage(Stage):
         self._labels(ctx, compute=True)
         return {"mode": ctx.recipe.relabel.relabel_mode}
 
+    def methods(self, ctx: StageContext) -> list[str]:
+        """Sets whose views are stored: all in ``stored`` mode; in ``on_the_fly`` mode the main method's
+        only (``relabel_export_views``), for the export and the evaluate stage's ``stored_views`` row."""
+        r = ctx.recipe
+        if r.relabel.relabel_mode == "stored":
+            return list(ctx.synthetic)
+        return [ctx.main_method] if r.relabel.relabel_export_views and ctx.main_method in ctx.synthetic else []
+
     def _labels(self, ctx: StageContext, compute: bool) -> None:
+        import math
+
         from ..relabel import STORED_META_FILE, StoredSoftLabels, relabel_stored
 
         self._ensemble(ctx)
         r = ctx.recipe
-        if r.relabel.relabel_mode != "stored":  # on the fly: the ensemble labels every student batch
-            return
+        num_views = r.relabel.relabel_num_views or max(1, math.ceil(float(r.training.num_train_epochs)))
         redo = compute and ctx.cache.redo_requested(self.name)
-        for method, syn in ctx.synthetic.items():
+        for method in self.methods(ctx):
+            syn = ctx.synthetic[method]
             folder = self.folder(ctx, method)
             if (folder / STORED_META_FILE).exists() and not redo:  # written last
                 ctx.stored[method] = StoredSoftLabels.load(folder)
@@ -55,7 +63,7 @@ class RelabelStage(Stage):
             if not compute:
                 continue
             ctx.stored[method] = relabel_stored(
-                syn.shipped_images(ctx.spec), ctx.ensemble, num_views=r.relabel.relabel_num_views, out_size=ctx.spec.image_size,
+                syn.shipped_images(ctx.spec), ctx.ensemble, num_views=num_views, out_size=ctx.spec.image_size,
                 crop_scale=tuple(r.training.student_crop_scale), seed=r.relabel.relabel_seed,
                 topk=r.relabel.relabel_topk, accelerator=ctx.accelerator,
             )

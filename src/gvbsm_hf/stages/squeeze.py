@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -22,9 +23,52 @@ def is_teacher_reference(name: str) -> bool:
     return is_hub_repo_id(name)
 
 
+def teacher_starts_pretrained(name: str, teacher_pretrained: bool) -> bool:
+    """``teacher_pretrained`` per teacher: backbones with pretrained weights (``timm:``, ``tv:``,
+    ``hf-hub:``, bare timm names) start from them; zoo backbones have none and start from scratch."""
+    from ..backbones.registry import has_pretrained_weights
+
+    return bool(teacher_pretrained) and has_pretrained_weights(name)
+
+
+def untrained_teachers_message(untrained: Sequence[str], teacher_pretrained: bool) -> str:
+    """Why ``teacher_epochs: 0`` cannot be used with these teachers, and the recipe fields that fix it."""
+    from ..backbones.registry import has_pretrained_weights
+
+    zoo = [n for n in untrained if not has_pretrained_weights(n)]
+    capable = [n for n in untrained if n not in zoo]
+    parts = []
+    if zoo:
+        parts.append(f"zoo teacher(s) {zoo} have no pretrained weights, so teacher_epochs: 0 would leave them "
+                     "untrained")
+    if capable:
+        parts.append(f"teacher(s) {capable} would be untrained because teacher_pretrained is false")
+    fixes = ["set `teacher_epochs: N` with N >= 1 in the recipe (--teacher_epochs N)"]
+    if capable and not teacher_pretrained:
+        fixes.append("set `teacher_pretrained: true` (--teacher_pretrained true) to use the pretrained weights of "
+                     f"{capable}")
+    if zoo:
+        fixes.append(f"remove {zoo} from `teachers:` (--teachers), or list trained teacher folders there instead")
+    return "; ".join(parts) + ". Fix: " + ", or ".join(fixes) + "."
+
+
 def teacher_dir_name(name: str, index: int, names: Sequence[str]) -> str:
     base = name.replace("/", "--").replace(":", "-")
     return f"{base}-{index}" if list(names).count(name) > 1 else base
+
+
+TEACHER_FINGERPRINT_FILE = "gvbsm_squeeze.json"
+
+
+def teacher_fingerprint(ctx: StageContext, name: str) -> str:
+    """What one trained teacher depends on: its backbone name, the data, the squeeze settings (not the
+    list of the other teachers) and the seed. A teacher whose fingerprint is unchanged is kept when
+    the recipe changes elsewhere (e.g. one teacher dropped from ``teachers``)."""
+    from ..recipe import NON_RESULT_FIELDS, config_fingerprint, config_to_dict
+
+    r = ctx.recipe
+    squeeze = {k: v for k, v in config_to_dict(r.squeeze, NON_RESULT_FIELDS).items() if k != "teachers"}
+    return config_fingerprint(name, config_to_dict(r.data, NON_RESULT_FIELDS), squeeze, r.training.seed)
 
 
 class SqueezeStage(Stage):
@@ -60,31 +104,39 @@ class SqueezeStage(Stage):
             raise GVBSMError("The recipe lists no teachers: set `teachers: [convnet128, ...]`.")
         teachers, dirs = [], self.folders(ctx)
         redo = ctx.cache.redo_requested(self.name)
+        explicit = self.name in r.pipeline.redo
         for i, (name, folder) in enumerate(zip(names, dirs)):
+            marker = folder / TEACHER_FINGERPRINT_FILE
+            unchanged = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == teacher_fingerprint(ctx, name)
             if is_teacher_reference(name):
                 ctx.logger.info(f"squeeze: loading teacher {name}")
                 teacher = load_teacher(name)
-            elif (folder / "model.safetensors").exists() and not (redo and train):
+            elif (folder / "model.safetensors").exists() and not (train and (explicit or (redo and not unchanged))):
                 teacher = load_teacher(folder)
             elif not train:
                 raise GVBSMError(f"Teacher {name!r} is not trained yet ({folder} has no model.safetensors): "
                                  "add `squeeze` to `stages`.")
             elif r.squeeze.teacher_epochs == 0:
-                if not r.squeeze.teacher_pretrained:
-                    raise GVBSMError(
-                        f"teacher_epochs: 0 with teacher_pretrained: false would use an untrained {name}; "
-                        "set teacher_epochs >= 1 or teacher_pretrained: true."
-                    )
+                if not teacher_starts_pretrained(name, r.squeeze.teacher_pretrained):
+                    raise GVBSMError(untrained_teachers_message([name], r.squeeze.teacher_pretrained))
+                ctx.logger.info(f"squeeze: teacher {name}: pretrained weights, no training (teacher_epochs: 0)")
                 teacher = TeacherModel.from_backbone(name, ctx.spec, pretrained=True)
                 if acc.is_main_process:
                     teacher.save_pretrained(folder)
             else:
-                ctx.logger.info(f"squeeze: training teacher {i + 1}/{len(names)}: {name}")
+                pretrained = teacher_starts_pretrained(name, r.squeeze.teacher_pretrained)
+                start = "from pretrained weights" if pretrained else "from scratch"
+                ctx.logger.info(f"squeeze: training teacher {i + 1}/{len(names)}: {name} ({start})")
                 if redo and folder.exists() and acc.is_main_process:
                     shutil.rmtree(folder)
                 acc.wait_for_everyone()
                 teacher = train_teacher(name, ctx.real("train"), ctx.real("validation"), ctx.spec, r.squeeze,
-                                        accelerator=acc, output_dir=folder)
+                                        accelerator=acc, output_dir=folder, pretrained=pretrained)
+            if train and not is_teacher_reference(name) and acc.is_main_process:
+                from ..utils import runtime_provenance, write_json_atomic
+
+                write_json_atomic(marker, {"fingerprint": teacher_fingerprint(ctx, name),
+                                           "runtime": runtime_provenance(acc.num_processes)})
             if hasattr(teacher, "check_spec"):
                 teacher.check_spec(ctx.spec)
             teachers.append(teacher.eval())
