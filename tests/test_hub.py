@@ -334,8 +334,8 @@ def test_card_with_unpublished_teachers_names_no_local_path(tmp_path, monkeypatc
     assert "teacher_repo_prefix: <org>/<name>" in body and "--config gvbsm_config.json" in body
     assert "To train a student without any teacher, use the `views` config (stored soft labels" in body
     code = _snippet(body)
-    assert f'repo = "{hub.LOCAL_FOLDER_PLACEHOLDER}"' in code
-    assert "load_teacher" not in code and "load_stored_soft_labels(repo)" in code
+    assert f'StoredViews("{hub.LOCAL_FOLDER_PLACEHOLDER}")' in code
+    assert "load_teacher" not in body and "gvbsm_hf.trainer" not in code
     assert "a local dataset (`real_images`)" in body
     # provenance for machines: the ids/names, not the folders
     export_info = json.loads((folder / "gvbsm_export.json").read_text())
@@ -352,7 +352,7 @@ def test_card_with_unpublished_teachers_names_no_local_path(tmp_path, monkeypatc
     card = DatasetCard.load(folder / "README.md")
     assert card.data.teachers == ids and "unpublished_teachers" not in card.data.to_dict()
     assert all(f"[{t}](https://huggingface.co/{t})" in card.text for t in ids)
-    assert f"load_teacher(t) for t in {json.dumps(ids)}" in _snippet(card.text)
+    assert f"load_teacher(t) for t in {json.dumps(ids)}" in card.text
 
 
 def test_card_without_views_says_hard_labels(tmp_path):
@@ -389,7 +389,8 @@ def _snippet(card_text: str) -> str:
 
 
 def test_card_training_snippet_runs(tmp_path, monkeypatch):
-    """The card's "How to train on this" code trains a student on the export (stored views, no Hub)."""
+    """The card's "How to train on this" code trains a student from the exported folder alone: only
+    ``StoredViews``, ``datasets`` and torch (stored views, no teacher, no Hub, no gvbsm-hf Trainer)."""
     spec = make_spec(3)
     images, labels, logits = make_inputs(3, n=10)
     g = torch.Generator().manual_seed(5)
@@ -397,21 +398,28 @@ def test_card_training_snippet_runs(tmp_path, monkeypatch):
     xy = torch.rand(n, v, 2, generator=g) * 2
     stored = StoredSoftLabels(boxes=torch.cat([xy, xy + 6], dim=-1), flip=torch.rand(n, v, generator=g) > 0.5,
                               num_classes=K, image_size=(8, 8), out_size=8, logits=torch.randn(n, v, K, generator=g).half())
-    method = dict(METHOD, student="convnet", num_train_epochs=1)
+    method = dict(METHOD, student="convnet", num_train_epochs=3)
     folder = export_distilled_dataset(tmp_path / "ex", images=images, labels=labels, spec=spec, soft_logits=logits,
                                       stored_views=stored, method=method)
-    code = _snippet(DatasetCard.load(folder / "README.md").text)
-    assert "load_stored_soft_labels" in code and str(tmp_path) not in code
-    placeholder = f'repo = "{hub.LOCAL_FOLDER_PLACEHOLDER}"'
+    card = DatasetCard.load(folder / "README.md").text
+    code = _snippet(card)
+    assert "from gvbsm_hf import StoredViews" in code and str(tmp_path) not in code
+    imports = {line.split()[1] for line in code.splitlines() if line.startswith(("import ", "from "))}
+    assert imports == {"torch", "torch.nn.functional", "gvbsm_hf"}  # StoredViews + torch only
+    placeholder = f'StoredViews("{hub.LOCAL_FOLDER_PLACEHOLDER}")'
     assert placeholder in code  # no repo_id: a placeholder, never this machine's path
-    code = code.replace(placeholder, f'repo = "{folder.resolve()}"')
-    monkeypatch.chdir(tmp_path)  # the snippet writes its output_dir relative to the working directory
+    assert "Size: images" in card and "stored views" in card
+    code = code.replace(placeholder, f'StoredViews("{folder.resolve()}")')
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     namespace: dict = {}
-    exec(compile(code, "dataset_card_snippet", "exec"), namespace)
-    assert torch.equal(namespace["images"], images) and torch.equal(namespace["soft_logits"], logits)
-    assert namespace["trainer"].state.global_step > 0
-    assert np.isfinite(namespace["trainer"].state.log_history[-1]["train_loss"])
+    before = None
+    exec(compile(code.replace("for epoch in range(3):", "before = [p.detach().clone() for p in model.parameters()]\n"
+                                                         "for epoch in range(3):"), "dataset_card_snippet", "exec"),
+         namespace)
+    before = namespace["before"]
+    assert torch.isfinite(namespace["loss"])
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, namespace["model"].parameters()))  # it trained
+    assert namespace["views"].epoch == 2 and len(namespace["views"]) == 10
 
 
 # --------------------------------------------------------------------------------------- push

@@ -375,7 +375,7 @@ def export_distilled_dataset(
             tables, spec=spec, method_name=method_name, ipc=ipc, hyperparameters=hyper, results=results, health=health,
             teacher_repos=repos, teacher_names=teacher_labels, grid_file=grid_file, repo_id=repo_id,
             source_dataset=source_dataset, license=license if license is not None else spec.license, folder=tmp,
-            soft_kind=soft_kind, topk=topk, slot_columns=list(slot_metadata),
+            soft_kind=soft_kind, topk=topk, slot_columns=list(slot_metadata), views_meta=views_meta,
         )
         card.save(tmp / "README.md")
         if folder.exists():
@@ -386,6 +386,15 @@ def export_distilled_dataset(
         raise
     logger.info("Exported %d distilled images to %s (configs: %s)", n, folder, ", ".join(tables))
     return folder
+
+
+def export_sizes(folder: str | Path) -> dict[str, Any]:
+    """Megabytes of the images (``default`` config) and of the stored views (``views``), and their ratio."""
+    folder = Path(folder)
+    image = (folder / CONFIG_FILES["default"]).stat().st_size
+    views = (folder / CONFIG_FILES["views"]).stat().st_size if (folder / CONFIG_FILES["views"]).exists() else 0
+    return {"image_mb": round(image / 2**20, 3), "label_mb": round(views / 2**20, 3),
+            "ratio": round(views / image, 1) if image else None}
 
 
 LABEL_NAMES = {
@@ -472,6 +481,7 @@ def build_dataset_card(
     folder: Path,
     results: Sequence[Mapping[str, Any]] | None = None,
     health: Mapping[str, Any] | None = None,
+    views_meta: Mapping[str, Any] | None = None,
     teacher_repos: Sequence[str] | None = None,
     teacher_names: Sequence[str] | None = None,
     grid_file: str | None = None,
@@ -576,6 +586,8 @@ def build_dataset_card(
         has_views="views" in tables,
         results_rows=_format_results(results, method_name),
         health=dict(health) if health else None,
+        num_views=(views_meta or {}).get("num_views"),
+        sizes=export_sizes(folder) if "views" in tables else None,
         load_id=repo_id or LOCAL_FOLDER_PLACEHOLDER,
         load_is_placeholder=repo_id is None,
         student=hp.get("student", "convnet128"),
