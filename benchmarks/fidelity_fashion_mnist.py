@@ -67,16 +67,17 @@ def main() -> None:
     common = ["--config", str(RECIPE), "--teachers", *args.teachers, "--syn_iterations", str(args.syn_iterations),
               "--syn_checkpoint_every", str(max(1, args.syn_iterations // 5)), "--num_train_epochs", str(args.epochs),
               "--eval_seeds", *map(str, args.seeds), "--evaluate_hard_labels", "false",
+              "--relabel_export_views", "false",  # the on-the-fly row only (stored views: benchmarks/stored_views_*)
               "--stats_max_samples", str(args.stats_max_samples),
               "--stages", "squeeze", "record", "recover", "relabel", "evaluate"]
     rows, runs = [], []
     for name in args.variants:
         if name == "random_real":
-            argv = common + AUTHORS + ["--syn_method", "random_real", "--baselines"]
+            argv = common + AUTHORS + ["--syn_method", "random_real", "--baselines", "random_real"]
             changed = ["syn_method"]
         else:
             extra, changed = VARIANTS[name]
-            argv = common + AUTHORS + extra + ["--baselines"]
+            argv = common + AUTHORS + extra + ["--baselines", "gvbsm"]  # = no baseline beside the main method
         argv += ["--output_dir", f"{args.work_dir}/{name}"]
         t0 = time.perf_counter()
         summary = run_pipeline(parse_recipe(argv))

@@ -123,3 +123,23 @@ def test_recipe_json_holds_every_field_and_no_secret():
         assert name in d, name
     assert d["seed"] == 7 and "hf_secret" not in json.dumps(d) and "hub_token" not in d
     assert set(config_to_dict(r.training, NON_RESULT_FIELDS)).isdisjoint({"output_dir", "logging_dir", "report_to"})
+
+
+def test_an_option_added_since_a_run_keeps_its_stages_while_at_its_default(tmp_path):
+    """Upgrading gvbsm-hf adds fields; a finished stage whose stored config lacks a field that is at
+    its default is not recomputed, and one set away from its default is."""
+    from gvbsm_hf.configs import STAGES
+    from gvbsm_hf.stages import StageCache
+
+    recipe = _parse("--output_dir", str(tmp_path))
+    cache = StageCache(tmp_path, [], recipe)
+    for stage in STAGES:
+        cache.mark(stage)
+    state = json.loads((tmp_path / "stages.json").read_text())
+    for stage in ("record", "recover"):  # as written by an older version: no such fields, another fingerprint
+        state[stage]["config"].pop("stats_max_samples" if stage == "record" else "syn_classes_per_batch")
+        state[stage]["fingerprint"] = "older"
+    (tmp_path / "stages.json").write_text(json.dumps(state))
+    assert not StageCache(tmp_path, [], recipe).redo  # the defaults: nothing recomputed
+    changed = StageCache(tmp_path, [], _parse("--output_dir", str(tmp_path), "--syn_classes_per_batch", "5"))
+    assert changed.changed == {"recover": ["syn_classes_per_batch"]} and "recover" in changed.redo
