@@ -29,7 +29,7 @@ from .errors import GVBSMError
 STAGES = ("squeeze", "record", "recover", "relabel", "evaluate", "export")
 
 BackboneChoice = Literal["uniform", "round_robin"]
-SynInit = Literal["noise", "real"]
+SynInit = Literal["noise", "real", "rded"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 ConvTarget = Literal["input", "output"]
 RelabelMode = Literal["on_the_fly", "stored"]
@@ -242,6 +242,10 @@ class StatisticsArguments(ValidatedArguments):
                                 "'resize' the map bilinearly (authors) or average 'partial' edge patches. Unset: "
                                 "syn_protocol's."})
     stats_max_samples: Optional[int] = field(default=None, metadata={"help": "Cap on images in the pass."})
+    stats_per_class: bool = field(
+        default=False, metadata={"help": "Also record per-class BN-input and Conv statistics in the same pass (soft "
+                                 "category-aware matching, syn_class_weight < 1; docs/method.md \"Beyond G-VBSM\"). "
+                                 "Memory grows with classes x channels, not images."})
 
     def validate(self) -> None:
         check_range("stats_patch_size", self.stats_patch_size, 1)
@@ -301,7 +305,8 @@ class SynthesisArguments(ValidatedArguments):
     syn_checkpoint_every: int = field(default=100, metadata={"help": "Iterations between checkpoints."})
     syn_seed: int = field(default=0)
     # ---- method fields (None: the method's default) ----------------------------------------
-    syn_init: Optional[SynInit] = field(default=None, metadata={"help": "'noise' or 'real' (RDED/EDC-style) init." + METHOD_FIELD_HELP})
+    syn_init: Optional[SynInit] = field(default=None, metadata={"help": "'noise', 'real' (random real images) or 'rded' "
+                                        "(the crops the rded method selects, RDED/EDC-style) init." + METHOD_FIELD_HELP})
     syn_backbone_choice: Optional[BackboneChoice] = field(
         default=None, metadata={"help": "'uniform' sampling (paper, Eq. 7) or 'round_robin' (authors' code)." + METHOD_FIELD_HELP}
     )
@@ -316,6 +321,17 @@ class SynthesisArguments(ValidatedArguments):
     syn_dd_weight: Optional[float] = field(default=None, metadata={"help": "DD weight." + METHOD_FIELD_HELP})
     syn_dd_tau: Optional[float] = field(default=None, metadata={"help": "DD temperature tau." + METHOD_FIELD_HELP})
     syn_dd_pool_size: Optional[int] = field(default=None, metadata={"help": "DD pooling side." + METHOD_FIELD_HELP})
+    syn_class_weight: Optional[float] = field(
+        default=None, metadata={"help": "w of soft category-aware matching (EDC): w * global + (1 - w) * per-class "
+                                "BN/Conv matching; 1 = global only (needs stats_per_class: true when < 1)." + METHOD_FIELD_HELP})
+    syn_rded_candidates: Optional[int] = field(
+        default=None, metadata={"help": "rded / syn_init rded: random crops scored per class (lowest ensemble CE "
+                                "wins); unset: 5 x ipc x syn_rded_factor^2." + METHOD_FIELD_HELP})
+    syn_rded_crop_scale: Optional[list[float]] = field(
+        default=None, metadata={"help": "rded: area fraction [min, max] of the square candidate crops." + METHOD_FIELD_HELP})
+    syn_rded_factor: Optional[int] = field(
+        default=None, metadata={"help": "rded: stitch factor x factor selected crops into one image (1: no "
+                                "stitching)." + METHOD_FIELD_HELP})
 
     def validate(self) -> None:
         from .methods import list_methods
@@ -341,6 +357,11 @@ class SynthesisArguments(ValidatedArguments):
         check_range("syn_beta_dr", self.syn_beta_dr, 0, 1, allow_none=True)
         check_range("syn_dd_tau", self.syn_dd_tau, 0, low_open=True, allow_none=True)
         check_range("syn_dd_pool_size", self.syn_dd_pool_size, 1, allow_none=True)
+        check_range("syn_class_weight", self.syn_class_weight, 0, 1, allow_none=True)
+        check_range("syn_rded_candidates", self.syn_rded_candidates, 1, allow_none=True)
+        if self.syn_rded_crop_scale is not None:
+            check_crop_scale("syn_rded_crop_scale", self.syn_rded_crop_scale)
+        check_range("syn_rded_factor", self.syn_rded_factor, 1, allow_none=True)
 
 
 def check_crop_scale(name: str, scale: list[float]) -> None:
@@ -395,6 +416,13 @@ class GVBSMTrainingArguments(TrainingArguments):
     eval_students: Optional[list[str]] = field(
         default=None, metadata={"help": "Several evaluators (cross-architecture table); None: [student]."}
     )
+    student_ema_decay: Optional[float] = field(
+        default=None, metadata={"help": "Keep an EMA of the student (ema = d * ema + (1 - d) * w after every optimizer "
+                                "step, parameters and float buffers) and evaluate with it (EDC). None: off."})
+    student_lr_smoothing: Optional[float] = field(
+        default=None, metadata={"help": "EDC's smoothing schedule: a cosine whose period is this factor zeta >= 1 "
+                                "times the run, lr = 0.5 (1 + cos(pi t / (zeta T))) after warmup; replaces "
+                                "lr_scheduler_type. None: off (zeta = 1 is the plain cosine)."})
 
     def __post_init__(self) -> None:
         check_choice("loss_type", self.loss_type, typing.get_args(LossType))
@@ -403,6 +431,8 @@ class GVBSMTrainingArguments(TrainingArguments):
         check_range("cutmix_prob", self.cutmix_prob, 0, 1)
         check_choice("cutmix_ce_label", self.cutmix_ce_label, typing.get_args(CutMixLabel))
         check_crop_scale("student_crop_scale", self.student_crop_scale)
+        check_range("student_ema_decay", self.student_ema_decay, 0, 1, high_open=True, allow_none=True)
+        check_range("student_lr_smoothing", self.student_lr_smoothing, 1, allow_none=True)
         if not self.eval_seeds:
             raise RecipeError("eval_seeds is empty: give at least one seed, e.g. `eval_seeds: [0, 1, 2]`.")
         if self.push_to_hub:

@@ -15,6 +15,15 @@ Statistics (all float32, variances biased):
 Conv statistics are taken on the Conv2d INPUT by default (authors' code); ``conv_target="output"``
 follows the paper's text (docs/method.md "Where the authors' code differs from the paper").
 
+Per-class statistics (soft category-aware matching, docs/method.md "Beyond G-VBSM"): after
+:meth:`StatisticsHooks.set_class_labels` every hook also reduces its map per class of the batch
+labels: BN layer -> ``bn_class_stats[name] = (mean, var)`` ``(K, C)``; Conv layer ->
+``conv_class_stats[name]`` with ``channel_mean``/``channel_var`` ``(K, C)`` and ``patch_mean``/
+``patch_var`` ``(K, ceil(H/p), ceil(W/p))``: the same four statistics, each over the images of one
+class only (:func:`class_channel_statistics`, :func:`class_conv_statistics`). The map is first reduced
+per image (``(N, C)`` and ``(N, ceil(H/p), ceil(W/p))``), then per class with a ``(K, N)`` weight
+matrix, so the extra memory is ``K x (channels + patches)`` per layer, never ``K x`` the map.
+
 Efficiency: one elementwise pass ``x - shift`` (a detached per-channel shift taken from the first
 image, which makes ``E[x^2] - E[x]^2`` well conditioned), an in-place square, and two reductions
 over the batch dimension; the backward is one fused ``addcmul`` (custom autograd Function, which
@@ -168,6 +177,72 @@ def conv_statistics(x: torch.Tensor, patch_size: int, patch_mode: str = "partial
     }
 
 
+def class_weights(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, counts)``: ``W[n, k] = [labels_n = k] / max(counts_k, 1)`` ``(N, K)`` float32 and the images per
+    class ``counts`` ``(K,)``; ``W.T @ r`` is the per-class mean of per-image rows ``r``."""
+    onehot = F.one_hot(labels.long(), int(num_classes)).float()
+    counts = onehot.sum(0)
+    return onehot / counts.clamp_min(1.0), counts
+
+
+def _per_image_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x - s`` and its square (float32), and the per-image rows ``mean_hw(x - s)``, ``mean_hw((x - s)^2)``
+    ``(N, C)``, with ``s`` the detached per-channel mean of the first image ``(1, C, 1, 1)`` (returned last)."""
+    shift = x[:1].detach().float().mean(dim=(2, 3), keepdim=True)
+    xs = x.float() - shift
+    sq = xs * xs
+    return xs, sq, torch.stack([xs.mean(dim=(2, 3)), sq.mean(dim=(2, 3))]), shift
+
+
+def class_channel_statistics(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class channel mean and biased variance ``(K, C)`` of ``x`` ``(N, C, ...)`` over the images of each
+    class and every spatial position (Eq. 1 restricted to one class); ``weights`` from :func:`class_weights`.
+    A class without images gets mean = the shift and variance 0 (its count is 0). float32, differentiable."""
+    if x.dim() != 4:
+        x = x.reshape(x.shape[0], x.shape[1], 1, -1)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        _, _, rows, shift = _per_image_moments(x)
+        m1, m2 = (weights.t() @ rows[0]), (weights.t() @ rows[1])
+        mean = m1 + shift.view(1, -1)
+        var = (m2 - m1 * m1).clamp_min(0.0)
+    return mean, var
+
+
+def class_conv_statistics(x: torch.Tensor, weights: torch.Tensor, patch_size: int,
+                          patch_mode: str = "partial") -> dict[str, torch.Tensor]:
+    """The four statistics of :func:`conv_statistics` per class: ``channel_mean``/``channel_var`` ``(K, C)``
+    and ``patch_mean``/``patch_var`` ``(K, ceil(H/p), ceil(W/p))`` over the images of each class (patch
+    statistics over those images, all channels and the pixels of a patch; ``"resize"`` resizes the map
+    first for the patch statistics, as :func:`conv_statistics`). float32, differentiable w.r.t. ``x``."""
+    if x.dim() != 4:
+        raise ValueError(f"Conv statistics need a 4-D (N, C, H, W) feature map, got shape {tuple(x.shape)}.")
+    if patch_mode not in PATCH_MODES:
+        raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r} (stats_patch_mode).")
+    p = int(patch_size)
+    h, w = x.shape[-2:]
+    wt = weights.t()
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xs, sq, rows, shift = _per_image_moments(x)
+        m1, m2 = wt @ rows[0], wt @ rows[1]
+        out = {"channel_mean": m1 + shift.view(1, -1), "channel_var": (m2 - m1 * m1).clamp_min(0.0)}
+        if patch_mode == "resize" and (h % p or w % p):
+            size = (-(-h // p) * p, -(-w // p) * p)
+            xr = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+            xs, sq = xr - shift, (xr - shift).square()
+        # about one scalar t = mean_c s_c, per pixel of each image: E_c[x - t], E_c[(x - t)^2]
+        t = shift.mean()
+        d = (shift - t).view(-1)
+        m_t = xs.mean(dim=1) + d.mean()
+        q_t = sq.mean(dim=1) + torch.einsum("nchw,c->nhw", xs, 2.0 * d) / d.numel() + (d * d).mean()
+        n = x.shape[0]
+        pooled = _patch_average(torch.cat([m_t, q_t]), p)  # (2N, Hp, Wp)
+        pm = torch.einsum("nk,nij->kij", weights, pooled[:n])
+        pq = torch.einsum("nk,nij->kij", weights, pooled[n:])
+        out["patch_mean"] = pm + t
+        out["patch_var"] = (pq - pm * pm).clamp_min(0.0)
+    return out
+
+
 def _has_running_stats(module: nn.Module) -> bool:
     return (
         isinstance(module, _BatchNorm)
@@ -193,6 +268,8 @@ class StatisticsHooks:
         patch_size: patch side ``Np`` of the patch statistics (4 small datasets, 16 ImageNet).
         layer_filter: optional ``(name, module) -> bool``; only layers where it is True are hooked.
         enabled: compute statistics (switch off cheaply with ``hooks.enabled = False``).
+        bn_global: compute the (global) ``bn_stats`` of the hooked BN layers (``False``: only their
+            per-class statistics, e.g. in the record pass, where the BN targets are the running stats).
 
     Works under ``torch.compile`` (hooks registered before the compiled call are traced into the
     graph; toggling ``enabled`` recompiles once per value) and with channels_last inputs.
@@ -209,6 +286,7 @@ class StatisticsHooks:
         patch_mode: str = "partial",
         layer_filter: Callable[[str, nn.Module], bool] | None = None,
         enabled: bool = True,
+        bn_global: bool = True,
     ) -> None:
         if conv_target not in ("input", "output"):
             raise ValueError(f"conv_target must be 'input' or 'output', got {conv_target!r} (stats_conv_target).")
@@ -218,6 +296,12 @@ class StatisticsHooks:
         self.patch_size = int(patch_size)
         self.patch_mode = patch_mode
         self.enabled = enabled
+        self.bn_global = bn_global
+        self.class_labels: torch.Tensor | None = None
+        self.num_label_classes = 0
+        self._class_weights: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bn_class_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.conv_class_stats: dict[str, dict[str, torch.Tensor]] = {}
         self.bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.conv_stats: dict[str, dict[str, torch.Tensor]] = {}
         self.bn_layers: list[str] = []
@@ -248,7 +332,11 @@ class StatisticsHooks:
             if not self.enabled:
                 return
             self._fired[name] = None
-            self.bn_stats[name] = channel_statistics(self._first_input(args, kwargs))
+            x = self._first_input(args, kwargs)
+            if self.bn_global:
+                self.bn_stats[name] = channel_statistics(x)
+            if self.class_labels is not None:
+                self.bn_class_stats[name] = class_channel_statistics(x, self.class_weights(x.device)[0])
 
         return hook
 
@@ -259,6 +347,9 @@ class StatisticsHooks:
             self._fired[name] = None
             x = self._first_input(args, kwargs) if self.conv_target == "input" else output
             self.conv_stats[name] = conv_statistics(x, self.patch_size, self.patch_mode)
+            if self.class_labels is not None:
+                self.conv_class_stats[name] = class_conv_statistics(
+                    x, self.class_weights(x.device)[0], self.patch_size, self.patch_mode)
 
         return hook
 
@@ -282,10 +373,32 @@ class StatisticsHooks:
             for name, m in self._bn_modules.items()
         }
 
+    def set_class_labels(self, labels: torch.Tensor | None, num_classes: int | None = None) -> None:
+        """Also compute per-class statistics of the next forwards, for batch labels ``labels`` ``(N,)`` in
+        ``[0, num_classes)`` (row ``k`` of every per-class statistic is class ``k``); ``None`` switches
+        them off. The labels stay set until changed (one call per job / batch)."""
+        if labels is None:
+            self.class_labels, self.num_label_classes = None, 0
+        else:
+            labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+            k = int(num_classes) if num_classes is not None else int(labels.max()) + 1
+            self.class_labels, self.num_label_classes = labels, k
+        self._class_weights = {}
+
+    def class_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`class_weights` of the current class labels, on ``device`` (computed once per device)."""
+        if self.class_labels is None:
+            raise ValueError("No class labels: call set_class_labels(labels, num_classes) first.")
+        if device not in self._class_weights:
+            self._class_weights[device] = class_weights(self.class_labels.to(device), self.num_label_classes)
+        return self._class_weights[device]
+
     def clear(self) -> None:
         """Drop the statistics of the last forward pass (and their graphs)."""
         self.bn_stats.clear()
         self.conv_stats.clear()
+        self.bn_class_stats.clear()
+        self.conv_class_stats.clear()
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""

@@ -15,6 +15,28 @@ record the same statistics.
 
 Statistics are stored as safetensors (``"<layer>/<stat>"`` keys) with their provenance in the
 metadata, and can be turned into a ``datasets.Dataset`` for publishing.
+
+Per-class statistics (``per_class=True``, ``stats_per_class``; soft category-aware matching, EDC,
+docs/method.md "Beyond G-VBSM") are recorded in the same pass: for every BN layer the per-class
+mean and variance of its input, for every Conv layer the four statistics of Eq. 9, each over the
+images of one class (:func:`gvbsm_hf.hooks.class_conv_statistics`). A batch holds few images of a
+class, so a per-class variance is the variance over ALL images of the class (pooled; per-batch
+moments are merged exactly in float64 with Chan's formula, and across processes), not a mean of
+per-batch variances. They are saved in the same file under extra keys
+(``class_bn/<layer>/{mean,var}``, ``class_conv/<layer>/<stat>``, ``class_counts``); files without
+them still load (``TeacherStatistics.per_class`` is False).
+
+Memory grows with classes x channels, not images. Per teacher the file holds
+``K x (2 sum_BN C + 2 sum_Conv C + 2 sum_Conv patches)`` float32 values (a mean and a variance per
+BN-input channel, per Conv channel and per Conv patch cell); recording keeps as many float64 values
+(a running mean and ``M2`` per pair), twice the file size, on the device. ImageNet-1k (K = 1000)
+with torchvision's ResNet-18 (measured with :class:`gvbsm_hf.hooks.StatisticsHooks`): 20 BN
+layers with 4800 input channels, 20 Conv2d with 3843 input channels, 320 patch cells
+(``stats_patch_size`` 16, ``resize``). The four channel statistics (BN mean / var, Conv mean / var):
+1000 classes x (2 x 4800 + 2 x 3843) x 4 B = 69.1 MB; with the patch statistics 1000 x 17,926 x
+4 B = 71.7 MB per teacher file, 143 MB of float64 accumulators while recording. Synthesis keeps
+the float32 targets of every synthesis teacher on the device (four ResNet-18-sized teachers:
+about 290 MB).
 """
 
 from __future__ import annotations
@@ -58,11 +80,22 @@ class TeacherStatistics:
 
     layers: dict[str, dict[str, torch.Tensor]]
     provenance: dict[str, str | int | float] = field(default_factory=dict)
+    class_bn: dict[str, dict[str, torch.Tensor]] | None = None
+    """Per-class BN-input statistics: ``{bn_layer: {"mean": (K, C), "var": (K, C)}}`` (``stats_per_class``)."""
+    class_conv: dict[str, dict[str, torch.Tensor]] | None = None
+    """Per-class Conv statistics: ``{conv_layer: {channel_mean, channel_var: (K, C), patch_mean, patch_var: (K, Hp, Wp)}}``."""
+    class_counts: torch.Tensor | None = None
+    """Images of each class in the pass ``(K,)`` (float32); a class with 0 has no per-class statistics."""
 
     @property
     def layer_names(self) -> list[str]:
         """Conv layer names in forward order."""
         return list(self.layers)
+
+    @property
+    def per_class(self) -> bool:
+        """Whether per-class statistics were recorded (``stats_per_class``)."""
+        return self.class_counts is not None
 
 
 def augment_kind(augment: bool | str) -> str:
@@ -70,6 +103,84 @@ def augment_kind(augment: bool | str) -> str:
     if isinstance(augment, bool):
         return "per_image_rrc" if augment else "none"
     return str(augment)
+
+
+CLASS_BN_STATISTICS = ("mean", "var")
+"""Keys of every ``TeacherStatistics.class_bn[layer]`` dict."""
+CLASS_COUNTS_KEY = "class_counts"
+CLASS_VARIANCE_DEFINITION = "per class: biased variance over all images of the class (pooled), merged exactly"
+
+
+PAIR_KEYS = {("bn", ""): ("mean", "var"), ("conv", "channel"): ("channel_mean", "channel_var"),
+             ("conv", "patch"): ("patch_mean", "patch_var")}
+"""(layer kind, pair) -> the (mean, variance) statistic names stored for it."""
+
+
+class _ClassMoments:
+    """Per-class running mean and ``M2 = variance x images`` in float64, merged exactly (Chan et al.).
+
+    Keys are ``(kind, layer, pair)`` (:data:`PAIR_KEYS`); each value is a (mean, variance) pair over the
+    same elements, e.g. a Conv layer's channel mean and variance ``(K, C)``. Every element of a pair is
+    averaged over the same number of elements per image, so counting images is exact."""
+
+    def __init__(self) -> None:
+        self.count: torch.Tensor | None = None  # (K,) images per class, float64
+        self.mean: dict[tuple[str, str, str], torch.Tensor] = {}
+        self.m2: dict[tuple[str, str, str], torch.Tensor] = {}
+
+    @staticmethod
+    def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.view((-1,) + (1,) * (like.dim() - 1))
+
+    def add(self, stats: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
+        """Merge one batch: ``stats[key] = (mean_b, var_b)`` ``(K, ...)`` over that batch's ``counts`` ``(K,)``:
+        ``n = n_a + n_b``, ``mean = mean_a + d n_b / n``, ``M2 = M2_a + var_b n_b + d^2 n_a n_b / n``,
+        ``d = mean_b - mean_a``."""
+        n_b = counts.detach().to(torch.float64)
+        n_a = torch.zeros_like(n_b) if self.count is None else self.count
+        n = n_a + n_b
+        ratio = torch.where(n > 0, n_b / n.clamp_min(1.0), torch.zeros_like(n))
+        for key, (mean_b, var_b) in stats.items():
+            mean_b, var_b = mean_b.detach().to(torch.float64), var_b.detach().to(torch.float64)
+            r, nb, na = self._rows(ratio, mean_b), self._rows(n_b, mean_b), self._rows(n_a, mean_b)
+            mean_a = self.mean.get(key, torch.zeros_like(mean_b))
+            delta = torch.where(nb > 0, mean_b - mean_a, torch.zeros_like(mean_b))
+            self.mean[key] = mean_a + delta * r
+            self.m2[key] = self.m2.get(key, torch.zeros_like(mean_b)) + var_b * nb + delta * delta * na * r
+        self.count = n
+
+    def reduce(self, accelerator) -> None:
+        """Exact merge over processes: the pooled means first, then ``sum_p M2_p + n_p (mean_p - pooled)^2``."""
+        keys = list(self.mean)
+        n = self.count
+        flat = accelerator.reduce(torch.cat([n] + [(self.mean[k] * self._rows(n, self.mean[k])).reshape(-1)
+                                                   for k in keys]), reduction="sum")
+        total, offset, pooled = flat[: n.numel()], n.numel(), {}
+        for k in keys:
+            size = self.mean[k].numel()
+            pooled[k] = flat[offset:offset + size].view_as(self.mean[k]) / self._rows(total.clamp_min(1.0), self.mean[k])
+            offset += size
+        parts = [(self.m2[k] + self._rows(n, self.mean[k]) * (self.mean[k] - pooled[k]).square()).reshape(-1)
+                 for k in keys]
+        m2 = accelerator.reduce(torch.cat(parts), reduction="sum")
+        offset = 0
+        for k in keys:
+            size = self.mean[k].numel()
+            self.m2[k] = m2[offset:offset + size].view_as(self.mean[k])
+            self.mean[k] = pooled[k]
+            offset += size
+        self.count = total
+
+    def result(self) -> tuple[dict, dict, torch.Tensor]:
+        """``(class_bn, class_conv, class_counts)``, float32 CPU; a class without images gets zeros."""
+        out: dict[str, dict[str, dict[str, torch.Tensor]]] = {"bn": {}, "conv": {}}
+        for (kind, layer, pair), mean in self.mean.items():
+            mean_key, var_key = PAIR_KEYS[(kind, pair)]
+            var = self.m2[(kind, layer, pair)] / self._rows(self.count.clamp_min(1.0), mean)
+            layer_out = out[kind].setdefault(layer, {})
+            layer_out[mean_key] = mean.to(torch.float32).cpu()
+            layer_out[var_key] = var.to(torch.float32).cpu()
+        return out["bn"], out["conv"], self.count.to(torch.float32).cpu()
 
 
 def _batch_generator(seed: int, batch_index: int) -> torch.Generator:
@@ -94,6 +205,7 @@ def record_statistics(
     dataset_name: str = "",
     split: str = "train",
     total_batches: int | None = None,
+    per_class: bool = False,
 ) -> TeacherStatistics:
     """One gradient-free pass of ``teacher`` over ``batches``: global Conv statistics (Eq. 9).
 
@@ -115,6 +227,8 @@ def record_statistics(
         patch_mode: ``"partial"`` or ``"resize"`` patches (:func:`gvbsm_hf.hooks.conv_statistics`).
         teacher_name, dataset_name, split: provenance.
         total_batches: number of batches of ALL processes (progress bar only).
+        per_class: also record per-class BN-input and Conv statistics (module docstring; the batches
+            must carry labels in ``[0, spec.num_classes)``); the global ones are unchanged.
 
     Returns:
         :class:`TeacherStatistics` (float32 CPU), the same on every process.
@@ -151,8 +265,20 @@ def record_statistics(
                 else:
                     acc[key] = value.to(torch.float64) * weight
 
-    hooks = StatisticsHooks(teacher, bn=False, conv=True, conv_target=conv_target, patch_size=patch_size,
-                            patch_mode=patch_mode)
+    class_moments = _ClassMoments() if per_class else None
+    num_classes = int(spec.num_classes)
+
+    def accumulate_class(counts: torch.Tensor | None = None) -> None:
+        stats: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, (mean, var) in hooks.bn_class_stats.items():
+            stats[("bn", name, "")] = (mean, var)
+        for name, st in hooks.conv_class_stats.items():
+            stats[("conv", name, "channel")] = (st["channel_mean"], st["channel_var"])
+            stats[("conv", name, "patch")] = (st["patch_mean"], st["patch_var"])
+        class_moments.add(stats, hooks.class_weights(device)[1] if counts is None else counts)
+
+    hooks = StatisticsHooks(teacher, bn=per_class, conv=True, conv_target=conv_target, patch_size=patch_size,
+                            patch_mode=patch_mode, bn_global=False)
     try:
         if not hooks.conv_layers:
             raise DataValidationError(
@@ -167,16 +293,29 @@ def record_statistics(
                 x = recording_augment(x, augment, crop_scale=tuple(crop_scale), generator=_batch_generator(seed, k * world + rank))
             image_size = image_size or (int(x.shape[-2]), int(x.shape[-1]))
             hooks.clear()
+            if class_moments is not None:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise DataValidationError("per_class statistics need (images, labels) batches.")
+                labels = torch.as_tensor(batch[1]).long()
+                if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+                    raise DataValidationError(f"per_class statistics: labels must lie in [0, {num_classes}).")
+                hooks.set_class_labels(labels.to(device), num_classes)
             teacher(x)
             n = int(x.shape[0])
             accumulate(hooks.conv_stats, float(n))
+            if class_moments is not None:
+                accumulate_class()
             count += n
         if world > 1:
             if not sums:  # an empty shard still has to take part in the reduction with the right shapes
                 hooks.clear()
                 h = w = spec.image_size
+                if class_moments is not None:
+                    hooks.set_class_labels(torch.zeros(1, dtype=torch.long, device=device), num_classes)
                 teacher(torch.zeros(1, spec.channels, h, w, device=device))
                 accumulate(hooks.conv_stats, 0.0)
+                if class_moments is not None:
+                    accumulate_class(torch.zeros(num_classes, device=device))
             names = list(sums)
             flat = torch.cat(
                 [sums[name][key].reshape(-1) for name in names for key in CONV_STATISTICS]
@@ -192,6 +331,8 @@ def record_statistics(
                     offset += numel
             if image_size is None:
                 image_size = (spec.image_size, spec.image_size)
+            if class_moments is not None:
+                class_moments.reduce(accelerator)
     finally:
         hooks.remove()
         teacher.train(was_training)
@@ -224,9 +365,18 @@ def record_statistics(
         "gvbsm_hf_version": __version__,
         "variance_definition": VARIANCE_DEFINITION,
     }
+    result = TeacherStatistics(layers=layers, provenance=provenance)
+    if class_moments is not None:
+        class_bn, class_conv, counts = class_moments.result()
+        bn_order = [n for n in hooks.layer_names if n in class_bn]
+        result.class_bn = {n: class_bn[n] for n in bn_order}
+        result.class_conv = {n: class_conv[n] for n in order}
+        result.class_counts = counts
+        provenance.update(per_class=True, num_classes=num_classes,
+                          per_class_variance_definition=CLASS_VARIANCE_DEFINITION)
     if show:
         logger.info("Recorded Conv statistics of %d layers over %d images (%s).", len(layers), count, teacher_name)
-    return TeacherStatistics(layers=layers, provenance=provenance)
+    return result
 
 
 # ------------------------------------------------------------------------------------- files
@@ -240,7 +390,17 @@ def save_statistics(stats: TeacherStatistics, path: str | Path) -> Path:
             raise ValueError(f"Layer name {name!r} contains '/', which the statistics file uses as separator.")
         for key, value in layer_stats.items():
             tensors[f"{name}/{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+    if stats.per_class:  # extra keys; a file without them is a global-only file
+        for kind, layers in (("class_bn", stats.class_bn or {}), ("class_conv", stats.class_conv or {})):
+            for name, layer_stats in layers.items():
+                if "/" in name:
+                    raise ValueError(f"Layer name {name!r} contains '/', which the statistics file uses as separator.")
+                for key, value in layer_stats.items():
+                    tensors[f"{kind}/{name}/{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+        tensors[CLASS_COUNTS_KEY] = stats.class_counts.detach().to("cpu", torch.float32).contiguous()
     metadata = {key: json.dumps(value) for key, value in stats.provenance.items()}
+    if stats.per_class:
+        metadata[_RESERVED_PREFIX + "class_bn_layers"] = json.dumps(list(stats.class_bn or {}))
     metadata[_RESERVED_PREFIX + "format"] = FORMAT_NAME
     metadata[_RESERVED_PREFIX + "format_version"] = str(FORMAT_VERSION)
     metadata[_RESERVED_PREFIX + "layers"] = json.dumps(list(stats.layers))
@@ -264,13 +424,17 @@ def load_statistics(
     expect_layers: Sequence[str] | None = None,
     expect_augment: str | None = None,
     expect_patch_mode: str | None = None,
+    expect_per_class: bool = False,
 ) -> TeacherStatistics:
     """Read a file written by :func:`save_statistics`, checking that it fits its use.
 
+    Per-class statistics (extra keys) are loaded when present; ``expect_per_class=True`` requires them.
+
     Raises:
         FileNotFoundError: no such file (run the record stage).
-        StatisticsMismatchError: another teacher (fingerprint), patch size, Conv target or layer set;
-            the message names the mismatch and the fix (``--redo record``).
+        StatisticsMismatchError: another teacher (fingerprint), patch size, Conv target or layer set,
+            or no per-class statistics where they are expected; the message names the mismatch and
+            the fix (``--redo record``).
     """
     from safetensors import safe_open
 
@@ -294,7 +458,13 @@ def load_statistics(
     }
     order = json.loads(metadata.get(_RESERVED_PREFIX + "layers", "[]"))
     layers: dict[str, dict[str, torch.Tensor]] = {name: {} for name in order}
+    per_class: dict[str, dict[str, dict[str, torch.Tensor]]] = {"class_bn": {}, "class_conv": {}}
+    class_counts = tensors.pop(CLASS_COUNTS_KEY, None)
     for key, value in tensors.items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] in per_class:  # a layer name never holds '/': not a global key
+            per_class[parts[0]].setdefault(parts[1], {})[parts[2]] = value
+            continue
         name, _, stat = key.rpartition("/")
         layers.setdefault(name, {})[stat] = value
     incomplete = [name for name, st in layers.items() if set(st) != set(CONV_STATISTICS)]
@@ -318,6 +488,16 @@ def load_statistics(
                         expect_augment)
     if expect_patch_mode is not None and provenance.get("patch_mode", "partial") != expect_patch_mode:
         raise _mismatch(path, "patch mode (stats_patch_mode)", provenance.get("patch_mode", "partial"), expect_patch_mode)
+    has_class = class_counts is not None or any(per_class.values())
+    if has_class:
+        bad = [n for n, st in per_class["class_bn"].items() if set(st) != set(CLASS_BN_STATISTICS)]
+        bad += [n for n, st in per_class["class_conv"].items() if set(st) != set(CONV_STATISTICS)]
+        if class_counts is None or bad or set(per_class["class_conv"]) != set(layers):
+            raise StatisticsMismatchError(f"{path} holds incomplete per-class statistics ({bad[:3]}). {_REDO_FIX}")
+    elif expect_per_class:
+        raise StatisticsMismatchError(
+            f"Statistics file {path} has no per-class statistics, which soft category-aware matching "
+            "(syn_class_weight < 1) needs: set `stats_per_class: true` and re-run the record stage (`--redo record`).")
     if expect_layers is not None:
         expected = list(expect_layers)
         missing = [n for n in expected if n not in layers]
@@ -328,7 +508,13 @@ def load_statistics(
                 f"{' ...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''} "
                 f"({len(missing)} missing, {len(extra)} unexpected); it was recorded for another backbone. {_REDO_FIX}"
             )
-    return TeacherStatistics(layers=layers, provenance=provenance)
+    if not has_class:
+        return TeacherStatistics(layers=layers, provenance=provenance)
+    bn_order = json.loads(metadata.get(_RESERVED_PREFIX + "class_bn_layers", "[]"))
+    bn_order = [n for n in bn_order if n in per_class["class_bn"]] + sorted(set(per_class["class_bn"]) - set(bn_order))
+    return TeacherStatistics(layers=layers, provenance=provenance,
+                             class_bn={n: per_class["class_bn"][n] for n in bn_order},
+                             class_conv={n: per_class["class_conv"][n] for n in layers}, class_counts=class_counts)
 
 
 # ------------------------------------------------------------------------------------- tables

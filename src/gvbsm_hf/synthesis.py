@@ -214,6 +214,12 @@ class _TeacherSlot:
                 f"Method {args.syn_method!r} matches Conv statistics and needs recorded statistics for every "
                 "teacher; run the record stage first (`--stages record recover`) or set syn_r_conv: 0."
             )
+        use_class = args.uses_class_stats()
+        if use_class and (stats is None or not stats.per_class):
+            raise StatisticsMismatchError(
+                f"syn_class_weight={getattr(args, 'syn_class_weight', None)} matches per-class statistics, which "
+                "every teacher's statistics file must hold: set `stats_per_class: true` and run the record stage "
+                "(`--redo record`), or set syn_class_weight: 1.")
         self.hooks = stack.enter_context(  # removed when the stack closes, also on errors
             StatisticsHooks(
                 self.model,
@@ -238,6 +244,42 @@ class _TeacherSlot:
             for name in self._conv_layer_names():
                 self.conv_targets[name] = {k: v.to(device) for k, v in stats.layers[name].items()}
         self._weights: dict[tuple[str, float], dict[str, float]] = {}
+        self._class_all: tuple[dict, dict] | None = None
+        self.class_bn_targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.class_conv_targets: dict[str, dict[str, torch.Tensor]] = {}
+        if use_class:
+            assert stats is not None
+            check_statistics_fit(stats, stats_args, args)
+            need_bn = self.hooks.bn_layers if args.uses_bn() else []
+            need_conv = self.hooks.conv_layers if use_conv else []
+            missing = [n for n in need_bn if n not in (stats.class_bn or {})]
+            missing += [n for n in need_conv if n not in (stats.class_conv or {})]
+            if missing:
+                raise StatisticsMismatchError(
+                    f"The per-class statistics have no entry for layer(s) {missing[:3]} of this teacher; they were "
+                    "recorded for another backbone. Re-run the record stage (`--redo record`).")
+            self._class_all = (
+                {n: (stats.class_bn[n]["mean"].to(device), stats.class_bn[n]["var"].to(device)) for n in need_bn},
+                {n: {k: v.to(device) for k, v in stats.class_conv[n].items()} for n in need_conv},
+            )
+            self._class_counts = stats.class_counts
+
+    def set_job_classes(self, classes: Sequence[int], slots_per_class: int) -> None:
+        """Per-class matching of a job (class-major batch, ``slots_per_class`` images per class): the hooks
+        compute per-class statistics of the batch and the targets are the rows of ``classes``."""
+        if self._class_all is None:
+            return
+        empty = [c for c in classes if float(self._class_counts[c]) <= 0]
+        if empty:
+            raise StatisticsMismatchError(
+                f"The per-class statistics hold no image of class(es) {empty[:5]}: record them on a split with "
+                "every class (raise stats_max_samples).")
+        local = torch.arange(len(classes)).repeat_interleave(int(slots_per_class))
+        self.hooks.set_class_labels(local, len(classes))
+        rows = torch.tensor(list(classes), dtype=torch.long)
+        bn_all, conv_all = self._class_all
+        self.class_bn_targets = {n: (m[rows.to(m.device)], v[rows.to(v.device)]) for n, (m, v) in bn_all.items()}
+        self.class_conv_targets = {n: {k: v[rows.to(v.device)] for k, v in st.items()} for n, st in conv_all.items()}
 
     def layer_weights(self, kind: str, multiplier: float) -> dict[str, float]:
         """Per-layer weights of the ``"bn"`` or ``"conv"`` terms: ``multiplier`` on the first layer."""
@@ -315,6 +357,9 @@ class _JobRunner:
             x = init_images.clone()
         self.x = x.to(device).clamp_(self.low, self.high).requires_grad_(True)
         self.optimizer = torch.optim.Adam([self.x], lr=args.syn_lr, betas=tuple(args.syn_adam_betas))
+        if args.uses_class_stats():
+            for slot in slots:
+                slot.set_job_classes(job.classes, len(job.slots))
         self.states: list[dict] = [{} for _ in slots]  # per teacher, owned by the method's loss
         self.iteration = 0
         self.sums: dict[str, torch.Tensor] = {}
@@ -442,27 +487,44 @@ class _JobRunner:
 def _init_from_real(
     job: SynthesisJob, real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, seed: int
 ) -> torch.Tensor:
+    """The job's initial images: for each (class, slot) a seeded real image of that class, normalised.
+
+    Only those ``len(job)`` rows are read, in one indexing request, so ``real`` may be a split
+    decoded on access (:class:`gvbsm_hf.data.DecodedImages`, ImageNet scale): real initialisation
+    never decodes the train split, only the job's images."""
     images, labels = real
-    out = []
+    labels = torch.as_tensor(labels)
+    picks = []
     for c in job.classes:
         idx = (labels == c).nonzero().flatten()
         if len(idx) == 0:
             raise GVBSMError(f"syn_init='real' needs real images of class {c}, found none.")
         g = seeded_generator(seed, "init", c)
         perm = idx[torch.randperm(len(idx), generator=g)]
-        picks = [perm[s % len(perm)] for s in job.slots]
-        out.append(images[torch.stack(picks)])
-    return spec.normalize(torch.cat(out))
+        picks.extend(perm[s % len(perm)] for s in job.slots)
+    return spec.normalize(images[torch.stack(picks)])
 
 
 def _initial_images(method, job: SynthesisJob, real_train, spec: DatasetSpec, args: SynthesisConfig,
-                    device: torch.device) -> torch.Tensor | None:
-    """The method's ``init`` if it has one, else real images (``syn_init='real'``) or None (noise)."""
+                    device: torch.device, slots: Sequence[_TeacherSlot] = (), cache: dict | None = None
+                    ) -> torch.Tensor | None:
+    """The method's ``init`` if it has one, else real images (``syn_init='real'``), the crops the ``rded``
+    method selects with the synthesis teachers (``syn_init='rded'``, :mod:`gvbsm_hf.methods.rded`;
+    ``cache`` keeps each class's selection across jobs) or None (noise)."""
     if method.init is not None:
         x = method.init(job, real_train, spec, args)
         return None if x is None else x.to(device)
     if args.syn_init == "real":
         return _init_from_real(job, real_train, spec, args.syn_seed).to(device)
+    if args.syn_init == "rded":
+        from .methods.rded import rded_init_images
+
+        for slot in slots:  # scoring forwards compute no statistics (step() re-enables the hooks it uses)
+            slot.hooks.enabled = False
+        x = rded_init_images(job, real_train, spec, args, [slot.model for slot in slots], device, cache)
+        for slot in slots:
+            slot.hooks.clear()
+        return x.to(device)
     return None
 
 
@@ -506,13 +568,17 @@ def recover(
     if not method.optimised:
         if real_train is None:
             raise GVBSMError(f"syn_method={args.syn_method!r} selects real images and needs the real train split (real_train).")
-        return method.select(real_train, spec, args)
+        import inspect
+
+        accepts = inspect.signature(method.select).parameters
+        extra = {k: v for k, v in (("teachers", list(teachers)), ("device", accelerator.device)) if k in accepts}
+        return method.select(real_train, spec, args, **extra)
     if len(teachers) == 0:
         raise GVBSMError("recover needs at least one teacher.")
     if len(statistics) != len(teachers):
         raise StatisticsMismatchError(f"Got {len(teachers)} teachers but {len(statistics)} statistics entries.")
-    if args.syn_init == "real" and real_train is None:
-        raise GVBSMError("syn_init='real' needs the real train split (real_train).")
+    if args.syn_init in ("real", "rded") and real_train is None:
+        raise GVBSMError(f"syn_init={args.syn_init!r} needs the real train split (real_train).")
     if args.syn_backbone_choice not in ("uniform", "round_robin"):
         raise GVBSMError(f"syn_backbone_choice must be 'uniform' or 'round_robin', got {args.syn_backbone_choice!r}.")
     pairs = list(zip(teachers, statistics))
@@ -524,12 +590,13 @@ def recover(
     config = dataclasses.asdict(args) | {"num_teachers": len(pairs), "num_jobs": len(jobs)}
     (folder / "jobs").mkdir(exist_ok=True)
     stopped_early = False
+    init_cache: dict = {}  # syn_init='rded': each class's selection, computed once per process
     with ExitStack() as stack:
         slots = [_TeacherSlot(t, s, args, stats_args, device, stack) for t, s in pairs]
         for job in my_jobs:
             runner = _JobRunner(
                 job, slots, spec, args, device, folder / "jobs",
-                _initial_images(method, job, real_train, spec, args, device),
+                _initial_images(method, job, real_train, spec, args, device, slots, init_cache),
             )
             if runner.done_path.exists():
                 continue

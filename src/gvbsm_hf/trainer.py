@@ -54,6 +54,7 @@ __all__ = [
     "SyntheticImageDataset",
     "RealImageDataset",
     "GVBSMTrainer",
+    "StudentEMACallback",
     "compute_top1",
     "argmax_logits",
     "evaluate_students",
@@ -66,6 +67,7 @@ STORED_VIEW_POLICIES = ("epoch", "random")
 RUN_RESULT_FILE = "run_result.json"  # <run_dir>/run_result.json: one finished (student, seed) run
 RUN_SETTINGS_FILE = "run_settings.json"  # <run_dir>/run_settings.json: what the checkpoints there were trained with
 LOSS_STATE_FILE = "gvbsm_loss_state.json"  # in each checkpoint: the Trainer's running loss sums
+EMA_STATE_FILE = "gvbsm_student_ema.safetensors"  # in each checkpoint: the student EMA (student_ema_decay)
 
 
 def _log_warning(msg: str) -> None:
@@ -114,7 +116,11 @@ class SyntheticImageDataset(Dataset):
 
 
 class RealImageDataset(Dataset):
-    """Real uint8 images ``(N, C, H, W)``, normalised per item with ``spec`` (memory-friendly)."""
+    """Real uint8 images ``(N, C, H, W)``, normalised per item with ``spec`` (memory-friendly).
+
+    ``images`` is a uint8 tensor or a :class:`gvbsm_hf.data.DecodedImages` (a split decoded on
+    access): then each item is decoded when the evaluation ``DataLoader`` asks for it (in its
+    worker processes), so the split is never held decoded."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int], spec: DatasetSpec):
         if images.ndim != 4 or images.dtype != torch.uint8:
@@ -220,6 +226,87 @@ class _ResumeHelper(TrainerCallback):
             trainer._at_epoch_end_call = True
 
 
+class StudentEMACallback(TrainerCallback):
+    """An exponential moving average of the student (EDC; ``student_ema_decay = d``).
+
+    At ``on_train_begin`` the EMA starts as a copy of the weights training starts from, or is
+    restored from the checkpoint being resumed (``gvbsm_student_ema.safetensors``, written with every
+    checkpoint by :class:`GVBSMTrainer`). After every optimizer step (``on_step_end``, once per
+    ``gradient_accumulation_steps`` micro-batches) every floating-point entry of the student's
+    ``state_dict`` (parameters and float buffers such as BatchNorm running statistics) becomes
+    ``ema = d * ema + (1 - d) * w``; integer buffers (``num_batches_tracked``) are copied.
+    :meth:`GVBSMTrainer.evaluate` evaluates the EMA weights (the final evaluation and those of
+    ``eval_strategy``) and puts the trained weights back afterwards, bit for bit.
+    """
+
+    def __init__(self, trainer: "GVBSMTrainer", decay: float) -> None:
+        if not 0.0 <= float(decay) < 1.0:
+            raise GVBSMError(f"student_ema_decay={decay} must lie in [0, 1).")
+        self._trainer = weakref.ref(trainer)
+        self.decay = float(decay)
+        self.shadow: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is None:
+            return
+        self.shadow = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        ckpt = trainer._resume_checkpoint
+        if ckpt is not None:
+            path = os.path.join(ckpt, EMA_STATE_FILE)
+            if not os.path.isfile(path):
+                _log_warning(f"{path} is missing: the student EMA restarts from the resumed weights.")
+                return
+            from safetensors.torch import load_file
+
+            saved = load_file(path)
+            with torch.no_grad():
+                for k, v in self.shadow.items():
+                    v.copy_(saved[k].to(v.device))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None and self.shadow is not None:
+            self.update(trainer.model)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """``ema = d * ema + (1 - d) * w`` for every float entry of ``model.state_dict()``."""
+        d = self.decay
+        for k, w in model.state_dict().items():
+            e = self.shadow[k]
+            if e.is_floating_point():
+                e.mul_(d).add_(w.detach().to(e.dtype), alpha=1.0 - d)
+            else:
+                e.copy_(w)
+
+    def save(self, folder: str) -> None:
+        from .utils import save_safetensors
+
+        save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.shadow.items()},
+                         os.path.join(folder, EMA_STATE_FILE))
+
+    class _Swap:
+        def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+            self.model, self.weights = model, weights
+
+        def __enter__(self):
+            sd = self.model.state_dict()
+            self.backup = {k: v.detach().clone() for k, v in sd.items()}
+            with torch.no_grad():
+                for k, v in sd.items():
+                    v.copy_(self.weights[k])
+
+        def __exit__(self, *exc):
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    v.copy_(self.backup[k])
+
+    def swapped_into(self, model: nn.Module) -> "StudentEMACallback._Swap":
+        """Context manager: ``model`` holds the EMA weights inside, its own weights again after."""
+        return self._Swap(model, self.shadow)
+
+
 class GVBSMTrainer(Trainer):
     """``transformers.Trainer`` for the student of docs/method.md Eq. 11 (on-the-fly, stored or hard labels).
 
@@ -241,6 +328,13 @@ class GVBSMTrainer(Trainer):
             under CutMix the stored logits are mixed with the same ``lam`` as the images (an
             approximation: the teachers never saw the mixed image; on-the-fly mode is exact).
         Remaining keyword arguments go to ``transformers.Trainer``.
+
+    Student-side options of ``args`` (EDC; each off by default): ``student_ema_decay`` evaluates an EMA
+    of the student (:class:`StudentEMACallback`, saved in and restored from checkpoints);
+    ``student_lr_smoothing = zeta`` replaces ``lr_scheduler_type`` by the smoothing schedule
+    ``lr_t = lr * 0.5 * (1 + cos(pi * p / zeta))``, ``p = (t - warmup) / (T - warmup)`` after a linear
+    warmup (``get_cosine_schedule_with_warmup`` with ``num_cycles = 0.5 / zeta``; ``zeta = 1`` is the
+    plain cosine); ``student_crop_scale``, ``cutmix_prob`` and ``gamma`` as before.
     """
 
     # compute_loss returns a per-batch mean: let the Trainer divide it by the accumulation steps
@@ -322,6 +416,34 @@ class GVBSMTrainer(Trainer):
         self._at_epoch_end_call = False  # inside the Trainer's end-of-epoch log / evaluate / save
         self._deferred_save = False
         self.add_callback(_ResumeHelper(self))
+        self._student_ema: StudentEMACallback | None = None
+        if getattr(args, "student_ema_decay", None) is not None:
+            self._student_ema = StudentEMACallback(self, args.student_ema_decay)
+            self.add_callback(self._student_ema)
+
+    # ---- EDC student options ---------------------------------------------------------------
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """The Trainer's scheduler, or the smoothing cosine of ``student_lr_smoothing`` (class docstring)."""
+        zeta = getattr(self.args, "student_lr_smoothing", None)
+        if zeta is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.lr_scheduler = get_cosine_schedule_with_warmup(
+            optimizer if optimizer is not None else self.optimizer,
+            num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+            num_training_steps=num_training_steps, num_cycles=0.5 / float(zeta),
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``, on the student EMA's weights when ``student_ema_decay`` is set and training began."""
+        ema = self._student_ema
+        if ema is None or ema.shadow is None:
+            return super().evaluate(*args, **kwargs)
+        with ema.swapped_into(self.model):
+            return super().evaluate(*args, **kwargs)
 
     # ---- exact resume --------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> TrainOutput:
@@ -365,6 +487,10 @@ class GVBSMTrainer(Trainer):
                 "globalstep_last_logged": int(self._globalstep_last_logged),
             }
             _atomic_write_json(self._loss_state_path(folder), state)
+        if self._student_ema is not None and self._student_ema.shadow is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self._student_ema.save(folder)
         super()._save_checkpoint(model, trial)
 
     def _has_loss_state(self) -> bool:
@@ -614,6 +740,9 @@ def _run_settings(
         "training": {name: getattr(run_args, name, None) for name in _SETTING_FIELDS},
         **fingerprints,
     }
+    for name in ("student_ema_decay", "student_lr_smoothing"):  # only when set: older runs' settings stay equal
+        if getattr(run_args, name, None) is not None:
+            settings["training"][name] = getattr(run_args, name)
     return json.loads(json.dumps(settings, sort_keys=True, default=_jsonable))  # as it reads back from disk
 
 
@@ -664,6 +793,33 @@ def _last_complete_checkpoint(run_dir: str) -> str | None:
     return None
 
 
+def _validation_fingerprint(images: Any, labels: Any) -> str:
+    """Of the validation images: their bytes (a tensor), or the split + view of a
+    :class:`gvbsm_hf.data.DecodedImages` (never decoded for it)."""
+    if isinstance(images, torch.Tensor) or not hasattr(images, "fingerprint"):
+        return _fingerprint(torch.as_tensor(images), torch.as_tensor(labels))
+    return _fingerprint("decoded-on-access", images.fingerprint, torch.as_tensor(labels))
+
+
+class _ValidationWorkers:
+    """While the final evaluation runs: the ``DataLoader`` workers of a validation split decoded on
+    access (``DecodedImages.num_workers``, the recipe's ``dataloader_workers``) when the training
+    arguments ask for none; training batches are not affected."""
+
+    def __init__(self, trainer: Trainer, images: Any) -> None:
+        self.trainer, self.workers = trainer, int(getattr(images, "num_workers", 0) or 0)
+        self.saved: int | None = None
+
+    def __enter__(self) -> None:
+        if self.workers and not self.trainer.args.dataloader_num_workers:
+            self.saved = self.trainer.args.dataloader_num_workers
+            self.trainer.args.dataloader_num_workers = self.workers
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.saved is not None:
+            self.trainer.args.dataloader_num_workers = self.saved
+
+
 def evaluate_students(
     train_images: torch.Tensor,
     train_labels: torch.Tensor | Sequence[int],
@@ -688,7 +844,10 @@ def evaluate_students(
     every seed (``seeds`` or ``args.eval_seeds``): ``transformers.set_seed(seed)``, build the
     student with :func:`gvbsm_hf.backbones.create_backbone`, train ``args.num_train_epochs`` in
     ``<output_dir>/<student>/seed<seed>`` (the run folder) and evaluate the final weights (never
-    the best epoch) on ``validation`` = ``(uint8 images, labels)`` without augmentation.
+    the best epoch) on ``validation`` = ``(uint8 images, labels)`` without augmentation. The
+    images may be a :class:`gvbsm_hf.data.DecodedImages` (``StageContext.real`` at ImageNet
+    scale): the validation split is then streamed through the evaluation ``DataLoader`` (its
+    ``num_workers`` worker processes), never decoded whole.
 
     Progress is kept per run, so a killed evaluation loses at most the run in progress:
 
@@ -758,7 +917,7 @@ def evaluate_students(
             if fingerprints is None:
                 fingerprints = {
                     "train_fingerprint": _fingerprint(torch.as_tensor(train_images), torch.as_tensor(train_labels)),
-                    "validation_fingerprint": _fingerprint(torch.as_tensor(val_images), torch.as_tensor(val_labels)),
+                    "validation_fingerprint": _validation_fingerprint(val_images, val_labels),
                     "soft_label_fingerprint": _soft_label_fingerprint(soft_labeler, stored),
                 }
             settings = _run_settings(student, seed, run_args, label_mode, stored_view_policy, backbone_kwargs,
@@ -813,7 +972,8 @@ def evaluate_students(
                 resumed_from = int(_CHECKPOINT_RE.match(os.path.basename(ckpt)).group(1))
                 logger.info(f"{student} seed {seed}: resuming from {ckpt}")
             train_out = trainer.train(resume_from_checkpoint=ckpt)
-            metrics = trainer.evaluate()  # final weights = last epoch
+            with _ValidationWorkers(trainer, val_images):
+                metrics = trainer.evaluate()  # final weights = last epoch
             trainer.save_metrics("eval", metrics)
             curve = [h["eval_top1"] for h in trainer.state.log_history if "eval_top1" in h]
             row = {

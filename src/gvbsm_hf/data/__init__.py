@@ -3,7 +3,10 @@ rest of the pipeline needs to know about them (:class:`DatasetSpec`).
 
 Modules: :mod:`.spec` (``DatasetSpec``, ``get_dataset_spec``), :mod:`.builtin` (short names:
 digits, fashion_mnist, cifar10, ...), :mod:`.loading` (``load_image_dataset``, subsets),
-:mod:`.validation` (``validate_image_dataset``), :mod:`.decoding` (tensors and batches).
+:mod:`.validation` (``validate_image_dataset``), :mod:`.decoding` (tensors, batches and
+``DecodedImages``, a split decoded on access). Each dataset's preprocessing (train / eval view,
+whole or streamed splits) is declared once: ``Preprocessing`` / ``preprocessing_for`` in :mod:`.builtin`,
+carried by the ``DatasetSpec``.
 Everything is importable from ``gvbsm_hf.data``.
 """
 
@@ -13,11 +16,15 @@ from .builtin import (
     FASHION_MNIST_ENV,
     FASHION_MNIST_NAMES,
     IMAGENET_MEAN,
+    IMAGENET_PREPROCESSING,
     IMAGENET_STD,
+    SMALL_PREPROCESSING,
     BuiltinDataset,
+    Preprocessing,
     get_builtin_dataset,
+    preprocessing_for,
 )
-from .decoding import image_batches, to_uint8_tensors
+from .decoding import DecodedImages, decoded_split, image_batches, random_resized_crop_params, to_uint8_tensors
 from .loading import class_balanced_indices, load_image_dataset
 from .spec import DatasetSpec, get_dataset_spec
 from .validation import validate_image_dataset
@@ -28,14 +35,21 @@ __all__ = [
     "FASHION_MNIST_ENV",
     "FASHION_MNIST_NAMES",
     "IMAGENET_MEAN",
+    "IMAGENET_PREPROCESSING",
     "IMAGENET_STD",
+    "SMALL_PREPROCESSING",
     "BuiltinDataset",
     "DatasetSpec",
+    "DecodedImages",
+    "Preprocessing",
     "class_balanced_indices",
+    "decoded_split",
     "get_builtin_dataset",
     "get_dataset_spec",
     "image_batches",
     "load_image_dataset",
+    "preprocessing_for",
+    "random_resized_crop_params",
     "to_uint8_tensors",
     "validate_image_dataset",
 ]

@@ -29,6 +29,55 @@ _FASHION_FILES = {
 }
 
 
+TRAIN_VIEWS = ("pad_crop", "random_resized_crop")
+EVAL_VIEWS = ("resize", "resize_center_crop")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the real images of a dataset become ``image_size x image_size`` uint8 tensors.
+
+    ``train_view``: the real-data view of the record / squeeze passes. ``"pad_crop"``: the image is
+    decoded at ``image_size`` (``eval_view``) and pad-crop + flip are applied on the device
+    (:mod:`gvbsm_hf.augment`); ``"random_resized_crop"``: torchvision's ``RandomResizedCrop`` of the
+    ORIGINAL image (scale ``crop_scale``, ratio 3/4..4/3, bilinear) + horizontal flip, in the
+    decoding workers (:func:`gvbsm_hf.data.image_batches` with ``view="train"``).
+
+    ``eval_view``: the deterministic view (validation, real initialisation, the random real subset).
+    ``"resize"``: bilinear resize of the whole image to ``image_size`` (identity at that size);
+    ``"resize_center_crop"``: ``Resize(round(image_size / eval_crop_ratio))`` of the shorter side then
+    ``CenterCrop(image_size)`` (ImageNet: Resize(256) + CenterCrop(224)). Either way an image that is
+    already ``image_size x image_size`` is taken as is (a distilled or pre-cropped set).
+
+    ``stream_splits``: real splits are never decoded whole; they are decoded per batch on access
+    (:class:`gvbsm_hf.data.DecodedImages`), so memory does not grow with the split.
+    """
+
+    train_view: str
+    eval_view: str
+    eval_crop_ratio: float = 0.875
+    stream_splits: bool = False
+
+
+SMALL_PREPROCESSING = Preprocessing(train_view="pad_crop", eval_view="resize", stream_splits=False)
+"""28-64 px sets (digits, Fashion-MNIST, CIFAR, Tiny-ImageNet): images are (resized to) the
+working size, pad-crop on the device, identity for evaluation: the behaviour of every paper at
+that scale."""
+IMAGENET_PREPROCESSING = Preprocessing(train_view="random_resized_crop", eval_view="resize_center_crop",
+                                       eval_crop_ratio=0.875, stream_splits=True)
+"""ImageNet scale (``image_size >= 128``): torchvision's reference transforms, those of the
+pretrained teachers and of the authors' code: RandomResizedCrop + flip for training,
+Resize(256) + CenterCrop(224) for evaluation; splits streamed."""
+
+
+def preprocessing_for(image_size: int) -> Preprocessing:
+    """THE rule choosing a dataset's :class:`Preprocessing`: by working size
+    (:func:`gvbsm_hf.augment.is_imagenet_scale`, the same threshold as the authors' protocol)."""
+    from ..augment import is_imagenet_scale
+
+    return IMAGENET_PREPROCESSING if is_imagenet_scale(int(image_size)) else SMALL_PREPROCESSING
+
+
 @dataclass(frozen=True)
 class BuiltinDataset:
     """A dataset known by a short name: where it lives and its (fixed) preprocessing constants."""

@@ -1,10 +1,19 @@
 """Images and labels of a split as tensors: uint8 ``(N, C, H, W)`` decoded straight from the stored
-bytes, whole (:func:`to_uint8_tensors`) or in batches (:func:`image_batches`, optionally in
-``DataLoader`` worker processes)."""
+bytes, whole (:func:`to_uint8_tensors`), in batches (:func:`image_batches`, optionally in
+``DataLoader`` worker processes) or on access (:class:`DecodedImages`, a split that indexes like
+the tensor but decodes only the rows asked for).
+
+Every image goes through the view its :class:`~gvbsm_hf.data.DatasetSpec` declares:
+``view="eval"`` (deterministic: bilinear resize to ``image_size``, or Resize + CenterCrop at
+ImageNet scale) or ``view="train"`` (RandomResizedCrop of the original image + flip at ImageNet
+scale, seeded per global batch; the eval view below 128 px, where the pad-crop is done on the
+device). The resize / crop kernels are ``torchvision.transforms.v2.functional``'s on PIL images.
+"""
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -17,6 +26,7 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from ..errors import DataValidationError, GVBSMError
+from ..utils import seeded_generator
 
 if TYPE_CHECKING:
     from .spec import DatasetSpec
@@ -74,39 +84,126 @@ def _target_mode(channels: int) -> str:
     return modes[channels]
 
 
-def _to_array(value: Any, mode: str, size: int) -> np.ndarray:
-    """One decoded image -> uint8 ``(H, W, C)`` in ``mode`` at ``size x size`` (bilinear)."""
-    img = _open_image(value)
+VIEWS = ("eval", "train")
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop default aspect-ratio range
+
+
+def _convert(img: PILImage.Image, mode: str) -> PILImage.Image:
+    """``img`` in PIL ``mode`` (palette / LA images through RGBA, CMYK and grey through PIL's convert)."""
     if img.mode != mode:
         if img.mode in ("P", "PA") or (img.mode == "LA" and mode == "RGB"):
             img = img.convert("RGBA")
         img = img.convert(mode)
-    if img.size != (size, size):
-        img = img.resize((size, size), PILImage.BILINEAR)
+    return img
+
+
+def _as_hwc(img: PILImage.Image) -> np.ndarray:
     a = np.asarray(img, dtype=np.uint8)
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def _decode_batch(values: Sequence[Any], spec: DatasetSpec) -> torch.Tensor:
-    mode, size = _target_mode(spec.channels), spec.image_size
+def _to_array(value: Any, mode: str, size: int) -> np.ndarray:
+    """One decoded image -> uint8 ``(H, W, C)`` in ``mode`` at ``size x size`` (bilinear)."""
+    img = _convert(_open_image(value), mode)
+    if img.size != (size, size):
+        img = img.resize((size, size), PILImage.BILINEAR)
+    return _as_hwc(img)
+
+
+def random_resized_crop_params(
+    width: int, height: int, scale: Sequence[float], generator: torch.Generator,
+    ratio: Sequence[float] = RRC_RATIO,
+) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a RandomResizedCrop box in an image of ``width x height``:
+    torchvision's algorithm (area fraction in ``scale``, log-uniform aspect ratio in ``ratio``, 10
+    tries, then the central crop of the clamped ratio), drawn from ``generator``."""
+    area = float(width * height)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        u = torch.rand(2, generator=generator, dtype=torch.float64)
+        target = area * (float(scale[0]) + (float(scale[1]) - float(scale[0])) * float(u[0]))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * float(u[1]))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _view_array(value: Any, spec: DatasetSpec, view: str, generator: torch.Generator | None,
+                crop_scale: Sequence[float]) -> np.ndarray:
+    """One stored image -> uint8 ``(H, W, C)`` at ``spec.image_size`` through ``view`` (module doc)."""
+    mode, size = _target_mode(spec.channels), int(spec.image_size)
+    if spec.eval_view == "resize" and (view == "eval" or spec.train_view == "pad_crop"):
+        return _to_array(value, mode, size)  # the small-set path, unchanged
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    if view == "train" and spec.train_view == "random_resized_crop":
+        if generator is None:
+            raise GVBSMError("The train view (RandomResizedCrop) needs a generator (image_batches(seed=...)).")
+        img = _convert(_open_image(value), mode)
+        top, left, h, w = random_resized_crop_params(img.width, img.height, crop_scale, generator)
+        img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BILINEAR,
+                              antialias=True)
+        if bool(torch.rand((), generator=generator) < 0.5):
+            img = TF.horizontal_flip(img)
+        return _as_hwc(img)
+    if spec.eval_view == "resize_center_crop":
+        img = _convert(_open_image(value), mode)
+        if img.size != (size, size):  # an image already at the working size is taken as is
+            img = TF.resize(img, [spec.eval_resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
+            img = TF.center_crop(img, [size, size])
+        return _as_hwc(img)
+    return _to_array(value, mode, size)
+
+
+def _check_view(view: str) -> None:
+    if view not in VIEWS:
+        raise GVBSMError(f"view={view!r}: use one of {VIEWS}.")
+
+
+def _decode_batch(values: Sequence[Any], spec: DatasetSpec, view: str = "eval",
+                  generator: torch.Generator | None = None,
+                  crop_scale: Sequence[float] = (0.08, 1.0)) -> torch.Tensor:
+    size = spec.image_size
     out = np.empty((len(values), size, size, spec.channels), dtype=np.uint8)
     for i, v in enumerate(values):
-        out[i] = _to_array(v, mode, size)
+        out[i] = _view_array(v, spec, view, generator, crop_scale)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
-def _rows_to_batch(rows: Sequence[dict[str, Any]], spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _view_generator(view: str, spec: DatasetSpec, seed: int, batch_index: int) -> torch.Generator | None:
+    """The generator of global batch ``batch_index``'s train view (same on every process / worker layout)."""
+    if view == "train" and spec.train_view == "random_resized_crop":
+        return seeded_generator(seed, "train_view", batch_index)
+    return None
+
+
+def _rows_to_batch(rows: Sequence[dict[str, Any]], spec: DatasetSpec, view: str = "eval",
+                   generator: torch.Generator | None = None,
+                   crop_scale: Sequence[float] = (0.08, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.as_tensor([r["label"] for r in rows], dtype=torch.int64)
-    return _decode_batch([r["image"] for r in rows], spec), labels
+    return _decode_batch([r["image"] for r in rows], spec, view, generator, crop_scale), labels
 
 
 def to_uint8_tensors(
     split: datasets.Dataset | datasets.IterableDataset, spec: DatasetSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as uint8 ``(N, C, H, W)`` (converted to ``spec.channels``, resized to
-    ``spec.image_size`` when different) and int64 labels ``(N,)``.
+    """A whole split as uint8 ``(N, C, H, W)`` (converted to ``spec.channels``, brought to
+    ``spec.image_size`` by the spec's evaluation view) and int64 labels ``(N,)``.
 
-    Decodes straight from the stored bytes (``Image(decode=False)``), in batches.
+    Decodes straight from the stored bytes (``Image(decode=False)``), in batches. The result holds
+    the whole split: for a large one use :func:`image_batches` or :class:`DecodedImages`.
     """
     raw = split.cast_column("image", datasets.Image(decode=False))
     if isinstance(split, datasets.IterableDataset):
@@ -142,6 +239,8 @@ def image_batches(
     num_processes: int = 1,
     drop_last: bool = False,
     num_workers: int = 0,
+    view: str = "eval",
+    crop_scale: Sequence[float] = (0.08, 1.0),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 ``(B, C, H, W)`` / int64 label batches decoded on the fly (data larger than memory).
 
@@ -150,7 +249,13 @@ def image_batches(
     ``num_workers > 0`` decodes the batches of a map-style split in that many
     ``torch.utils.data.DataLoader`` worker processes (same batches, same order); a streamed split
     is always decoded in this process.
+
+    ``view``: ``"eval"`` (the spec's deterministic view) or ``"train"`` (the spec's train view: at
+    ImageNet scale a RandomResizedCrop of the original image with area in ``crop_scale`` + flip,
+    drawn from a generator seeded by ``(seed, "train_view", global batch index)``, so any process
+    or worker layout gives the same pixels; below 128 px the same as ``"eval"``).
     """
+    _check_view(view)
     if batch_size < 1:
         raise GVBSMError(f"batch_size={batch_size} must be >= 1.")
     if num_workers < 0:
@@ -164,19 +269,21 @@ def image_batches(
             raw = raw.shuffle(seed=seed, buffer_size=max(10_000, batch_size))
         buf: list[dict[str, Any]] = []
         i = 0
+        scale = tuple(crop_scale)
         for row in raw:
             buf.append(row)
             if len(buf) == batch_size:
                 if i % num_processes == process_index:
-                    yield _rows_to_batch(buf, spec)
+                    yield _rows_to_batch(buf, spec, view, _view_generator(view, spec, seed, i), scale)
                 buf, i = [], i + 1
         if buf and not drop_last and i % num_processes == process_index:
-            yield _rows_to_batch(buf, spec)
+            yield _rows_to_batch(buf, spec, view, _view_generator(view, spec, seed, i), scale)
         return
     n = len(split)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
     num_batches = n // batch_size if drop_last else math.ceil(n / batch_size)
-    shard = _DecodedBatches(raw, spec, order, batch_size, list(range(process_index, num_batches, num_processes)))
+    shard = _DecodedBatches(raw, spec, order, batch_size, list(range(process_index, num_batches, num_processes)),
+                            view=view, seed=seed, crop_scale=crop_scale)
     if num_workers == 0:
         for k in range(len(shard)):
             yield shard[k]
@@ -189,13 +296,150 @@ class _DecodedBatches(torch.utils.data.Dataset):
     """Item ``k``: the decoded ``k``-th batch of one process's shard (see :func:`image_batches`)."""
 
     def __init__(self, raw: datasets.Dataset, spec: DatasetSpec, order: torch.Tensor, batch_size: int,
-                 batch_ids: list[int]) -> None:
+                 batch_ids: list[int], *, view: str = "eval", seed: int = 0,
+                 crop_scale: Sequence[float] = (0.08, 1.0), with_labels: bool = True) -> None:
         self.raw, self.spec, self.order, self.batch_size, self.batch_ids = raw, spec, order, batch_size, batch_ids
+        self.view, self.seed, self.crop_scale, self.with_labels = view, seed, tuple(crop_scale), with_labels
 
     def __len__(self) -> int:
         return len(self.batch_ids)
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> Any:
         i = self.batch_ids[k]
         rows = self.raw[self.order[i * self.batch_size : (i + 1) * self.batch_size].tolist()]
-        return _decode_batch(rows["image"], self.spec), torch.as_tensor(rows["label"], dtype=torch.int64)
+        images = _decode_batch(rows["image"], self.spec, self.view, _view_generator(self.view, self.spec, self.seed, i),
+                               self.crop_scale)
+        if not self.with_labels:
+            return images
+        return images, torch.as_tensor(rows["label"], dtype=torch.int64)
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    """The images of a map-style ``datasets`` split as a lazily decoded uint8 ``(N, C, H, W)`` "tensor".
+
+    Indexing with an int, a slice, a list or a 1-D integer tensor decodes exactly those rows
+    (the spec's evaluation view, :func:`_view_array`) and returns a real uint8 tensor, so the stages
+    that index the real splits (teacher training, real initialisation, the random real subset, the
+    validation of :class:`gvbsm_hf.trainer.RealImageDataset`) work on it unchanged while nothing
+    decodes the whole split: memory is one request's images, not the split's. Index requests of
+    more than ``batch_size`` rows are decoded in ``num_workers`` ``DataLoader`` worker processes
+    (0: in this process). It is a map-style ``torch.utils.data.Dataset`` (item ``i``: image ``i``,
+    ``(C, H, W)``), so a ``DataLoader`` streams it in batches through its workers.
+
+    ``shape``, ``dtype`` (uint8), ``ndim`` (4), ``len`` and ``cpu()`` (itself) are those of the
+    tensor :func:`to_uint8_tensors` would return; ``labels`` is the int64 label column and
+    ``fingerprint`` identifies the split (its ``datasets`` fingerprint) and the view.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, split: datasets.Dataset, spec: DatasetSpec, *, num_workers: int = 0,
+                 batch_size: int = 256) -> None:
+        if isinstance(split, datasets.IterableDataset):
+            raise GVBSMError("DecodedImages needs a map-style split (random access); a streamed split is read with "
+                             "image_batches.")
+        if num_workers < 0 or batch_size < 1:
+            raise GVBSMError(f"num_workers={num_workers} must be >= 0 and batch_size={batch_size} >= 1.")
+        self.spec, self.num_workers, self.batch_size = spec, int(num_workers), int(batch_size)
+        self._raw = split.cast_column("image", datasets.Image(decode=False)).select_columns(["image"])
+        self._n = len(split)
+        self._labels = torch.from_numpy(_split_labels(split))
+        self._split_fingerprint = getattr(split, "_fingerprint", None)
+
+    # -- tensor-like ----------------------------------------------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        s = int(self.spec.image_size)
+        return torch.Size((self._n, int(self.spec.channels), s, s))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def cpu(self) -> "DecodedImages":
+        return self
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._labels
+
+    @property
+    def fingerprint(self) -> str:
+        import hashlib
+        import json
+
+        s = self.spec
+        key = [self._split_fingerprint, self._n, s.image_size, s.channels, s.eval_view, s.eval_crop_ratio]
+        return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return (f"DecodedImages({self._n} x {tuple(self.shape[1:])} uint8, decoded on access, "
+                f"eval view {self.spec.eval_view!r})")
+
+    def _rows(self, key: Any) -> tuple[list[int], bool]:
+        """Row numbers asked for by ``key`` and whether the result keeps a batch dimension."""
+        if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.ndim == 0
+                                                  and not key.is_floating_point()):
+            i = int(key)
+            if not -self._n <= i < self._n:
+                raise IndexError(f"index {i} is out of range for {self._n} images")
+            return [i % self._n], False
+        if isinstance(key, slice):
+            return list(range(*key.indices(self._n))), True
+        if isinstance(key, torch.Tensor):
+            if key.dtype == torch.bool or key.is_floating_point() or key.ndim != 1:
+                raise TypeError(f"DecodedImages is indexed by integers (1-D), not a {key.dtype} {tuple(key.shape)} tensor")
+            key = key.tolist()
+        rows = [int(i) for i in np.asarray(key, dtype=np.int64).reshape(-1)] if len(key) else []
+        bad = [i for i in rows if not -self._n <= i < self._n]
+        if bad:
+            raise IndexError(f"index {bad[0]} is out of range for {self._n} images")
+        return [i % self._n for i in rows], True
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        rows, batched = self._rows(key)
+        images = self.decode(rows)
+        return images if batched else images[0]
+
+    def decode(self, rows: Sequence[int]) -> torch.Tensor:
+        """uint8 ``(len(rows), C, H, W)`` of those rows, in that order (workers for long requests)."""
+        rows = list(rows)
+        if not rows:
+            return torch.zeros((0, *self.shape[1:]), dtype=torch.uint8)
+        if self.num_workers == 0 or len(rows) <= self.batch_size:
+            return _decode_batch(self._raw[rows]["image"], self.spec)
+        order = torch.as_tensor(rows, dtype=torch.long)
+        nb = math.ceil(len(rows) / self.batch_size)
+        parts = _DecodedBatches(self._raw, self.spec, order, self.batch_size, list(range(nb)), with_labels=False)
+        loader = torch.utils.data.DataLoader(parts, batch_size=None, shuffle=False, num_workers=self.num_workers)
+        return torch.cat(list(loader))
+
+    def batches(self, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+        """The whole split in order, ``batch_size`` images at a time, decoded in the workers."""
+        bs = int(batch_size or self.batch_size)
+        nb = math.ceil(self._n / bs)
+        parts = _DecodedBatches(self._raw, self.spec, torch.arange(self._n), bs, list(range(nb)), with_labels=False)
+        if self.num_workers == 0:
+            for k in range(nb):
+                yield parts[k]
+            return
+        yield from torch.utils.data.DataLoader(parts, batch_size=None, shuffle=False, num_workers=self.num_workers)
+
+
+def decoded_split(split: datasets.Dataset | datasets.IterableDataset, spec: DatasetSpec, *,
+                  num_workers: int = 0) -> tuple[Any, torch.Tensor]:
+    """``(images, labels)`` of a split as the stages index them: :class:`DecodedImages` (decoded on
+    access) when the spec streams its splits (``spec.stream_splits``, ImageNet scale) and the split
+    is map-style; otherwise the whole split decoded by :func:`to_uint8_tensors` (small sets, where
+    that is fastest, and streamed splits, which cannot be indexed)."""
+    if spec.stream_splits and not isinstance(split, datasets.IterableDataset):
+        images = DecodedImages(split, spec, num_workers=num_workers)
+        return images, images.labels
+    if spec.stream_splits:
+        logging.getLogger(__name__).warning(
+            f"{spec.name}: a streamed split (streaming: true) cannot be indexed, so it is decoded whole here; "
+            "load the dataset without streaming to decode it on access instead.")
+    return to_uint8_tensors(split, spec)

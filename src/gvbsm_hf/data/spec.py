@@ -12,14 +12,21 @@ import numpy as np
 import torch
 
 from ..errors import DataValidationError
-from .builtin import get_builtin_dataset
+from .builtin import EVAL_VIEWS, TRAIN_VIEWS, get_builtin_dataset, preprocessing_for
 from .decoding import _mode_channels, _open_image, image_batches
 from .validation import recipe_hint
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Resolution, channels, normalisation and classes of an image-classification dataset."""
+    """Resolution, channels, normalisation, classes and preprocessing of an image-classification dataset.
+
+    The preprocessing fields (``train_view``, ``eval_view``, ``eval_crop_ratio``, ``stream_splits``;
+    see :class:`gvbsm_hf.data.builtin.Preprocessing`) default to
+    :func:`~gvbsm_hf.data.builtin.preprocessing_for` ``(image_size)``: pad-crop / identity and
+    whole-split decoding below 128 px, RandomResizedCrop of the original image / Resize +
+    CenterCrop and streamed splits at ImageNet scale. Give them to override the rule.
+    """
 
     name: str
     num_classes: int
@@ -30,6 +37,30 @@ class DatasetSpec:
     class_names: tuple[str, ...] = ()
     license: str | None = None
     source: str | None = None
+    train_view: str | None = None
+    eval_view: str | None = None
+    eval_crop_ratio: float | None = None
+    stream_splits: bool | None = None
+
+    def __post_init__(self) -> None:
+        default = preprocessing_for(self.image_size)
+        for name in ("train_view", "eval_view", "eval_crop_ratio", "stream_splits"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, getattr(default, name))
+        if self.train_view not in TRAIN_VIEWS:
+            raise DataValidationError(f"train_view={self.train_view!r}: use one of {TRAIN_VIEWS}.")
+        if self.eval_view not in EVAL_VIEWS:
+            raise DataValidationError(f"eval_view={self.eval_view!r}: use one of {EVAL_VIEWS}.")
+        if not 0.0 < float(self.eval_crop_ratio) <= 1.0:
+            raise DataValidationError(f"eval_crop_ratio={self.eval_crop_ratio} must be in (0, 1] (ImageNet: 0.875).")
+
+    @property
+    def eval_resize_size(self) -> int:
+        """The shorter side an image is resized to before the evaluation centre crop
+        (``round(image_size / eval_crop_ratio)``: 256 for 224; ``image_size`` for ``eval_view="resize"``)."""
+        if self.eval_view == "resize":
+            return int(self.image_size)
+        return int(round(self.image_size / float(self.eval_crop_ratio)))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (or float in [0, 1]) ``(N, C, H, W)`` -> normalised float32."""
@@ -80,7 +111,9 @@ def get_dataset_spec(
     RGB repeats its mean/std on the 3 channels, exact since the grey value is copied; an RGB one
     converted to grey has its mean/std computed as below). Otherwise size and channels come from the
     first train image and mean/std (per channel, population std) from up to ``max_stat_images``
-    train images (seeded sample) after conversion to that size and channel count.
+    train images (seeded sample) after conversion to that size and channel count (the evaluation
+    view). The preprocessing (train / evaluation views, whole or streamed splits) follows from the
+    size: :func:`~gvbsm_hf.data.builtin.preprocessing_for`.
     """
     for field, value in (("image_size", image_size), ("channels", channels)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):

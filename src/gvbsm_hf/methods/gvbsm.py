@@ -3,6 +3,18 @@
 One loss (docs/method.md Eq. 2 extended): ``w_ce CE + r_bn L'_BN (Eq. 6) + r_conv L'_Conv (Eq. 10)
 + w_dd L_DD (Eq. 5)``; the baselines are the same loss with other config defaults, never the
 main method's recipe values.
+
+Soft category-aware matching (EDC, docs/method.md "Beyond G-VBSM"), ``w = syn_class_weight``::
+
+    L_BN   -> w L'_BN   + (1 - w) L^class_BN        L_Conv -> w L'_Conv + (1 - w) L^class_Conv
+
+``L^class`` is the same SDS-form distance (same ``alpha``, ``syn_ema_init``, layer weights) per class of
+the job: for each class ``c`` in the batch, the statistics of the batch's images of class ``c``
+against the per-class statistics recorded from the real images of ``c`` (``stats_per_class``; BN:
+recorded per-class BN-input mean / variance, since running statistics are global only), the L2
+norm taken per class and averaged over the job's classes. Conv terms of ``L^class`` are dropped
+with ``beta_dr`` by their own draws (after the global ones, in the same ``syn_beta_dr_unit``).
+``w = 1`` (default) computes no per-class term and is today's loss exactly.
 """
 
 from __future__ import annotations
@@ -30,12 +42,16 @@ class GVBSMConfig(SynthesisConfig):
     syn_dd_weight: float = 1.0
     syn_dd_tau: float = 4.0
     syn_dd_pool_size: int = 32
+    syn_class_weight: float = 1.0
 
     def uses_bn(self) -> bool:
         return self.syn_r_bn > 0
 
     def uses_conv(self) -> bool:
         return self.syn_r_conv > 0
+
+    def uses_class_stats(self) -> bool:
+        return self.syn_class_weight < 1.0 and (self.syn_r_bn > 0 or self.syn_r_conv > 0)
 
 
 @dataclass
@@ -62,6 +78,83 @@ class SRe2LGBMConfig(SRe2LConfig):
     syn_single_teacher: bool = False
 
 
+def class_sds_loss(current: torch.Tensor, target: torch.Tensor, ema: torch.Tensor | None, alpha: float,
+                   ema_init: str = "first") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gvbsm_hf.losses.sds_matching_loss` row-wise: ``current``, ``target`` ``(K, ...)`` hold one class
+    per row; ``new_ema = alpha ema + (1 - alpha) sg(current)`` (first call: ``sg(current)`` or
+    ``(1 - alpha) sg(current)`` for ``ema_init="zero"``) and the loss is the MEAN over rows of
+    ``||target_k - (new_ema_k + current_k - sg(current_k))||_2``. Returns ``(loss, new_ema)``."""
+    if current.shape != target.shape:
+        from ..errors import StatisticsMismatchError
+
+        raise StatisticsMismatchError(
+            f"per-class statistic of shape {tuple(current.shape)} matched against a target of shape "
+            f"{tuple(target.shape)}; the per-class statistics belong to another teacher: record them again.")
+    cur = current.float()
+    cur_sg = cur.detach()
+    if ema is None:
+        new_ema = cur_sg if ema_init == "first" else (1.0 - alpha) * cur_sg
+    else:
+        new_ema = alpha * ema.detach().float() + (1.0 - alpha) * cur_sg
+    diff = target.detach().float() - (new_ema + (cur - cur_sg))
+    return torch.linalg.vector_norm(diff.flatten(1), ord=2, dim=1).mean(), new_ema
+
+
+def class_bn_loss(stats, targets, emas, *, alpha: float, layer_weights=None, ema_init: str = "first"):
+    """``L^class_BN = sum_l w_l (class_sds(mean_l) + class_sds(var_l))`` over the BN layers of ``stats``
+    (``hooks.bn_class_stats``) against ``targets[l] = (mean, var)`` ``(K_job, C)``."""
+    weights = layer_weights or {}
+    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    terms = []
+    for name, (mean, var) in stats.items():
+        t_mean, t_var = targets[name]
+        old = (emas or {}).get(name)
+        l_m, e_m = class_sds_loss(mean, t_mean, None if old is None else old[0], alpha, ema_init)
+        l_v, e_v = class_sds_loss(var, t_var, None if old is None else old[1], alpha, ema_init)
+        new[name] = (e_m, e_v)
+        terms.append(float(weights.get(name, 1.0)) * (l_m + l_v))
+    return (torch.stack(terms).sum() if terms else torch.zeros(())), new
+
+
+def class_conv_loss(stats, targets, emas, *, alpha: float, beta_dr: float, generator=None, layer_weights=None,
+                    drop: str = "layer", ema_init: str = "first"):
+    """``L^class_Conv = sum_l w_l sum_s keep_{l,s} class_sds(s_l)`` (the four statistics of Eq. 9 per class),
+    dropped as :func:`gvbsm_hf.losses.conv_matching_loss` does (draws only when ``0 < beta_dr < 1``; a
+    dropped term keeps its EMA)."""
+    weights = layer_weights or {}
+    names = list(stats)
+    n_draws = sum(len(stats[n]) for n in names) if drop == "statistic" else len(names)
+    if beta_dr <= 0.0:
+        keep = [True] * n_draws
+    elif beta_dr >= 1.0:
+        keep = [False] * n_draws
+    else:
+        keep = (torch.rand(n_draws, generator=generator) >= beta_dr).tolist()
+    new = {name: dict(v) for name, v in (emas or {}).items()}
+    terms, draw = [], 0
+    for li, name in enumerate(names):
+        old = (emas or {}).get(name, {})
+        layer_terms = []
+        for stat, cur in stats[name].items():
+            if drop == "statistic":
+                k, draw = keep[draw], draw + 1
+            else:
+                k = keep[li]
+            if not k:
+                continue
+            loss, ema = class_sds_loss(cur, targets[name][stat], old.get(stat), alpha, ema_init)
+            new.setdefault(name, {})[stat] = ema
+            layer_terms.append(loss)
+        if layer_terms:
+            terms.append(float(weights.get(name, 1.0)) * torch.stack(layer_terms).sum())
+    if not terms:
+        for layer in stats.values():
+            for value in layer.values():
+                return torch.zeros((), device=value.device), new
+        return torch.zeros(()), new
+    return torch.stack(terms).sum(), new
+
+
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5), each on when its weight is.
 
@@ -84,11 +177,30 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
             generator=step.generator, layer_weights=t.layer_weights("conv", c.syn_first_layer_multiplier),
             drop=c.syn_beta_dr_unit, ema_init=c.syn_ema_init,
         )
+    extra: dict[str, torch.Tensor] = {}
+    if c.uses_class_stats():  # soft category-aware matching; w = 1 never gets here (exactly today's loss)
+        w = float(c.syn_class_weight)
+        if c.syn_r_bn > 0:
+            bn_class, step.state["bn_class"] = class_bn_loss(
+                t.hooks.bn_class_stats, t.class_bn_targets, step.state.get("bn_class"), alpha=c.syn_alpha,
+                layer_weights=t.layer_weights("bn", bn_multiplier), ema_init=c.syn_ema_init,
+            )
+            extra["bn_class"] = bn_class
+            bn = w * bn + (1.0 - w) * bn_class
+        if c.syn_r_conv > 0:
+            conv_class, step.state["conv_class"] = class_conv_loss(
+                t.hooks.conv_class_stats, t.class_conv_targets, step.state.get("conv_class"), alpha=c.syn_alpha,
+                beta_dr=c.syn_beta_dr, generator=step.generator,
+                layer_weights=t.layer_weights("conv", c.syn_first_layer_multiplier), drop=c.syn_beta_dr_unit,
+                ema_init=c.syn_ema_init,
+            )
+            extra["conv_class"] = conv_class
+            conv = w * conv + (1.0 - w) * conv_class
     if c.syn_dd:
         dd = data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau, pool_size=c.syn_dd_pool_size,
                                      pool=c.syn_dd_pool)
     loss = c.syn_ce_weight * ce + c.syn_r_bn * bn + c.syn_r_conv * conv + c.syn_dd_weight * dd
-    return loss, {"ce": ce, "bn": bn, "conv": conv, "dd": dd}
+    return loss, {"ce": ce, "bn": bn, "conv": conv, "dd": dd, **extra}
 
 
 register_method("gvbsm", config=GVBSMConfig, description="G-VBSM: GBM + BN/Conv matching in SDS form + DD")(matching_loss)

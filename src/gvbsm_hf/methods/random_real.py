@@ -9,7 +9,7 @@ from ..data import DatasetSpec, class_balanced_indices
 from .registry import SynthesisConfig, register_method
 
 
-@register_method("random_real", config=SynthesisConfig, select=True,
+@register_method("random_real", config=SynthesisConfig, select=True, real_per_class=lambda config: config.ipc,
                  description="A class-balanced random subset of the real train split")
 def random_real_subset(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, config: SynthesisConfig):
     """``config.ipc`` real images per class (``class_balanced_indices(labels, n_per_class=ipc, seed=syn_seed)``),

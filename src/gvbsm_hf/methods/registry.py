@@ -55,6 +55,10 @@ class SynthesisConfig:
     syn_init: str = "noise"
     syn_backbone_choice: str = "uniform"
     syn_single_teacher: bool = False
+    # real-crop selection (the ``rded`` method, and ``syn_init="rded"``; :mod:`gvbsm_hf.methods.rded`)
+    syn_rded_candidates: Optional[int] = None
+    syn_rded_crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
+    syn_rded_factor: int = 2
 
     PROTOCOL_FIELDS: ClassVar[tuple[str, ...]] = (
         "ipc", "syn_iterations", "syn_lr", "syn_adam_betas", "syn_classes_per_batch", "syn_slots_per_batch",
@@ -69,6 +73,10 @@ class SynthesisConfig:
 
     def uses_conv(self) -> bool:
         """Whether Conv statistics are hooked and recorded statistics are needed."""
+        return False
+
+    def uses_class_stats(self) -> bool:
+        """Whether per-class (category-aware) statistics are matched: recorded with ``stats_per_class``."""
         return False
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +116,8 @@ class SynthesisMethod:
     select: Optional[Callable[..., Any]] = None
     init: Optional[Callable[..., Any]] = None
     description: str = ""
+    real_per_class: Optional[Callable[[SynthesisConfig], Optional[int]]] = None
+    """For a select method: how many real train images per class it reads (``None``: the whole split)."""
 
     @property
     def optimised(self) -> bool:
@@ -115,7 +125,7 @@ class SynthesisMethod:
 
     def needs_real(self, config: SynthesisConfig) -> bool:
         """Whether the real train split is needed (selection, or real-image initialisation)."""
-        return self.select is not None or config.syn_init == "real"
+        return self.select is not None or config.syn_init in ("real", "rded")
 
 
 _METHODS: dict[str, SynthesisMethod] = {}
@@ -129,8 +139,13 @@ def register_method(
     init: Callable[..., Any] | None = None,
     description: str = "",
     overwrite: bool = False,
+    real_per_class: Callable[[SynthesisConfig], Optional[int]] | None = None,
 ) -> Callable[[Callable], Callable]:
-    """Decorator registering a synthesis method under ``name`` (see the module docstring)."""
+    """Decorator registering a synthesis method under ``name`` (see the module docstring).
+
+    A select function is called as ``fn(real, spec, config)``, plus ``teachers=`` (the synthesis
+    teachers) and ``device=`` when it accepts them. ``real_per_class(config)`` says how many real
+    images per class it reads (``None``: all), so a caller can decode only those."""
     if not (isinstance(config, type) and issubclass(config, SynthesisConfig)):
         raise GVBSMError(f"register_method({name!r}): config must be a subclass of SynthesisConfig.")
 
@@ -140,6 +155,7 @@ def register_method(
         _METHODS[name] = SynthesisMethod(
             name=name, config_class=config, loss=None if select else fn, select=fn if select else None,
             init=init, description=description or (fn.__doc__ or "").strip().split("\n")[0],
+            real_per_class=real_per_class,
         )
         return fn
 

@@ -88,5 +88,5 @@ class EvaluateStage(Stage):
             seeds=seeds, soft_labeler=ctx.ensemble if on_the_fly else None,
             stored=ctx.stored.get(method) if use_stored else None,
             completed=list(runs), on_run_done=on_run_done,
-            reuse_saved_runs=not ctx.cache.redo_requested(self.name),
+            reuse_saved_runs=self.name not in r.pipeline.redo,  # a run is reused only if its settings and data match
         )

@@ -3,6 +3,7 @@ statistics (docs/method.md Eq. 9) as ``statistics/<teacher>.safetensors`` with p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,10 @@ def subset(split, max_samples: int | None, seed: int):
 
 
 def needs_statistics(ctx: StageContext) -> bool:
-    """Whether any method of the run (main or baseline) matches Conv statistics."""
+    """Whether any method of the run (main or baseline) matches Conv statistics or per-class statistics."""
     r = ctx.recipe
     configs = [method_config(m, r.synthesis, baseline=m != ctx.main_method) for m in ctx.methods]
-    return any(get_method(c.syn_method).optimised and c.uses_conv() for c in configs)
+    return any(get_method(c.syn_method).optimised and (c.uses_conv() or c.uses_class_stats()) for c in configs)
 
 
 class RecordStage(Stage):
@@ -52,9 +53,11 @@ class RecordStage(Stage):
 
     def _statistics(self, ctx: StageContext, compute: bool) -> None:
         from ..data import image_batches
+        from ..errors import StatisticsMismatchError
+        from ..recipe import config_fingerprint
         from ..statistics import load_statistics, record_statistics, save_statistics
         from ..synthesis import stats_augment_kind
-
+        from ..utils import runtime_provenance
 
         r, acc = ctx.recipe, ctx.accelerator
         ctx.statistics = [None] * len(ctx.teachers)
@@ -64,10 +67,6 @@ class RecordStage(Stage):
         redo = compute and ctx.cache.redo_requested(self.name)
         explicit = compute and self.name in r.pipeline.redo
         augment = stats_augment_kind(r.stats, r.synthesis.syn_augment)
-        from ..errors import StatisticsMismatchError
-        from ..recipe import config_fingerprint
-        from ..utils import runtime_provenance
-
         record_fp = config_fingerprint(self.config(r))
         for i, (teacher, folder) in enumerate(zip(ctx.teachers, ctx.teacher_dirs)):
             path = self.path(ctx, folder)
@@ -76,7 +75,7 @@ class RecordStage(Stage):
                     stats = load_statistics(
                         path, expect_fingerprint=teacher.fingerprint, expect_patch_size=r.stats.stats_patch_size,
                         expect_conv_target=r.stats.stats_conv_target, expect_augment=augment,
-                        expect_patch_mode=r.stats.stats_patch_mode,
+                        expect_patch_mode=r.stats.stats_patch_mode, expect_per_class=r.stats.stats_per_class,
                     )
                     if not redo or stats.provenance.get("record_fingerprint") == record_fp:
                         ctx.statistics[i] = stats
@@ -86,15 +85,25 @@ class RecordStage(Stage):
                         raise
             if split is None:  # not selected: recover says what is missing
                 continue
+            # ImageNet scale, authors' train transform: RandomResizedCrop of the ORIGINAL image in the loader
+            # workers (docs/differences.md row 2); otherwise the decoded batch is augmented on the device
+            loader_view = augment == "authors" and getattr(ctx.spec, "train_view", None) == "random_resized_crop"
             batches = image_batches(split, ctx.spec, r.stats.stats_batch_size, process_index=acc.process_index,
-                                    num_processes=acc.num_processes, num_workers=r.data.dataloader_workers)
+                                    num_processes=acc.num_processes, num_workers=r.data.dataloader_workers,
+                                    **(dict(view="train", seed=r.training.seed,
+                                            crop_scale=tuple(r.synthesis.syn_crop_scale)) if loader_view else {}))
             ctx.statistics[i] = record_statistics(
                 teacher, batches, ctx.spec, accelerator=acc, patch_size=r.stats.stats_patch_size,
-                conv_target=r.stats.stats_conv_target, augment=augment, patch_mode=r.stats.stats_patch_mode,
+                conv_target=r.stats.stats_conv_target, augment="none" if loader_view else augment,
+                patch_mode=r.stats.stats_patch_mode,
                 crop_scale=tuple(r.synthesis.syn_crop_scale), seed=r.training.seed, teacher_name=folder.name,
                 dataset_name=ctx.spec.name,
                 total_batches=None if r.data.streaming else -(-len(split) // r.stats.stats_batch_size),
+                per_class=r.stats.stats_per_class,
             )
+            if loader_view:  # the family the synthesis checks against (the pixels were cropped in the loader)
+                ctx.statistics[i].provenance.update(augment=augment, train_view="random_resized_crop",
+                                                    crop_scale=json.dumps([float(c) for c in r.synthesis.syn_crop_scale]))
             ctx.statistics[i].provenance.update(record_fingerprint=record_fp, **runtime_provenance(acc.num_processes))
             if acc.is_main_process:
                 save_statistics(ctx.statistics[i], path)

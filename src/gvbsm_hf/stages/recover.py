@@ -22,6 +22,9 @@ def random_real_rows(split, ipc: int, seed: int, spec):
     return to_uint8_tensors(split.select(class_balanced_indices(split["label"], n_per_class=ipc, seed=seed)), spec)
 
 
+METHOD_FINGERPRINT_FILE = "gvbsm_recover.json"
+
+
 def synthesis_health(syn, teachers, spec, device) -> dict[str, Any]:
     """The teacher ensemble on the shipped images (no augmentation): top-1 and cross-entropy, against
     chance (``ln K``). A set the teachers classify worse than chance has diverged (e.g. a huge syn_lr)."""
@@ -70,23 +73,37 @@ class RecoverStage(Stage):
         from ..synthesis import SyntheticSet, recover
         from ..visualize import save_class_grid
 
+        from ..recipe import config_fingerprint
+        from ..utils import write_json_atomic
+
         r, acc, spec = ctx.recipe, ctx.accelerator, ctx.spec
         redo = ctx.cache.redo_requested(self.name)
+        explicit = self.name in r.pipeline.redo
         syn_idx = teacher_subset(r.squeeze.teachers, r.synthesis.syn_teachers)
+        upstream = ctx.cache.fingerprints.get("record", "")  # data, teachers and statistics settings (chained)
         for method in ctx.methods:
             folder = self.folder(ctx, method)
-            if (folder / "synthetic.safetensors").exists() and not redo:
+            config = method_config(method, r.synthesis, baseline=method != ctx.main_method)
+            # one method's set depends on its own config and on what came before, not on the other methods:
+            # adding a baseline keeps the main method's images
+            fingerprint = config_fingerprint(upstream, config.to_dict(), r.synthesis.syn_teachers)
+            marker = folder / METHOD_FINGERPRINT_FILE
+            unchanged = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+            if (folder / "synthetic.safetensors").exists() and not explicit and (not redo or unchanged):
                 ctx.synthetic[method] = SyntheticSet.load(folder)
                 continue
-            if redo and folder.exists() and acc.is_main_process:
+            if (explicit or (redo and not unchanged)) and folder.exists() and acc.is_main_process:
                 shutil.rmtree(folder)
             acc.wait_for_everyone()
-            config = method_config(method, r.synthesis, baseline=method != ctx.main_method)
+            if acc.is_main_process:
+                write_json_atomic(marker, {"fingerprint": fingerprint, "config": config.to_dict()})
             entry = get_method(method)
             ctx.logger.info(f"recover: {method}, ipc {config.ipc}")
             real_train = None
-            if not entry.optimised and not r.data.streaming:
-                real_train = random_real_rows(ctx.dataset["train"], config.ipc, config.syn_seed, spec)
+            per_class = entry.real_per_class(config) if entry.real_per_class is not None else None
+            if not entry.optimised and per_class is not None and not r.data.streaming:
+                # only the rows the selection can pick (class_balanced_indices(n_per_class, seed)), in index order
+                real_train = random_real_rows(ctx.dataset["train"], per_class, config.syn_seed, spec)
             elif entry.needs_real(config):
                 real_train = ctx.real("train")
             result = recover([ctx.teachers[i] for i in syn_idx], [ctx.statistics[i] for i in syn_idx], spec, config,
