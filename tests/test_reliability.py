@@ -215,3 +215,16 @@ def test_dropping_a_teacher_keeps_the_others(tmp_path):
     # an explicit --redo still recomputes
     run_pipeline(parse_recipe(fast + ["--teachers", "convnet32", "--redo", "squeeze"]))
     assert kept[0].stat().st_mtime_ns != before[kept[0]]
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(tmp_path):
+    fast = ["--config", str(SMOKE), "--output_dir", str(tmp_path), "--teacher_epochs", "1", "--max_train_samples",
+            "300", "--stats_max_samples", "200", "--ipc", "1", "--syn_iterations", "4", "--num_train_epochs", "1",
+            "--eval_seeds", "0", "--baselines", "gvbsm", "--accept_unhealthy_synthesis", "true"]
+    summary = run_pipeline(parse_recipe(fast))
+    folder = Path(summary["dataset_folder"])
+    stale = folder.parent / f".{folder.name}.tmp-999-deadbeef"  # what a kill during export leaves
+    stale.mkdir()
+    (stale / "README.md").write_text("half")
+    run_pipeline(parse_recipe(fast + ["--redo", "export"]))
+    assert not stale.exists() and (folder / "README.md").exists()
