@@ -72,16 +72,17 @@ def main() -> None:
               "--stages", "squeeze", "record", "recover", "relabel", "evaluate"]
     rows, runs = [], []
     for name in args.variants:
-        if name == "random_real":
-            argv = common + AUTHORS + ["--syn_method", "random_real", "--baselines", "random_real"]
-            changed = ["syn_method"]
+        if name == "random_real":  # the baseline of the `authors` run: same folder, same teachers, same protocol
+            argv = common + AUTHORS + ["--baselines", "random_real", "--output_dir", f"{args.work_dir}/authors"]
+            method, changed = "random_real", ["syn_method"]
         else:
             extra, changed = VARIANTS[name]
-            argv = common + AUTHORS + extra + ["--baselines", "gvbsm"]  # = no baseline beside the main method
-        argv += ["--output_dir", f"{args.work_dir}/{name}"]
+            # `--baselines gvbsm` = no baseline beside the main method
+            argv = common + AUTHORS + extra + ["--baselines", "gvbsm", "--output_dir", f"{args.work_dir}/{name}"]
+            method = "gvbsm"
         t0 = time.perf_counter()
         summary = run_pipeline(parse_recipe(argv))
-        (row,) = [r for r in summary["results"] if r["labels"] == "soft"]
+        (row,) = [r for r in summary["results"] if r["labels"] == "soft" and r["method"] == method]
         rows.append({"variant": name, "changed": changed, "mean": row["mean"], "std": row["std"],
                      "per_seed": row["per_seed"], "seeds": row["seeds"], "method": row["method"]})
         runs.append({"variant": name, "argv": argv, "wall_time_s": round(time.perf_counter() - t0, 1)})
