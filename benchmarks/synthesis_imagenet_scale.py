@@ -55,25 +55,7 @@ VARIANTS = {
 NUM_CLASSES = 1000
 
 
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_gflops(device, n: int = 2048, repeats: int = 10) -> float:
-    """Measured float32 matmul rate (GFLOP/s) of ``device``."""
-    import torch
-
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    sync(device)
-    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+from synthesis_breakdown import matmul_gflops, sync  # noqa: E402  (the same helpers as the breakdown benchmark)
 
 
 def _recipe():

@@ -132,6 +132,13 @@ def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 PATCH_MODES = ("resize", "partial")
 
 
+def _check_feature_map(x: torch.Tensor, patch_mode: str) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"Conv statistics need a 4-D (N, C, H, W) feature map, got shape {tuple(x.shape)}.")
+    if patch_mode not in PATCH_MODES:
+        raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r} (stats_patch_mode).")
+
+
 def conv_statistics(x: torch.Tensor, patch_size: int, patch_mode: str = "partial") -> dict[str, torch.Tensor]:
     """Channel and patch mean / biased variance of a Conv feature map ``(N, C, H, W)`` (Eq. 9).
 
@@ -141,10 +148,7 @@ def conv_statistics(x: torch.Tensor, patch_size: int, patch_mode: str = "partial
     ``"resize"`` (authors' code) first resizes the map bilinearly (``align_corners=False``) up to
     the next multiple of ``p`` for the PATCH statistics (channel statistics use the map as is).
     """
-    if x.dim() != 4:
-        raise ValueError(f"Conv statistics need a 4-D (N, C, H, W) feature map, got shape {tuple(x.shape)}.")
-    if patch_mode not in PATCH_MODES:
-        raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r} (stats_patch_mode).")
+    _check_feature_map(x, patch_mode)
     p = int(patch_size)
     h, w = x.shape[-2:]
     if patch_mode == "resize" and (h % p or w % p):
@@ -214,10 +218,7 @@ def class_conv_statistics(x: torch.Tensor, weights: torch.Tensor, patch_size: in
     and ``patch_mean``/``patch_var`` ``(K, ceil(H/p), ceil(W/p))`` over the images of each class (patch
     statistics over those images, all channels and the pixels of a patch; ``"resize"`` resizes the map
     first for the patch statistics, as :func:`conv_statistics`). float32, differentiable w.r.t. ``x``."""
-    if x.dim() != 4:
-        raise ValueError(f"Conv statistics need a 4-D (N, C, H, W) feature map, got shape {tuple(x.shape)}.")
-    if patch_mode not in PATCH_MODES:
-        raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r} (stats_patch_mode).")
+    _check_feature_map(x, patch_mode)
     p = int(patch_size)
     h, w = x.shape[-2:]
     wt = weights.t()
