@@ -546,3 +546,28 @@ def test_scores_from_rows_as_documented():
     assert per_seed_full["hlr"]["per_seed"] == pytest.approx([60.0, 58.0, 58.0])
     with pytest.raises(GVBSMError, match="Two rows"):
         scores(rows + [rows[0]])
+
+
+def test_printed_results_table_shows_the_margin_over_the_random_subset():
+    """recipes/distill.py's table: each row minus the random subset over their common seeds, same evaluator;
+    hard-label rows against the random subset's hard-label row."""
+    from gvbsm_hf.pipeline import format_results_table
+
+    rows = [
+        _row("gvbsm", "soft", [60.0, 62.5, 64.0]),
+        _row("random_real", "soft", [55.0, 58.0, 57.5]),
+        _row("gvbsm", "hard", [30.0, 33.0, 31.0]),
+        _row("random_real", "hard", [40.0, 41.0, 45.0]),
+        _row("gvbsm", "stored_views", [59.0, 62.0, 63.0]),
+        _row("sre2l", "soft", [50.0, 51.0], seeds=(1, 2)),
+        _row("gvbsm", "soft", [70.0, 71.0, 72.0], evaluator="resnet18_cifar"),
+    ]
+    lines = format_results_table(rows).splitlines()
+    assert "vs random subset" in lines[0]
+    margin = {tuple(c.strip() for c in line.split("|")[1:4]): line.split("|")[6].strip() for line in lines[2:]}
+    assert margin[("gvbsm", "soft", "convnet128")] == f"{(60 + 62.5 + 64) / 3 - (55 + 58 + 57.5) / 3:+.2f}"
+    assert margin[("gvbsm", "hard", "convnet128")] == f"{(30 + 33 + 31) / 3 - (40 + 41 + 45) / 3:+.2f}"
+    assert margin[("gvbsm", "stored_views", "convnet128")] == f"{(59 + 62 + 63) / 3 - (55 + 58 + 57.5) / 3:+.2f}"
+    assert margin[("sre2l", "soft", "convnet128")] == f"{(50 + 51) / 2 - (58 + 57.5) / 2:+.2f}"  # seeds 1, 2 only
+    assert margin[("random_real", "soft", "convnet128")] == ""
+    assert margin[("gvbsm", "soft", "resnet18_cifar")] == ""  # no random row for that evaluator

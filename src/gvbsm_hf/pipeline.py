@@ -183,10 +183,22 @@ def dataclasses_replace(obj, **changes):
     return dataclasses.replace(obj, **changes)
 
 
-def format_results_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table of evaluation rows (method, labels, evaluator, IPC, top-1 mean ± std)."""
-    lines = ["| method | labels | evaluator | IPC | top-1 % (last epoch) | seeds |", "| --- | --- | --- | --- | --- | --- |"]
+def format_results_table(rows: Sequence[dict[str, Any]], random_method: str = "random_real") -> str:
+    """Markdown table of evaluation rows (method, labels, evaluator, IPC, top-1 mean ± std) with the margin over
+    the random real subset: the row's mean minus the ``random_method`` row's mean over the seeds both have, same
+    evaluator; hard-label rows against the random subset's hard-label row, the others against its soft row
+    (docs/method.md "Scores")."""
+    randoms = {(r["labels"], r["evaluator"]): r for r in rows if r["method"] == random_method}
+    lines = ["| method | labels | evaluator | IPC | top-1 % (last epoch) | vs random subset | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
+        rnd = randoms.get(("hard" if row["labels"] == "hard" else "soft", row["evaluator"]))
+        margin = ""
+        if rnd is not None and row["method"] != random_method:
+            mine, theirs = dict(zip(row["seeds"], row["per_seed"])), dict(zip(rnd["seeds"], rnd["per_seed"]))
+            common = [s for s in mine if s in theirs]
+            if common:
+                margin = f"{sum(mine[s] - theirs[s] for s in common) / len(common):+.2f}"
         lines.append(f"| {row['method']} | {row['labels']} | {row['evaluator']} | {row['ipc']} | "
-                     f"{row['mean']:.2f} ± {row['std']:.2f} | {row['n']} |")
+                     f"{row['mean']:.2f} ± {row['std']:.2f} | {margin} | {row['n']} |")
     return "\n".join(lines)

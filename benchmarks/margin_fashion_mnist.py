@@ -1,0 +1,235 @@
+"""Margin benchmark (issue 15): which distilled set beats a random real subset of the same size, under
+the same protocol, on Fashion-MNIST IPC 1 / 10 / 50, one fixed teacher set, 3 student seeds, last epoch.
+
+Every row goes through the library's pipeline (``recipes/fashion_mnist/gvbsm_ipc10.yaml`` with
+``--ipc`` and the overrides below on top of the authors' protocol), one output folder per synthetic
+set under ``--work-dir/ipc{N}/``; each run's rows are saved to ``--work-dir/rows/`` as soon as it ends,
+so a killed benchmark resumes where it stopped, and ``--collect`` merges whatever has run.
+
+Runs (``RUNS``): a synthetic set (``folder``), the recipe overrides that make it, the student
+protocol (``authors``: the paper recipe's, i.e. crops 0.08-1, CutMix on every batch, gamma 0.1, cosine;
+``edc``: the student options of docs/method.md "Beyond G-VBSM": EMA 0.99 evaluated, smoothing
+schedule zeta 2, crops 0.5-1, gamma 0.05), and whether the random real subset is evaluated beside it
+(``--baselines random_real``: same teachers, soft labels, student, epochs and seeds). Every run also
+trains on hard labels (``evaluate_hard_labels``), which gives each row's ``hard_label_mean``.
+
+The IPC's ``random_real`` entry is the random subset under the best row's student protocol, so
+``margin = best.mean - random_real.mean`` compares like with like; every row also carries its own
+``random_margin`` against the random subset of its own protocol.
+
+    python benchmarks/margin_fashion_mnist.py --teachers runs/fm_teachers/convnet128 runs/fm_teachers/convnet32 \\
+        runs/fm_teachers/convnet32_d2 runs/fm_teachers/shufflenetv2_050 --ipc 10
+    python benchmarks/margin_fashion_mnist.py --teachers ... --ipc 1 50   # another process, another folder
+    python benchmarks/margin_fashion_mnist.py --teachers ... --collect
+
+(teachers: see benchmarks/fidelity_fashion_mnist.py). Writes ``--out``
+(``benchmarks/results/margin_fashion_mnist.json``) and a markdown table beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "fashion_mnist" / "gvbsm_ipc10.yaml"
+
+AUTHORS = ["--syn_protocol", "authors", "--syn_backbone_choice", "round_robin", "--cutmix_prob", "1.0",
+           "--cutmix_ce_label", "original"]
+STUDENT = {
+    "authors": [],
+    "edc": ["--student_ema_decay", "0.99", "--student_lr_smoothing", "2", "--student_crop_scale", "0.5", "1.0",
+            "--gamma", "0.05"],
+}
+PER_IMAGE_RRC = ["--syn_augment", "per_image_rrc", "--stats_augment", "authors"]
+RDED_CROPS = ["--syn_rded_factor", "1", "--syn_rded_crop_scale", "0.5", "1.0"]
+RDED_INIT = ["--syn_init", "rded", *RDED_CROPS]
+CLASS_AWARE = ["--stats_per_class", "true", "--syn_class_weight", "0.5"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pipeline call: the synthetic set in ``folder``, evaluated under ``student``."""
+
+    name: str
+    folder: str
+    components: list[str]
+    overrides: list[str] = field(default_factory=list)
+    method: str = "gvbsm"
+    student: str = "authors"
+    with_random: bool = False
+
+
+RUNS = {r.name: r for r in [
+    Run("gvbsm_authors", "authors", [], with_random=True),
+    Run("per_image_rrc", "per_image_rrc", ["per_image_rrc"], PER_IMAGE_RRC),
+    Run("iterations_500", "it500", ["iterations=500"], ["--syn_iterations", "500"]),
+    Run("iterations_2000", "it2000", ["iterations=2000"], ["--syn_iterations", "2000"]),
+    Run("iterations_4000", "it4000", ["iterations=4000"], ["--syn_iterations", "4000"]),
+    Run("rded_selection", "rded_f1", ["rded_selection"], RDED_CROPS, method="rded"),
+    Run("rded_selection_stitched", "rded_f2", ["rded_selection", "stitch_2x2"], [], method="rded"),
+    Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
+    Run("class_aware", "class_aware", ["class_aware_matching"], CLASS_AWARE),
+    Run("bf16_autocast", "bf16", ["bf16_autocast_synthesis"], ["--syn_mixed_precision", "bf16"]),
+    Run("edc_student", "authors", ["edc_student"], student="edc"),
+    Run("rded_selection+edc_student", "rded_f1", ["rded_selection", "edc_student"], RDED_CROPS, method="rded",
+        student="edc"),
+    Run("combination", "combination", ["per_image_rrc", "rded_init", "class_aware_matching", "edc_student"],
+        PER_IMAGE_RRC + RDED_INIT + CLASS_AWARE, student="edc", with_random=True),
+    Run("combination_no_class_aware", "combination_nca", ["per_image_rrc", "rded_init", "edc_student"],
+        PER_IMAGE_RRC + RDED_INIT, student="edc"),
+]}
+PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its essentials only)
+    1: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "class_aware", "edc_student",
+        "rded_selection+edc_student", "combination", "combination_no_class_aware"],
+    10: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "edc_student", "combination",
+         "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
+         "combination_no_class_aware", "iterations_500", "iterations_4000", "rded_selection_stitched"],
+    50: ["gvbsm_authors", "combination", "rded_selection+edc_student"],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", nargs="+", required=True, help="Teacher folders (the fixed teacher set).")
+    p.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50], choices=sorted(PLAN))
+    p.add_argument("--runs", nargs="+", default=None, help="Only these runs (names of RUNS).")
+    p.add_argument("--syn-iterations", type=int, nargs="+", default=[1000],
+                   help="Synthesis iterations per --ipc value (in the order of --ipc; one value = all), unless "
+                        "the run sets its own.")
+    p.add_argument("--epochs", type=int, nargs="+", default=[300],
+                   help="Student epochs per --ipc value (in the order of --ipc; one value = all).")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--stats-max-samples", type=int, default=10000)
+    p.add_argument("--work-dir", default="runs/margin_fashion_mnist")
+    p.add_argument("--collect", action="store_true", help="Only merge the saved rows into --out.")
+    p.add_argument("--out", default="benchmarks/results/margin_fashion_mnist.json")
+    args = p.parse_args()
+    work = Path(args.work_dir)
+    if not args.collect:
+        epochs, iterations = (v if len(v) == len(args.ipc) else [v[0]] * len(args.ipc)
+                              for v in (args.epochs, args.syn_iterations))
+        for ipc, n_epochs, n_iterations in zip(args.ipc, epochs, iterations):
+            for name in PLAN[ipc]:
+                if args.runs is None or name in args.runs:
+                    _run(args, work, ipc, n_epochs, n_iterations, RUNS[name])
+    _collect(args, work)
+
+
+def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> None:
+    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
+
+    saved = work / "rows" / f"ipc{ipc}_{run.name}.json"
+    if saved.exists():
+        return
+    if "--syn_iterations" in run.overrides:  # a point of the iterations curve
+        iterations = int(run.overrides[run.overrides.index("--syn_iterations") + 1])
+    baselines = ["random_real"] if run.with_random else [run.method]  # the main method alone = no baseline
+    argv = ["--config", str(RECIPE), "--teachers", *args.teachers, "--ipc", str(ipc),
+            "--syn_iterations", str(iterations), "--syn_checkpoint_every", str(max(1, iterations // 5)),
+            "--num_train_epochs", str(epochs), "--eval_seeds", *map(str, args.seeds),
+            "--evaluate_hard_labels", "true", "--relabel_export_views", "false",
+            "--stats_max_samples", str(args.stats_max_samples), "--stages", "squeeze", "record", "recover", "relabel",
+            "evaluate", *AUTHORS, "--syn_method", run.method, *run.overrides, *STUDENT[run.student],
+            "--baselines", *baselines, "--output_dir", str(work / f"ipc{ipc}" / run.folder)]
+    t0 = time.perf_counter()
+    summary = run_pipeline(parse_recipe(argv))
+    rows = [r for r in summary["results"] if r["method"] in (run.method, "random_real")]
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"run": run.name, "ipc": ipc, "epochs": epochs, "syn_iterations": iterations,
+                                 "argv": argv,
+                                 "wall_time_s": round(time.perf_counter() - t0, 1), "rows": rows}, indent=2) + "\n")
+    soft = {r["method"]: r for r in rows if r["labels"] == "soft"}
+    print(f"ipc {ipc} {run.name}: " + ", ".join(f"{m} {r['mean']:.2f} ± {r['std']:.2f}" for m, r in soft.items()),
+          flush=True)
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": round(mean(values), 3), "std": round(stdev(values), 3) if len(values) > 1 else 0.0,
+            "per_seed": [round(v, 3) for v in values]}
+
+
+def _collect(args, work: Path) -> None:
+    from gvbsm_hf.scores import label_robust_score
+    from gvbsm_hf.teacher import load_teacher
+
+    teachers = []
+    for folder in args.teachers:
+        acc = load_teacher(folder).config.get("accuracy")
+        teachers.append({"name": Path(folder).name, "top1": None if acc is None else round(100.0 * float(acc), 2)})
+    full_real = max(t["top1"] or 0.0 for t in teachers)  # stand-in for a full-data hard-label student (LRS)
+    result = {
+        "command": "python benchmarks/margin_fashion_mnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "teachers": teachers,
+        "protocol": "ConvNet-128 student, soft labels of the teacher ensemble on every augmented batch (MSE + "
+                    "gamma*GT, Eq. 11), top-1 on the 10k test split after the LAST epoch, mean ± sample std over "
+                    f"student seeds {args.seeds}; synthesis on the authors' protocol (syn_iterations and student "
+                    "epochs of each row in the row); the random subset under the same teachers, student, "
+                    "epochs and seeds as the row it is compared with",
+        "ipc": {},
+    }
+    md = ["| IPC | row | components | student | top-1 % | vs random (same student) | hard labels % |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+    for ipc in sorted(PLAN):
+        saved = [json.loads(f.read_text()) for f in sorted((work / "rows").glob(f"ipc{ipc}_*.json"))]
+        if not saved:
+            continue
+        saved.sort(key=lambda s: PLAN[ipc].index(s["run"]) if s["run"] in PLAN[ipc] else 99)
+        randoms: dict[str, dict] = {}
+        for s in saved:  # random subset per student protocol
+            for r in s["rows"]:
+                if r["method"] == "random_real" and r["labels"] == "soft":
+                    randoms[RUNS[s["run"]].student] = {**_stats(r["per_seed"]), "epochs": s["epochs"]}
+        rows = []
+        for s in saved:
+            run = RUNS[s["run"]]
+            by = {(r["method"], r["labels"]): r for r in s["rows"]}
+            soft, hard = by.get((run.method, "soft")), by.get((run.method, "hard"))
+            if soft is None:
+                continue
+            rnd = randoms.get(run.student)
+            row = {"recipe": run.name, "components": run.components, **_stats(soft["per_seed"]),
+                   "hard_label_mean": None if hard is None else round(mean(hard["per_seed"]), 3),
+                   "student": run.student, "epochs": s["epochs"], "syn_iterations": s.get("syn_iterations"), "overrides": run.overrides + STUDENT[run.student],
+                   "random_margin": None if rnd is None else round(mean(soft["per_seed"]) - rnd["mean"], 3),
+                   "wall_time_s": s["wall_time_s"]}
+            if hard is not None and rnd is not None:  # DD-Ranking-style score, docs/results.md
+                hlr = (full_real - row["hard_label_mean"]) / 100.0
+                ior = row["random_margin"] / 100.0
+                row["lrs"] = round(label_robust_score(hlr, ior), 4)
+            rows.append(row)
+            md.append(f"| {ipc} | {run.name} | {', '.join(run.components) or '—'} | {run.student} | "
+                      f"{row['mean']:.2f} ± {row['std']:.2f} | "
+                      f"{'' if row['random_margin'] is None else format(row['random_margin'], '+.2f')} | "
+                      f"{'' if row['hard_label_mean'] is None else format(row['hard_label_mean'], '.2f')} |")
+        for student, rnd in randoms.items():
+            hard_r = [r for s in saved if RUNS[s["run"]].student == student
+                      for r in s["rows"] if r["method"] == "random_real" and r["labels"] == "hard"]
+            md.append(f"| {ipc} | random_real | random subset | {student} | {rnd['mean']:.2f} ± {rnd['std']:.2f} | "
+                      f"0 | {'' if not hard_r else format(mean(hard_r[0]['per_seed']), '.2f')} |")
+        if not rows:
+            continue
+        best = max(rows, key=lambda r: r["mean"])
+        random_real = randoms.get(best["student"])
+        result["ipc"][str(ipc)] = {
+            "random_real": None if random_real is None else {k: random_real[k] for k in ("mean", "std", "per_seed")},
+            "random_real_student": best["student"],
+            "random_real_by_student": randoms,
+            "rows": rows,
+            "best": {"recipe": best["recipe"], "mean": best["mean"], "std": best["std"]},
+            "margin": None if random_real is None else round(best["mean"] - random_real["mean"], 3),
+        }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
