@@ -9,7 +9,7 @@ so a killed benchmark resumes where it stopped, and ``--collect`` merges whateve
 Runs (``RUNS``): a synthetic set (``folder``), the recipe overrides that make it, the student
 protocol (``authors``: the paper recipe's, i.e. crops 0.08-1, CutMix on every batch, gamma 0.1, cosine;
 ``edc``: the student options of docs/method.md "Beyond G-VBSM": EMA 0.99 evaluated, smoothing
-schedule zeta 2, crops 0.5-1, gamma 0.05), and whether the random real subset is evaluated beside it
+schedule zeta 2, crops 0.5-1, gamma 0.025: EDC's train.sh values), and whether the random real subset is evaluated beside it
 (``--baselines random_real``: same teachers, soft labels, student, epochs and seeds). Every run also
 trains on hard labels (``evaluate_hard_labels``), which gives each row's ``hard_label_mean``.
 
@@ -44,7 +44,7 @@ AUTHORS = ["--syn_protocol", "authors", "--syn_backbone_choice", "round_robin", 
 STUDENT = {
     "authors": [],
     "edc": ["--student_ema_decay", "0.99", "--student_lr_smoothing", "2", "--student_crop_scale", "0.5", "1.0",
-            "--gamma", "0.05"],
+            "--gamma", "0.025"],
 }
 PER_IMAGE_RRC = ["--syn_augment", "per_image_rrc", "--stats_augment", "authors"]
 RDED_CROPS = ["--syn_rded_factor", "1", "--syn_rded_crop_scale", "0.5", "1.0"]
