@@ -48,7 +48,7 @@ STAGES = ["squeeze", "record", "recover", "relabel", "evaluate", "export"]
 SHRINK = [
     "--teacher_pretrained", "false", "--teacher_epochs", "1",
     "--max_train_samples", "60", "--stats_max_samples", "20",
-    "--ipc", "2", "--syn_iterations", "4", "--syn_checkpoint_every", "2",
+    "--ipc", "2", "--syn_iterations", "4", "--syn_checkpoint_every", "2", "--syn_classes_per_batch", "10",
     "--num_train_epochs", "1", "--eval_seeds", "0", "--eval_students", "tv:resnet18",
     "--dataloader_workers", "2", "--accept_unhealthy_synthesis", "true",
 ]
@@ -162,9 +162,13 @@ def main() -> None:
     p.add_argument("--val-per-class", type=int, default=3)
     p.add_argument("--workdir", default=None, help="folder for the images and the run (default: a temporary one)")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the stage processes")
+    p.add_argument("--extra", default="", help="more recipe overrides after SHRINK, one quoted string, e.g. "
+                   "--extra='--ipc 4'")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "imagenet_rehearsal.json"))
     args = p.parse_args()
+    import shlex
 
+    extra = shlex.split(args.extra)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="imagenet-rehearsal-"))
     folder = make_imagenet_folder(work / "imagenet", args.classes, args.train_per_class, args.val_per_class)
     out = work / "run"
@@ -173,7 +177,7 @@ def main() -> None:
                HF_DATASETS_CACHE=str(work / "hf_datasets_cache"))
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    base = [sys.executable, str(DISTILL), *rehearsal_argv(folder["root"], out)]
+    base = [sys.executable, str(DISTILL), *rehearsal_argv(folder["root"], out, *extra)]
     stages = {}
     with open(work / "rehearsal.log", "w") as log:
         # the process start alone, which every stage process repeats: imports, recipe, the folder, the data spec
@@ -192,11 +196,12 @@ def main() -> None:
     if not exported:
         raise RuntimeError(f"no exported dataset folder in {out / 'export'}")
     shown = [str(Path(a).relative_to(REPO)) if a == str(RECIPE) else a
-             for a in rehearsal_argv("<generated_folder>", "<output_dir>")]
+             for a in rehearsal_argv("<generated_folder>", "<output_dir>", *extra)]
     result = {
         "command": (f"python benchmarks/imagenet_rehearsal.py --classes {args.classes} --train-per-class "
                     f"{args.train_per_class} --val-per-class {args.val_per_class}"
                     + (f" --threads {args.threads}" if args.threads else "")
+                    + (f" --extra={shlex.quote(args.extra)}" if args.extra else "")
                     + "  # each stage: python recipes/distill.py " + " ".join(shown) + " --stages <stage>"),
         "images": int(folder["images"]),
         "classes": int(folder["classes"]),

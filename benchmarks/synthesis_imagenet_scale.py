@@ -206,6 +206,8 @@ def main() -> None:
                    help="warm-up steps per teacher (default 1; 2 for compile, which compiles twice)")
     p.add_argument("--variant-timeout", type=int, default=3600, help="seconds per variant process (then: skipped)")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "synthesis_imagenet_scale.json"))
+    p.add_argument("--keep", action="store_true",
+                   help="keep the variants already in --output (same batch, size, teachers) that this run does not redo")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
@@ -234,10 +236,17 @@ def main() -> None:
         "cpu_matmul_peak_gflops": round(matmul_gflops(torch.device("cpu")), 1),
         "gpu": None,
     }
+    out = Path(args.output)
+    if args.keep and out.exists():  # a run completed piecewise (e.g. the slow compile variant later)
+        old = json.loads(out.read_text())
+        if (old["batch"], old["image_size"], old["teachers"]) != (args.batch, args.image_size, teachers):
+            raise SystemExit(f"--keep: {out} was measured with another batch, image size or teacher set")
+        result["command"] = old["command"] + " && " + result["command"] + " --keep"
+        result["cpu"], result["gpu"] = old.get("cpu"), old.get("gpu")
     peak_cpu = result["cpu_matmul_peak_gflops"]
     print(f"{'device':>6} {'variant':>19} {'s/image':>9} {'s/step':>8} {'peak MB':>9} {'GFLOP/s':>8} {'of peak':>7}  per teacher (s)")
     for device in devices:
-        section: dict = {}
+        section: dict = dict(result["cpu" if device == "cpu" else "gpu"] or {})
         if device == "cuda":
             section["device"] = torch.cuda.get_device_name(0)
         for variant in args.variants:
@@ -256,7 +265,6 @@ def main() -> None:
         result["cpu" if device == "cpu" else "gpu"] = section
     result["cpu"] = result["cpu"] or {}
     print(f"cpu float32 matmul: {peak_cpu} GFLOP/s; {platform.processor() or platform.machine()}")
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
