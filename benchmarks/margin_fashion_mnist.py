@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, nargs="+", default=[300],
                    help="Student epochs per --ipc value (in the order of --ipc; one value = all).")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--hard-label-seeds", type=int, nargs="+", default=[0],
+                   help="Seeds of the hard-label rows (each row's hard_label_mean).")
     p.add_argument("--stats-max-samples", type=int, default=10000)
     p.add_argument("--work-dir", default="runs/margin_fashion_mnist")
     p.add_argument("--collect", action="store_true", help="Only merge the saved rows into --out.")
@@ -133,7 +135,8 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
     argv = ["--config", str(RECIPE), "--teachers", *args.teachers, "--ipc", str(ipc),
             "--syn_iterations", str(iterations), "--syn_checkpoint_every", str(max(1, iterations // 5)),
             "--num_train_epochs", str(epochs), "--eval_seeds", *map(str, args.seeds),
-            "--evaluate_hard_labels", "true", "--relabel_export_views", "false",
+            "--evaluate_hard_labels", "true", "--hard_label_seeds", *map(str, args.hard_label_seeds),
+            "--relabel_export_views", "false",
             "--stats_max_samples", str(args.stats_max_samples), "--stages", "squeeze", "record", "recover", "relabel",
             "evaluate", *AUTHORS, "--syn_method", run.method, *run.overrides, *STUDENT[run.student],
             "--baselines", *baselines, "--output_dir", str(work / f"ipc{ipc}" / run.folder)]
@@ -142,11 +145,15 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
     rows = [r for r in summary["results"] if r["method"] in (run.method, "random_real")]
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps({"run": run.name, "ipc": ipc, "epochs": epochs, "syn_iterations": iterations,
-                                 "argv": argv,
+                                 "invocation": _invocation(), "argv": argv,
                                  "wall_time_s": round(time.perf_counter() - t0, 1), "rows": rows}, indent=2) + "\n")
     soft = {r["method"]: r for r in rows if r["labels"] == "soft"}
     print(f"ipc {ipc} {run.name}: " + ", ".join(f"{m} {r['mean']:.2f} ± {r['std']:.2f}" for m, r in soft.items()),
           flush=True)
+
+
+def _invocation() -> str:
+    return "python benchmarks/margin_fashion_mnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def _stats(values: list[float]) -> dict:
@@ -163,8 +170,13 @@ def _collect(args, work: Path) -> None:
         acc = load_teacher(folder).config.get("accuracy")
         teachers.append({"name": Path(folder).name, "top1": None if acc is None else round(100.0 * float(acc), 2)})
     full_real = max(t["top1"] or 0.0 for t in teachers)  # stand-in for a full-data hard-label student (LRS)
+    invocations = []  # the commands that ran the rows (one per process), then this one
+    for f in sorted((work / "rows").glob("*.json")):
+        inv = json.loads(f.read_text()).get("invocation")
+        if inv and inv not in invocations:
+            invocations.append(inv)
     result = {
-        "command": "python benchmarks/margin_fashion_mnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": " && ".join([*invocations, _invocation()]),
         "teachers": teachers,
         "protocol": "ConvNet-128 student, soft labels of the teacher ensemble on every augmented batch (MSE + "
                     "gamma*GT, Eq. 11), top-1 on the 10k test split after the LAST epoch, mean ± sample std over "

@@ -464,6 +464,29 @@ def _copy_of(run: dict, dst: Path) -> Path:
 
 
 @pytest.mark.slow
+def test_evaluate_rerun_with_every_seed_cached_and_hard_label_seeds(smoke_run, tmp_path):
+    """An evaluate stage whose options changed but whose seeds are all cached trains nothing, and the
+    stages after it still run (a TrainingArguments built without a Trainer resets accelerate's state);
+    hard_label_seeds picks the seeds of the hard-label rows only."""
+    out = _copy_of(smoke_run, tmp_path / "hard_seeds")
+    before = json.loads((out / "evaluate" / "results.json").read_text())
+    summary = _run(out, "--hard_label_seeds", "0")  # a new option, no new row: every run is reused
+    assert summary["results"] == before
+    assert _stages(out)["export"]["done"] and Path(summary["dataset_folder"]).is_dir()
+
+    summary = _run(out, "--eval_seeds", "0", "1", "--evaluate_hard_labels", "true", "--hard_label_seeds", "1")
+    rows = {(r["method"], r["labels"]): r for r in summary["results"]}
+    assert rows[("gvbsm", "hard")]["seeds"] == [1] and rows[("gvbsm", "hard")]["n"] == 1
+    assert rows[("gvbsm", "soft")]["seeds"] == [0, 1] and rows[("random_real", "soft")]["seeds"] == [0, 1]
+    first = {(r["method"], r["labels"]): r for r in before}
+    assert rows[("gvbsm", "soft")]["per_seed"][0] == first[("gvbsm", "soft")]["per_seed"][0]  # reused
+    from gvbsm_hf.configs import PipelineArguments, RecipeError
+
+    with pytest.raises(RecipeError, match="hard_label_seeds is empty"):
+        PipelineArguments(hard_label_seeds=[])
+
+
+@pytest.mark.slow
 def test_syn_teachers_restricts_the_synthesis_backbones(smoke_run, tmp_path):
     out = _copy_of(smoke_run, tmp_path / "subset")
     teachers = yaml.safe_load(SMOKE.read_text())["teachers"]

@@ -479,6 +479,9 @@ class PipelineArguments(ValidatedArguments):
         metadata={"help": "Also evaluate these registered methods under the same protocol (built from their own defaults)."},
     )
     evaluate_hard_labels: bool = field(default=False, metadata={"help": "Also report hard-label training."})
+    hard_label_seeds: Optional[list[int]] = field(
+        default=None, metadata={"help": "Student seeds of the hard-label rows (fewer than eval_seeds to save time: "
+                                "the images' own accuracy varies little over seeds). None: eval_seeds."})
     accept_unhealthy_synthesis: bool = field(
         default=False, metadata={"help": "Go on with a synthetic set the teachers classify worse than chance (the "
                                  "health check at the end of recover stops the run otherwise)."})
@@ -497,6 +500,9 @@ class PipelineArguments(ValidatedArguments):
                 check_choice(f"{name}[{i}]", s, STAGES)
         for i, b in enumerate(self.baselines):
             check_choice(f"baselines[{i}]", b, list_methods())
+        if self.hard_label_seeds is not None and not self.hard_label_seeds:
+            raise RecipeError("hard_label_seeds is empty: give at least one seed (e.g. `hard_label_seeds: [0]`) or "
+                              "leave it unset (null) to use eval_seeds.")
         check_range("num_threads", self.num_threads, 1, allow_none=True)
         check_range("num_processes", self.num_processes, 1, allow_none=True)
 

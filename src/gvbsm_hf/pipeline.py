@@ -47,6 +47,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
     from accelerate.logging import get_logger
+    from accelerate.state import AcceleratorState
 
     from .data import get_dataset_spec, load_image_dataset
     from .utils import runtime_provenance, seed_everything
@@ -58,7 +59,10 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     out = Path(r.training.output_dir)
     check_output_dir(out)
     report_to = [t for t in (r.training.report_to or []) if t not in ("none", "all")] if isinstance(r.training.report_to, list) else []
-    accelerator = Accelerator(cpu=bool(r.training.use_cpu), log_with=report_to or None, project_dir=str(out))
+    def make_accelerator() -> Accelerator:
+        return Accelerator(cpu=bool(r.training.use_cpu), log_with=report_to or None, project_dir=str(out))
+
+    accelerator = make_accelerator()
     check_process_count(accelerator.num_processes, r.pipeline.num_processes, logger)
     with output_dir_lock(out, accelerator.is_main_process):
         if report_to:
@@ -97,6 +101,11 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
                 if is_disk_full(err):
                     raise disk_full_error(name, out, err) from err
                 raise
+            if not AcceleratorState._shared_state:
+                # building a transformers.TrainingArguments resets accelerate's shared state (a Trainer
+                # then re-creates it); a stage that built arguments but trained nothing (every seed
+                # cached) leaves it empty for the stages after it
+                accelerator = ctx.accelerator = make_accelerator()
             cache.mark(name, **info, runtime=runtime_provenance(accelerator.num_processes))
         accelerator.wait_for_everyone()
         accelerator.end_training()

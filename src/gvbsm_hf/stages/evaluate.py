@@ -28,7 +28,7 @@ def summarise(method: str, label_mode: str, student: str, ipc: int, runs: list[d
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    depends_on = ("training", "pipeline.evaluate_hard_labels")
+    depends_on = ("training", "pipeline.evaluate_hard_labels", "pipeline.hard_label_seeds")
 
     def path(self, ctx: StageContext) -> Path:
         return ctx.output_dir / "evaluate" / "results.json"
@@ -55,8 +55,11 @@ class EvaluateStage(Stage):
             for label_mode in label_modes:
                 if label_mode in ("hard", "stored_views") and method != ctx.main_method:
                     continue
+                mode_seeds = [int(s) for s in r.pipeline.hard_label_seeds] if (
+                    label_mode == "hard" and r.pipeline.hard_label_seeds) else seeds
                 for student in students:
-                    self._evaluate(ctx, method, syn, label_mode, student, seeds, evaluate_students, dataclasses_replace)
+                    self._evaluate(ctx, method, syn, label_mode, student, mode_seeds, evaluate_students,
+                                   dataclasses_replace)
         return {"rows": len(ctx.rows)}
 
     def _evaluate(self, ctx, method, syn, label_mode, student, seeds, evaluate_students, replace) -> None:
