@@ -98,7 +98,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", nargs="+", required=True, help="Teacher folders (the fixed teacher set).")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50], choices=sorted(PLAN))
-    p.add_argument("--runs", nargs="+", default=None, help="Only these runs (names of RUNS).")
+    p.add_argument("--runs", nargs="+", default=None, help="Only these runs (names of RUNS), in this order.")
     p.add_argument("--syn-iterations", type=int, nargs="+", default=[1000],
                    help="Synthesis iterations per --ipc value (in the order of --ipc; one value = all), unless "
                         "the run sets its own.")
@@ -117,9 +117,8 @@ def main() -> None:
         epochs, iterations = (v if len(v) == len(args.ipc) else [v[0]] * len(args.ipc)
                               for v in (args.epochs, args.syn_iterations))
         for ipc, n_epochs, n_iterations in zip(args.ipc, epochs, iterations):
-            for name in PLAN[ipc]:
-                if args.runs is None or name in args.runs:
-                    _run(args, work, ipc, n_epochs, n_iterations, RUNS[name])
+            for name in PLAN[ipc] if args.runs is None else [n for n in args.runs if n in PLAN[ipc]]:
+                _run(args, work, ipc, n_epochs, n_iterations, RUNS[name])
     _collect(args, work)
 
 
@@ -132,7 +131,7 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
     if "--syn_iterations" in run.overrides:  # a point of the iterations curve
         iterations = int(run.overrides[run.overrides.index("--syn_iterations") + 1])
     baselines = ["random_real"] if run.with_random else [run.method]  # the main method alone = no baseline
-    argv = ["--config", str(RECIPE), "--teachers", *args.teachers, "--ipc", str(ipc),
+    argv = ["--config", str(_recipe_for(run.method, work)), "--teachers", *args.teachers, "--ipc", str(ipc),
             "--syn_iterations", str(iterations), "--syn_checkpoint_every", str(max(1, iterations // 5)),
             "--num_train_epochs", str(epochs), "--eval_seeds", *map(str, args.seeds),
             "--evaluate_hard_labels", "true", "--hard_label_seeds", *map(str, args.hard_label_seeds),
@@ -150,6 +149,30 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
     soft = {r["method"]: r for r in rows if r["labels"] == "soft"}
     print(f"ipc {ipc} {run.name}: " + ", ".join(f"{m} {r['mean']:.2f} ± {r['std']:.2f}" for m, r in soft.items()),
           flush=True)
+
+
+def _recipe_for(method: str, work: Path) -> Path:
+    """RECIPE, minus the method fields (gvbsm's syn_r_bn, syn_alpha, ...) that ``method`` does not have: a
+    recipe may only set the main method's own options (``method_config``)."""
+    import dataclasses
+
+    import yaml
+
+    from gvbsm_hf.configs import SynthesisArguments
+    from gvbsm_hf.methods import get_method
+    from gvbsm_hf.methods.registry import SynthesisConfig
+
+    own = {f.name for f in dataclasses.fields(get_method(method).config_class)}
+    method_fields = {f.name for f in dataclasses.fields(SynthesisArguments)} - set(SynthesisConfig.PROTOCOL_FIELDS)
+    recipe = yaml.safe_load(RECIPE.read_text())
+    kept = {k: v for k, v in recipe.items() if k == "syn_method" or k not in method_fields or k in own}
+    if kept == recipe:
+        return RECIPE
+    path = work / "recipes" / f"{RECIPE.stem}_{method}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# {RECIPE.name} without the fields {method!r} does not have: {sorted(set(recipe) - set(kept))}\n"
+                    + yaml.safe_dump(kept, sort_keys=False))
+    return path
 
 
 def _invocation() -> str:
