@@ -105,6 +105,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, nargs="+", default=[300],
                    help="Student epochs per --ipc value (in the order of --ipc; one value = all).")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--random-with", nargs="*", default=[],
+                   help="Runs that also evaluate the random subset (beside those that always do), e.g. when the "
+                        "run that usually gives the random subset of a student protocol is skipped at this IPC.")
     p.add_argument("--hard-label-seeds", type=int, nargs="+", default=[0],
                    help="Seeds of the hard-label rows (each row's hard_label_mean).")
     p.add_argument("--stats-max-samples", type=int, default=10000)
@@ -130,7 +133,7 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
         return
     if "--syn_iterations" in run.overrides:  # a point of the iterations curve
         iterations = int(run.overrides[run.overrides.index("--syn_iterations") + 1])
-    baselines = ["random_real"] if run.with_random else [run.method]  # the main method alone = no baseline
+    baselines = ["random_real"] if run.with_random or run.name in args.random_with else [run.method]  # the main method alone = no baseline
     argv = ["--config", str(_recipe_for(run.method, work)), "--teachers", *args.teachers, "--ipc", str(ipc),
             "--syn_iterations", str(iterations), "--syn_checkpoint_every", str(max(1, iterations // 5)),
             "--num_train_epochs", str(epochs), "--eval_seeds", *map(str, args.seeds),
