@@ -59,6 +59,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     out = Path(r.training.output_dir)
     check_output_dir(out)
     report_to = [t for t in (r.training.report_to or []) if t not in ("none", "all")] if isinstance(r.training.report_to, list) else []
+
     def make_accelerator() -> Accelerator:
         return Accelerator(cpu=bool(r.training.use_cpu), log_with=report_to or None, project_dir=str(out))
 
