@@ -52,7 +52,7 @@ IPC = 2
 FAST = [
     "--teacher_epochs", "1", "--max_train_samples", "400", "--ipc", str(IPC), "--syn_iterations", "24",
     "--syn_checkpoint_every", "8", "--num_train_epochs", "4", "--eval_seeds", "0",
-    "--per_device_eval_batch_size", "256",
+    "--per_device_eval_batch_size", "256", "--cutmix_prob", "0.5",
 ]
 RECOVER_ONLY = ["--stages", "squeeze", "record", "recover"]
 
@@ -284,9 +284,9 @@ def _images(out: Path, method: str = "gvbsm") -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_exported_folder_replays_the_evaluated_views_bitwise(smoke_run):
     """The `views` config of the export, replayed by the public loader alone, gives exactly the crops
-    and logits the evaluate stage trained its `stored_views` row on (issue 17)."""
+    (CutMix partners pasted in) and logits the evaluate stage trained its `stored_views` row on (issue 17)."""
     from gvbsm_hf import StoredViews
-    from gvbsm_hf.augment import apply_crop_flip
+    from gvbsm_hf.augment import apply_crop_flip, paste_boxes
     from gvbsm_hf.data import DatasetSpec
     from gvbsm_hf.relabel import StoredSoftLabels
     from gvbsm_hf.synthesis import SyntheticSet
@@ -297,15 +297,25 @@ def test_exported_folder_replays_the_evaluated_views_bitwise(smoke_run):
     images = SyntheticSet.load(out / "recover" / "gvbsm").shipped_images(spec)
     replay = StoredViews(summary["dataset_folder"])
     assert replay.num_views == used.num_views == int(FAST[FAST.index("--num_train_epochs") + 1])  # one per epoch
+    # the smoke run trains with cutmix_prob 0.5: some views are mixed, some not
+    assert used.has_mix and used.cutmix_prob == 0.5
+    assert (used.mix_partner >= 0).any() and (used.mix_partner < 0).any()
     index = torch.arange(len(images))
     for v in range(used.num_views):
         view = torch.full((len(images),), v)
-        expected = apply_crop_flip(images, used.view_params(view, index), used.out_size)  # GVBSMTrainer's stored mode
+        own = apply_crop_flip(images, used.view_params(view, index), used.out_size)
+        partner = used.mix_partner[:, v].long().clamp(min=0)
+        other = apply_crop_flip(images[partner], used.view_params(view, partner), used.out_size)
+        expected = paste_boxes(own, other, used.mix_boxes[:, v])
+        assert torch.equal(expected, used.replay(images, view, index, partner_images=images[partner]))  # the Trainer's
         got, logits = replay.view(index, view)
         assert torch.equal(got, expected) and torch.equal(logits, used.dense_logits(view, index))
     replay.set_epoch(5)
     item = replay[3]
     assert torch.equal(item["pixel_values"], replay.view(torch.tensor([3]), torch.tensor([5 % used.num_views]))[0][0])
+    p3 = int(used.mix_partner[3, 5 % used.num_views])
+    assert int(item["partner_labels"]) == int(replay.labels[p3 if p3 >= 0 else 3])
+    assert float(item["lam"]) == float(used.mix_params(5 % used.num_views, torch.tensor([3]))[2][0])
     card = Path(summary["card"]).read_text()
     assert "trained from this folder alone (stored views)" in card and "StoredViews(" in card
 

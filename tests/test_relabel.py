@@ -29,6 +29,7 @@ from gvbsm_hf.relabel import (
     derive_seed,
     relabel_stored,
     sample_image_views,
+    sample_view_cutmix,
 )
 
 SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
@@ -169,6 +170,92 @@ def test_clean_view_is_identity_and_keeps_other_views(images, ensemble) -> None:
     x0 = apply_crop_flip(images, clean.view_params(0), 16)
     torch.testing.assert_close(x0, images, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(clean.logits[:, 0].float(), ensemble(images).half().float(), atol=1e-3, rtol=1e-3)
+
+
+# ---- CutMix of the stored views ----------------------------------------------------------
+
+
+def _paste_reference(own: torch.Tensor, partner: torch.Tensor, box) -> torch.Tensor:
+    """One view's CutMix written out with slices: rows y1:y2, columns x1:x2 of the partner's view."""
+    y1, y2, x1, x2 = (int(b) for b in box)
+    out = own.clone()
+    out[..., y1:y2, x1:x2] = partner[..., y1:y2, x1:x2]
+    return out
+
+
+def test_view_cutmix_draws_follow_the_cutmix_rule() -> None:
+    partner, boxes = sample_view_cutmix(40, 3, 12, prob=1.0, seed=4)
+    assert partner.dtype == torch.int32 and boxes.dtype == torch.int16
+    for v in range(3):  # one permutation of the images per view: each image pasted exactly once
+        assert sorted(partner[:, v].tolist()) == list(range(40))
+        rng = np.random.default_rng(derive_seed(4, "cutmix", v))  # the documented draw, replayed by hand
+        perm, _ = rng.permutation(40), rng.random(40)
+        lam0, centre = rng.beta(1.0, 1.0, 40), rng.random((40, 2))
+        assert partner[:, v].tolist() == perm.tolist()
+        for i in range(40):
+            cut = int(12 * float(np.sqrt(1 - lam0[i])))
+            cy, cx = int(centre[i, 0] * 12), int(centre[i, 1] * 12)
+            expected = [max(cy - cut // 2, 0), min(cy + cut - cut // 2, 12), max(cx - cut // 2, 0),
+                        min(cx + cut - cut // 2, 12)]
+            assert boxes[i, v].tolist() == expected
+    half, half_boxes = sample_view_cutmix(400, 2, 12, prob=0.5, seed=4)
+    unmixed = half < 0
+    assert 0.4 < unmixed.float().mean() < 0.6 and (half_boxes[unmixed] == 0).all()
+    again = sample_view_cutmix(400, 2, 12, prob=0.5, seed=4)
+    assert torch.equal(again[0], half) and torch.equal(again[1], half_boxes)
+    none, none_boxes = sample_view_cutmix(5, 2, 12, prob=0.0)
+    assert (none == -1).all() and (none_boxes == 0).all()
+    with pytest.raises(GVBSMError, match="cutmix_prob"):
+        sample_view_cutmix(5, 2, 12, prob=1.5)
+
+
+@pytest.mark.parametrize("prob", [1.0, 0.5])
+def test_stored_cutmix_logits_are_the_ensemble_of_the_mixed_view(images, ensemble, prob) -> None:
+    st = relabel_stored(images, ensemble, num_views=3, out_size=12, seed=2, batch_size=7, cutmix_prob=prob,
+                        show_progress=False)
+    assert st.has_mix and st.cutmix_prob == prob
+    mixed_any = False
+    for i in (0, 5, 23):
+        for v in range(3):
+            own = apply_crop_flip(images[i : i + 1], st.view_params(v, torch.tensor([i])), 12)
+            j = int(st.mix_partner[i, v])
+            partner, box, lam = st.mix_params(v, torch.tensor([i]))
+            assert int(partner[0]) == j
+            if j < 0:
+                expected = own
+                assert float(lam[0]) == 1.0 and (box == 0).all()
+            else:
+                other = apply_crop_flip(images[j : j + 1], st.view_params(v, torch.tensor([j])), 12)
+                expected = _paste_reference(own, other, st.mix_boxes[i, v])
+                y1, y2, x1, x2 = st.mix_boxes[i, v].tolist()
+                assert float(lam[0]) == pytest.approx(1 - (y2 - y1) * (x2 - x1) / 144)
+                mixed_any = mixed_any or (y2 > y1 and x2 > x1)
+            got = st.replay(images[i : i + 1], v, torch.tensor([i]), partner_images=images[partner.clamp(min=0)])
+            assert torch.equal(got, expected)
+            # the stored label is the teachers' on the MIXED view, not on the view alone
+            torch.testing.assert_close(st.logits[i, v].float(), ensemble(expected)[0].half().float(),
+                                       atol=1e-3, rtol=1e-3)
+    assert mixed_any
+    unmixed_labels = relabel_stored(images, ensemble, num_views=3, out_size=12, seed=2, show_progress=False)
+    assert torch.equal(unmixed_labels.boxes, st.boxes)  # same crops; only the pasting differs
+    assert not torch.allclose(unmixed_labels.logits.float(), st.logits.float(), atol=1e-2)
+    with pytest.raises(GVBSMError, match="partner_images"):
+        st.replay(images, 0)
+
+
+def test_stored_cutmix_survives_tables_and_files(images, ensemble, tmp_path) -> None:
+    st = relabel_stored(images, ensemble, num_views=2, out_size=16, seed=3, cutmix_prob=0.5, show_progress=False)
+    for back in (StoredSoftLabels.from_rows(st.to_dataset()), StoredSoftLabels.load(st.save(tmp_path / "s"))):
+        assert torch.equal(back.mix_partner, st.mix_partner) and torch.equal(back.mix_boxes, st.mix_boxes)
+        assert back.mix_partner.dtype == torch.int32 and back.mix_boxes.dtype == torch.int16
+        assert back.cutmix_prob == 0.5 and torch.equal(back.logits, st.logits)
+    cols = st.to_arrays()
+    del cols["views_mix_boxes"]
+    with pytest.raises(DataValidationError, match="views_mix_boxes"):
+        StoredSoftLabels.from_rows(cols, st.metadata())
+    bad = dict(st.to_arrays(), views_mix_partner=np.full((24, 2), 99, dtype=np.int32))
+    with pytest.raises(DataValidationError, match="another image set"):
+        StoredSoftLabels.from_rows(bad, st.metadata())
 
 
 # ---- top-k -------------------------------------------------------------------------------

@@ -243,6 +243,37 @@ def test_stored_and_on_the_fly_give_same_soft_labels_for_same_view(tmp_path, dat
     torch.testing.assert_close(z_r, z_direct, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.parametrize("ce_label", ["original", "mixed"])
+def test_stored_cutmix_views_are_replayed_with_their_partner(tmp_path, data, teachers, ce_label):
+    """Stored views relabelled under CutMix: the student trains on the stored mixed view (partner
+    pasted into the stored box), with the teachers' logits of THAT view, not a lambda-mix of
+    unmixed logits; the GT term takes the original or the lambda-mixed label."""
+    ens = TeacherEnsemble(teachers)
+    ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
+    stored = relabel_stored(ds.images, ens, num_views=3, out_size=16, seed=7, cutmix_prob=1.0, show_progress=False)
+    tr = GVBSMTrainer(mlp_student(), make_args(tmp_path, cutmix_prob=1.0, cutmix_ce_label=ce_label), ds, spec=SPEC,
+                      stored_labels=stored)
+    tr.state.epoch = 2.0  # view 2
+    batch = a_batch(ds)
+    x, z, targets = tr.prepare_batch(batch["pixel_values"], batch["labels"], batch["index"], tr.step_generator())
+    index = batch["index"]
+    partner = stored.mix_partner[index, 2].long()
+    expected = stored.replay(ds.images[index], 2, index, partner_images=ds.images[partner])
+    assert torch.equal(x, expected)
+    torch.testing.assert_close(z, ens(expected), atol=2e-3, rtol=2e-3)  # the teachers on the mixed view
+    assert torch.equal(z, stored.dense_logits(2, index))
+    y, yp = batch["labels"], ds.labels[partner]
+    if ce_label == "original":
+        assert torch.equal(targets, y)
+    else:
+        box = stored.mix_boxes[index, 2].double()
+        lam = 1 - (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]) / 256.0
+        ref = lam[:, None] * F.one_hot(y, 10).double() + (1 - lam[:, None]) * F.one_hot(yp, 10).double()
+        torch.testing.assert_close(targets.double(), ref, atol=1e-6, rtol=0)
+    with pytest.raises(DataValidationError, match="cutmix_prob"):
+        GVBSMTrainer(mlp_student(), make_args(tmp_path, cutmix_prob=0.0), ds, spec=SPEC, stored_labels=stored)
+
+
 def test_stored_labels_count_mismatch_names_the_fix(tmp_path, data, teachers):
     ens = TeacherEnsemble(teachers)
     ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)

@@ -31,6 +31,8 @@ __all__ = [
     "random_resized_crop_flip",
     "pad_crop_flip",
     "cutmix",
+    "cutmix_boxes",
+    "paste_boxes",
     "AUGMENT_KINDS",
     "authors_batch_augment",
     "synthesis_augment",
@@ -274,6 +276,37 @@ def cutmix(
     mixed = torch.where(mask, x[perm], x)
     lam = 1.0 - (y2 - y1) * (x2 - x1) / float(h * w)
     return mixed, perm, lam
+
+
+def cutmix_boxes(lam0: np.ndarray, centre: np.ndarray, size: int) -> np.ndarray:
+    """CutMix boxes ``(y1, y2, x1, x2)`` (int, ``(M, 4)``) of :func:`cutmix`'s rule, one per row.
+
+    ``lam0`` ``(M,)`` are the Beta draws, ``centre`` ``(M, 2)`` uniform in ``[0, 1)`` (y, x); the box
+    side is ``int(size * sqrt(1 - lam0))``, centred at ``int(centre * size)`` and clipped to the image.
+    """
+    cut = (size * np.sqrt(1.0 - np.asarray(lam0, dtype=np.float64))).astype(np.int64)
+    c = (np.asarray(centre, dtype=np.float64) * size).astype(np.int64)
+    lo = np.maximum(c - (cut // 2)[:, None], 0)
+    hi = np.minimum(c + (cut - cut // 2)[:, None], size)
+    return np.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], axis=1)
+
+
+def paste_boxes(x: torch.Tensor, source: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Per-image CutMix: ``x`` with box ``boxes[j] = (y1, y2, x1, x2)`` of ``source[j]`` pasted into row ``j``.
+
+    ``x`` and ``source`` are ``(N, C, H, W)``; an empty box (``y1 == y2``, e.g. all zeros) leaves the
+    row unchanged. Pure selection (``torch.where``): the result is bitwise the inputs' pixels.
+    """
+    if x.shape != source.shape or boxes.shape != (x.shape[0], 4):
+        raise GVBSMError(f"paste_boxes: x {tuple(x.shape)}, source {tuple(source.shape)} and boxes "
+                         f"{tuple(boxes.shape)} must be (N, C, H, W), (N, C, H, W) and (N, 4).")
+    h, w = x.shape[-2:]
+    b = boxes.to(x.device, torch.long)
+    ys = torch.arange(h, device=x.device)[None, :, None]
+    xs = torch.arange(w, device=x.device)[None, None, :]
+    inside = ((ys >= b[:, 0, None, None]) & (ys < b[:, 1, None, None])
+              & (xs >= b[:, 2, None, None]) & (xs < b[:, 3, None, None]))
+    return torch.where(inside[:, None], source.to(x.dtype), x)
 
 
 def authors_batch_augment(

@@ -260,7 +260,8 @@ def export_distilled_dataset(
             as ``topk_values`` (descending) / ``topk_indices``.
         slot_metadata: extra per-image columns (slot, batch, init, teacher used...).
         stored_views: per-image rows of stored relabel views (``views_boxes``, ``views_flip``,
-            ``soft_logits`` or ``topk_values``/``topk_indices``): dict, ``Dataset`` or ``StoredSoftLabels``.
+            ``soft_logits`` or ``topk_values``/``topk_indices``, and ``views_mix_partner`` /
+            ``views_mix_boxes`` under CutMix): dict, ``Dataset`` or ``StoredSoftLabels``.
         statistics: :func:`gvbsm_hf.statistics.statistics_to_dataset` table (or the list of statistics).
         results: rows with ``evaluator``, ``protocol``, ``soft_label``/``labels``, ``mean``, ``std``, ``n``, ``method``.
         teacher_repos: Hub model ids (``owner/name``) of the *published* teachers: linked in the card
@@ -587,6 +588,7 @@ def build_dataset_card(
         results_rows=_format_results(results, method_name),
         health=dict(health) if health else None,
         num_views=(views_meta or {}).get("num_views"),
+        has_mix=bool((views_meta or {}).get("has_mix")),
         sizes=export_sizes(folder) if "views" in tables else None,
         load_id=repo_id or LOCAL_FOLDER_PLACEHOLDER,
         load_is_placeholder=repo_id is None,

@@ -12,7 +12,10 @@ View parameters of image ``i`` come from a CPU ``torch.Generator`` seeded with
 ``derive_seed(seed, i)``: they do not depend on the batch size, on the order of the batches or on
 the number of processes. By default every view is a random resized crop (the student's own
 augmentation); ``clean_view=True`` makes view 0 the whole unflipped image (useful for inspecting
-or publishing one label per image) without changing views ``1..V-1``. Logits are stored in fp16,
+or publishing one label per image) without changing views ``1..V-1``. With ``cutmix_prob > 0`` a
+view is also CutMix-ed with a partner image (:func:`sample_view_cutmix`) and its logits are those
+of the MIXED crop, so a student replaying the views sees what the teachers saw (docs/method.md
+"Stored views"). Logits are stored in fp16,
 optionally only the top-k (missing classes are filled with ``min(kept) - fill_margin`` when
 densified, finite so that both the MSE of Eq. 11 and a softmax work).
 """
@@ -33,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .utils import derive_seed  # noqa: F401  (re-exported: the package's one seeding scheme)
-from .augment import CropFlipParams, apply_crop_flip, sample_crop_flip
+from .augment import CropFlipParams, apply_crop_flip, cutmix_boxes, paste_boxes, sample_crop_flip
 from .errors import DataValidationError, GVBSMError
 from .losses import ensemble_logits, soft_labels
 
@@ -48,6 +51,7 @@ __all__ = [
     "relabel_stored",
     "derive_seed",
     "sample_image_views",
+    "sample_view_cutmix",
 ]
 
 STORED_LABELS_FILE = "soft_labels.parquet"
@@ -190,6 +194,59 @@ def sample_image_views(
     return CropFlipParams(boxes=boxes, flip=flip)
 
 
+def sample_view_cutmix(
+    num_images: int, num_views: int, size: int, *, prob: float, alpha: float = 1.0, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix of the stored views (docs/method.md "Stored views"): ``(partner, boxes)``.
+
+    ``partner`` ``(N, V)`` int32 is the image whose crop is pasted into view ``v`` of image ``i``
+    (``-1``: not mixed); ``boxes`` ``(N, V, 4)`` int16 ``(y1, y2, x1, x2)`` in pixels of the
+    ``size x size`` crop (zeros when not mixed). View ``v`` pairs the images by one permutation of
+    all ``N`` (each image is pasted once per view, as batch CutMix does inside a batch); each
+    ``(i, v)`` is mixed with probability ``prob``; box as :func:`gvbsm_hf.augment.cutmix`
+    (``lam0 ~ Beta(alpha, alpha)``, side ``sqrt(1 - lam0)``, uniform centre, clipped). Drawn per view
+    from ``derive_seed(seed, "cutmix", v)``: independent of batch size, batch order and processes.
+    """
+    if not 0.0 <= float(prob) <= 1.0:
+        raise GVBSMError(f"cutmix_prob={prob} must be in [0, 1].")
+    if alpha <= 0:
+        raise GVBSMError(f"cutmix alpha={alpha} must be > 0.")
+    partner = torch.full((num_images, num_views), -1, dtype=torch.int32)
+    boxes = torch.zeros(num_images, num_views, 4, dtype=torch.int16)
+    if prob <= 0 or num_images == 0:
+        return partner, boxes
+    if size > torch.iinfo(torch.int16).max:
+        raise GVBSMError(f"crop size {size} is too large for int16 CutMix boxes.")
+    for v in range(num_views):
+        rng = np.random.default_rng(derive_seed(seed, "cutmix", v))
+        perm = rng.permutation(num_images)
+        mixed = rng.random(num_images) < prob
+        box = cutmix_boxes(rng.beta(alpha, alpha, num_images), rng.random((num_images, 2)), size)
+        partner[:, v] = torch.from_numpy(np.where(mixed, perm, -1).astype(np.int32))
+        boxes[:, v] = torch.from_numpy(np.where(mixed[:, None], box, 0).astype(np.int16))
+    return partner, boxes
+
+
+def replay_views(
+    images: torch.Tensor,
+    params: CropFlipParams,
+    out_size: int,
+    *,
+    partner_images: torch.Tensor | None = None,
+    partner_params: CropFlipParams | None = None,
+    mix_boxes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The views of stored relabelling: crop + flip of each row, then (with ``mix_boxes``) the
+    partner's own crop + flip pasted into the box (an all-zero box: not mixed)."""
+    x = apply_crop_flip(images, params.to(images.device), out_size)
+    if mix_boxes is None:
+        return x
+    if partner_images is None or partner_params is None:
+        raise GVBSMError("CutMix-ed stored views need the partner images and their view parameters.")
+    xp = apply_crop_flip(partner_images.to(images.device), partner_params.to(images.device), out_size)
+    return paste_boxes(x, xp, mix_boxes)
+
+
 @dataclass
 class StoredSoftLabels:
     """Precomputed ensemble logits of ``V`` augmented views of ``N`` images (Eq. 8, FKD-style).
@@ -203,6 +260,10 @@ class StoredSoftLabels:
         num_classes: K.
         image_size: ``(H, W)`` of the source images the boxes refer to.
         out_size: side of the crops fed to the teachers (the student must use the same).
+        mix_partner / mix_boxes: ``(N, V)`` int32 partner image (``-1``: none) and ``(N, V, 4)``
+            int16 box ``(y1, y2, x1, x2)`` in crop pixels of each view's CutMix
+            (:func:`sample_view_cutmix`), or ``None`` (no view mixed); the logits are those of the
+            mixed view. ``cutmix_prob`` / ``cutmix_alpha`` say how they were drawn.
         seed, crop_scale, clean_view, logit_norm: how the views / logits were made (provenance).
         fill_margin: top-k reconstruction fills missing classes with
             ``min(kept values) - fill_margin`` (finite, so MSE and softmax both work; the top-k
@@ -222,6 +283,10 @@ class StoredSoftLabels:
     clean_view: bool = False
     logit_norm: bool = False
     fill_margin: float = 1.0
+    mix_partner: torch.Tensor | None = None
+    mix_boxes: torch.Tensor | None = None
+    cutmix_prob: float = 0.0
+    cutmix_alpha: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -239,6 +304,17 @@ class StoredSoftLabels:
         values = self.logits if self.logits is not None else self.topk_values
         if tuple(values.shape[:2]) != (n, v):
             raise GVBSMError(f"logits must start with (N, V) = {(n, v)}, got {tuple(values.shape)}.")
+        if (self.mix_partner is None) != (self.mix_boxes is None):
+            raise GVBSMError("StoredSoftLabels needs both `mix_partner` and `mix_boxes` (CutMix), or neither.")
+        if self.mix_partner is not None:
+            if tuple(self.mix_partner.shape) != (n, v) or tuple(self.mix_boxes.shape) != (n, v, 4):
+                raise GVBSMError(f"mix_partner must be (N, V) = {(n, v)} and mix_boxes (N, V, 4), got "
+                                 f"{tuple(self.mix_partner.shape)} and {tuple(self.mix_boxes.shape)}.")
+            if self.mix_partner.numel() and (self.mix_partner.min() < -1 or self.mix_partner.max() >= n):
+                raise DataValidationError(f"mix_partner holds image numbers outside [-1, {n}): the CutMix "
+                                          "partners belong to another image set.")
+        self.cutmix_prob = float(self.cutmix_prob)
+        self.cutmix_alpha = float(self.cutmix_alpha)
 
     # ---- shape ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -251,6 +327,11 @@ class StoredSoftLabels:
     @property
     def topk(self) -> int | None:
         return None if self.topk_values is None else int(self.topk_values.shape[-1])
+
+    @property
+    def has_mix(self) -> bool:
+        """Whether views carry CutMix (``mix_partner`` / ``mix_boxes``)."""
+        return self.mix_partner is not None
 
     # ---- access --------------------------------------------------------------------------
     def _select(self, view_index: torch.Tensor | int, image_index: torch.Tensor | None):
@@ -278,6 +359,44 @@ class StoredSoftLabels:
         """Crop/flip parameters of view ``view_index[j]`` of image ``image_index[j]`` (CPU)."""
         i, v = self._select(view_index, image_index)
         return CropFlipParams(boxes=self.boxes[i, v].float(), flip=self.flip[i, v].bool())
+
+    def mix_params(self, view_index: torch.Tensor | int, image_index: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CutMix of the selected views: partner image ``(B,)`` long (``-1``: none), box ``(B, 4)``
+        long ``(y1, y2, x1, x2)`` and ``lam`` ``(B,)`` float32, the fraction of the view's own pixels."""
+        i, v = self._select(view_index, image_index)
+        if self.mix_partner is None:
+            return torch.full((len(i),), -1, dtype=torch.long), torch.zeros(len(i), 4, dtype=torch.long), torch.ones(len(i))
+        partner, box = self.mix_partner[i, v].long(), self.mix_boxes[i, v].long()
+        area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+        lam = 1.0 - area.double() / float(self.out_size * self.out_size)
+        return partner, box, lam.float()
+
+    def replay(
+        self,
+        images: torch.Tensor,
+        view_index: torch.Tensor | int,
+        image_index: torch.Tensor | None = None,
+        partner_images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The selected views of ``images`` (the source images of ``image_index``, any device):
+        crop + flip, and under CutMix the partner's view pasted in (docs/method.md "Stored views").
+
+        ``partner_images``: the source images of ``mix_params(...)[0].clamp(min=0)`` (row ``j`` is
+        the partner of row ``j``; rows of unmixed views are ignored), needed when any view is mixed.
+        """
+        i, v = self._select(view_index, image_index)
+        if not self.has_mix:
+            return replay_views(images, self.view_params(v, i), self.out_size)
+        partner, box, _ = self.mix_params(v, i)
+        if partner_images is None:
+            if bool((partner >= 0).any()):
+                raise GVBSMError("These stored views are CutMix-ed: pass partner_images= the source images of "
+                                 "stored.mix_params(view, index)[0].clamp(min=0).")
+            return replay_views(images, self.view_params(v, i), self.out_size)
+        p = partner.clamp(min=0)
+        return replay_views(images, self.view_params(v, i), self.out_size, partner_images=partner_images,
+                            partner_params=self.view_params(v, p), mix_boxes=box)
 
     def dense_logits(self, view_index: torch.Tensor | int, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Float32 logits ``(B, K)`` of the selected views (top-k: missing classes filled, see class doc)."""
@@ -311,7 +430,11 @@ class StoredSoftLabels:
             "clean_view": bool(self.clean_view),
             "logit_norm": bool(self.logit_norm),
             "fill_margin": float(self.fill_margin),
+            "cutmix_prob": float(self.cutmix_prob),
+            "cutmix_alpha": float(self.cutmix_alpha),
+            "has_mix": self.has_mix,
             "box_format": "xyxy_pixels",
+            "mix_box_format": "y1y2x1x2_crop_pixels",
             "extra": dict(self.extra),
         }
 
@@ -332,6 +455,9 @@ class StoredSoftLabels:
         else:
             cols["topk_values"] = _as_numpy(self.topk_values, None, "topk_values")
             cols["topk_indices"] = _as_numpy(self.topk_indices, None, "topk_indices")
+        if self.has_mix:
+            cols["views_mix_partner"] = _as_numpy(self.mix_partner, torch.int32, "mix_partner")
+            cols["views_mix_boxes"] = _as_numpy(self.mix_boxes, torch.int16, "mix_boxes")
         return cols
 
     def to_rows(self) -> dict[str, list]:
@@ -360,6 +486,9 @@ class StoredSoftLabels:
             k = self.topk
             feats["topk_values"] = datasets.Array2D(shape=(v, k), dtype=_dtype_name(self.topk_values))
             feats["topk_indices"] = datasets.Array2D(shape=(v, k), dtype=_dtype_name(self.topk_indices))
+        if self.has_mix:
+            feats["views_mix_partner"] = datasets.List(datasets.Value("int32"), length=v)
+            feats["views_mix_boxes"] = datasets.Array2D(shape=(v, 4), dtype="int16")
         return datasets.Features(feats)
 
     def to_arrow(self) -> "pa.Table":
@@ -447,6 +576,12 @@ class StoredSoftLabels:
             if "num_classes" not in meta:
                 raise DataValidationError("Top-k stored soft labels need metadata['num_classes'] (see .metadata()).")
             num_classes = int(meta["num_classes"])
+        partner, mix_boxes = cols.get("views_mix_partner"), cols.get("views_mix_boxes")
+        if (partner is None) != (mix_boxes is None) or (partner is None and meta.get("has_mix")):
+            raise DataValidationError(
+                "CutMix-ed stored views need both 'views_mix_partner' and 'views_mix_boxes' columns: the table "
+                "lost one; export the views again (StoredSoftLabels.to_dataset())."
+            )
         if "image_size" not in meta or "out_size" not in meta:
             raise DataValidationError(
                 "Stored soft labels need metadata with 'image_size' and 'out_size': pass "
@@ -463,6 +598,10 @@ class StoredSoftLabels:
             clean_view=bool(meta.get("clean_view", False)),
             logit_norm=bool(meta.get("logit_norm", False)),
             fill_margin=float(meta.get("fill_margin", 1.0)),
+            mix_partner=None if partner is None else _to_tensor(partner, torch.int32),
+            mix_boxes=None if mix_boxes is None else _to_tensor(mix_boxes, torch.int16),
+            cutmix_prob=float(meta.get("cutmix_prob", 0.0)),
+            cutmix_alpha=float(meta.get("cutmix_alpha", 1.0)),
             extra=dict(meta.get("extra", {})),
             **kwargs,
         )
@@ -514,7 +653,8 @@ class StoredSoftLabels:
 
 # ---- array helpers of StoredSoftLabels -------------------------------------------------------
 
-_COLUMNS = ("views_boxes", "views_flip", "soft_logits", "topk_values", "topk_indices")
+_COLUMNS = ("views_boxes", "views_flip", "soft_logits", "topk_values", "topk_indices", "views_mix_partner",
+            "views_mix_boxes")
 _INT32_MAX = 2**31 - 1
 _BATCH_VALUES = 1 << 20  # logits per parquet row group / read batch (2 MiB of fp16)
 
@@ -620,7 +760,8 @@ def _arrow_chunk_numpy(chunk: "pa.Array", ndim: int, name: str) -> np.ndarray:
     return a.to_numpy(zero_copy_only=False).reshape(n, *dims)
 
 
-_COLUMN_NDIM = {"views_boxes": 2, "views_flip": 1, "soft_logits": 2, "topk_values": 2, "topk_indices": 2}
+_COLUMN_NDIM = {"views_boxes": 2, "views_flip": 1, "soft_logits": 2, "topk_values": 2, "topk_indices": 2,
+                "views_mix_partner": 1, "views_mix_boxes": 2}
 
 
 def _column_dtype(name: str, meta: Mapping[str, Any]) -> torch.dtype:
@@ -628,6 +769,10 @@ def _column_dtype(name: str, meta: Mapping[str, Any]) -> torch.dtype:
         return torch.float32
     if name == "views_flip":
         return torch.bool
+    if name == "views_mix_partner":
+        return torch.int32
+    if name == "views_mix_boxes":
+        return torch.int16
     if name == "topk_indices":
         return getattr(torch, meta.get("index_dtype") or "int32")
     return getattr(torch, meta.get("logits_dtype", "float16"))
@@ -635,9 +780,9 @@ def _column_dtype(name: str, meta: Mapping[str, Any]) -> torch.dtype:
 
 def _empty_shape(name: str, meta: Mapping[str, Any]) -> tuple[int, ...]:
     v = int(meta.get("num_views", 0))
-    last = {"views_boxes": 4, "soft_logits": meta.get("num_classes"), "topk_values": meta.get("topk"),
-            "topk_indices": meta.get("topk")}
-    return (0, v) if name == "views_flip" else (0, v, int(last.get(name) or 0))
+    last = {"views_boxes": 4, "views_mix_boxes": 4, "soft_logits": meta.get("num_classes"),
+            "topk_values": meta.get("topk"), "topk_indices": meta.get("topk")}
+    return (0, v) if name in ("views_flip", "views_mix_partner") else (0, v, int(last.get(name) or 0))
 
 
 def _read_arrow_columns(batches, n: int, names: Sequence[str], meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -733,6 +878,8 @@ def relabel_stored(
     dtype: torch.dtype = torch.float16,
     clean_view: bool = False,
     fill_margin: float = 1.0,
+    cutmix_prob: float = 0.0,
+    cutmix_alpha: float = 1.0,
     accelerator: "Accelerator | None" = None,
     device: torch.device | str | None = None,
     show_progress: bool = True,
@@ -748,6 +895,8 @@ def relabel_stored(
         clean_view: make view 0 the whole, unflipped image (default ``False``: every view is a
             random resized crop, like the student's training augmentation).
         topk: keep only the ``k`` largest logits per view (see :meth:`StoredSoftLabels.dense_logits`).
+        cutmix_prob / cutmix_alpha: CutMix of the views (:func:`sample_view_cutmix`, the student's
+            ``cutmix_prob``); the teachers label the mixed crop.
         batch_size: images per forward batch (``batch_size * V`` crops); results do not depend on it.
         accelerator: shards batches (``batch % num_processes == process_index``) and gathers the
             logits; every process returns the full result.
@@ -775,6 +924,9 @@ def relabel_stored(
             i, num_views, h, w, seed=seed, crop_scale=crop_scale, flip_prob=flip_prob, clean_view=clean_view
         )
         boxes[i], flip[i] = p.boxes, p.flip
+    mix_partner, mix_boxes = sample_view_cutmix(n, num_views, int(out_size), prob=cutmix_prob, alpha=cutmix_alpha,
+                                                seed=seed)
+    mixing = cutmix_prob > 0
 
     num_procs = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
@@ -790,8 +942,16 @@ def relabel_stored(
         x = images[lo:hi].to(device, non_blocking=True)
         # crops ordered image-major: row j -> image lo + j // V, view j % V
         xr = x.repeat_interleave(num_views, dim=0)
-        params = CropFlipParams(boxes=boxes[lo:hi].reshape(-1, 4), flip=flip[lo:hi].reshape(-1)).to(device)
-        z = ensemble(apply_crop_flip(xr, params, out_size)).float()
+        params = CropFlipParams(boxes=boxes[lo:hi].reshape(-1, 4), flip=flip[lo:hi].reshape(-1))
+        if mixing:  # the partner's own view v pasted into view v (what the student replays)
+            partner = mix_partner[lo:hi].reshape(-1).long().clamp(min=0)
+            view = torch.arange(num_views).repeat(hi - lo)
+            views = replay_views(xr, params, out_size, partner_images=images[partner.to(images.device)],
+                                 partner_params=CropFlipParams(boxes=boxes[partner, view], flip=flip[partner, view]),
+                                 mix_boxes=mix_boxes[lo:hi].reshape(-1, 4))
+        else:
+            views = replay_views(xr, params, out_size)
+        z = ensemble(views).float()
         num_classes = z.shape[-1]
         z = z.reshape(hi - lo, num_views, num_classes)
         if k is not None:
@@ -837,5 +997,9 @@ def relabel_stored(
         clean_view=bool(clean_view),
         logit_norm=bool(ensemble.logit_norm),
         fill_margin=float(fill_margin),
+        mix_partner=mix_partner if mixing else None,
+        mix_boxes=mix_boxes if mixing else None,
+        cutmix_prob=float(cutmix_prob),
+        cutmix_alpha=float(cutmix_alpha),
         **kwargs,
     )

@@ -12,8 +12,12 @@ exactly as the evaluate stage's stored mode does) with that view's logits::
         for batch in torch.utils.data.DataLoader(views, batch_size=50, shuffle=True):
             ...  # batch["pixel_values"] (normalised), batch["soft_logits"], batch["labels"]
 
-The crops are the same bilinear ``roi_align`` crops the evaluate stage applies, so a student
-trained with it sees bit for bit the views and labels of the package's own stored-view row.
+The crops are the same bilinear ``roi_align`` crops the evaluate stage applies, and a view that was
+relabelled under CutMix comes with its stored partner's view pasted into the stored box (the
+teachers labelled that mixed view), so a student trained with it sees bit for bit the views and
+labels of the package's own stored-view row. ``lam`` (the fraction of the image's own pixels) and
+``partner_labels`` give the CutMix-mixed ground truth ``lam * y + (1 - lam) * y_partner`` to whoever
+wants it; the authors' Eq. 11 keeps the image's own label (``labels``).
 """
 
 from __future__ import annotations
@@ -67,12 +71,17 @@ class StoredViews(Dataset):
         return len(self.images)
 
     def view(self, index: torch.Tensor, view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images ``index`` as their views ``view`` (normalised, ``(B, C, H, W)``) and those views' logits ``(B, K)``."""
-        params = self.stored.view_params(view, index)
-        x = apply_crop_flip(self.images[index], params, self.stored.out_size)
+        """Images ``index`` as their views ``view`` (normalised, ``(B, C, H, W)``; CutMix-ed views with
+        their stored partner pasted in) and those views' logits ``(B, K)``."""
+        partner, _, _ = self.stored.mix_params(view, index)
+        partner_images = self.images[partner.clamp(min=0)] if self.stored.has_mix else None
+        x = self.stored.replay(self.images[index], view, index, partner_images=partner_images)
         return x, self.stored.dense_logits(view, index)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        index = torch.tensor([int(i)])
-        x, logits = self.view(index, torch.tensor([self.epoch % self.num_views]))
-        return {"pixel_values": x[0], "soft_logits": logits[0], "labels": self.labels[i]}
+        index, view = torch.tensor([int(i)]), torch.tensor([self.epoch % self.num_views])
+        x, logits = self.view(index, view)
+        partner, _, lam = self.stored.mix_params(view, index)
+        partner_label = self.labels[partner[0]] if partner[0] >= 0 else self.labels[i]
+        return {"pixel_values": x[0], "soft_logits": logits[0], "labels": self.labels[i],
+                "partner_labels": partner_label, "lam": lam[0]}

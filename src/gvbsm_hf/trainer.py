@@ -7,7 +7,8 @@ CutMix, and soft-labelled for exactly that view:
 * on the fly: the :class:`~gvbsm_hf.relabel.TeacherEnsemble` runs on the augmented (and mixed)
   batch (Eq. 8);
 * stored: a view of :class:`~gvbsm_hf.relabel.StoredSoftLabels` is picked per image
-  (``epoch % V`` or at random) and THAT view's crop/flip is applied, so label and view match;
+  (``epoch % V`` or at random) and THAT view is replayed (crop/flip, and the stored CutMix partner
+  and box when the views were relabelled with CutMix), so label and view match;
 * hard labels (neither): cross-entropy with the dataset labels.
 
 Loss per ``args.loss_type``: ``"mse_gt"`` Eq. 11 (MSE to the ensemble logits + gamma * CE with the
@@ -323,10 +324,11 @@ class GVBSMTrainer(Trainer):
         stored_labels: precomputed views + logits (:func:`gvbsm_hf.relabel.relabel_stored`),
             one entry per training image, aligned by ``index``.
         stored_view_policy: ``"epoch"`` (view ``epoch % V`` for every image) or ``"random"``
-            (a view per image drawn from the step generator). In stored mode the stored view's
-            crop/flip is always applied (``student_augment`` only concerns the other modes) and
-            under CutMix the stored logits are mixed with the same ``lam`` as the images (an
-            approximation: the teachers never saw the mixed image; on-the-fly mode is exact).
+            (a view per image drawn from the step generator). In stored mode the stored view is
+            replayed exactly (:meth:`~gvbsm_hf.relabel.StoredSoftLabels.replay`: crop/flip, and the
+            CutMix partner's view pasted into the stored box; ``student_augment`` only concerns
+            the other modes), so the stored logits are the teachers' on that very view;
+            ``args.cutmix_prob`` must equal the one the views were relabelled with.
         Remaining keyword arguments go to ``transformers.Trainer``.
 
     Student-side options of ``args`` (EDC; each off by default): ``student_ema_decay`` evaluates an EMA
@@ -376,6 +378,13 @@ class GVBSMTrainer(Trainer):
             raise GVBSMError(
                 f"The soft labels have {k_teachers} classes but the dataset spec has {spec.num_classes}: use "
                 "teachers / stored labels made for this dataset."
+            )
+        if stored_labels is not None and float(stored_labels.cutmix_prob) != float(args.cutmix_prob):
+            raise DataValidationError(
+                f"The stored views were relabelled with cutmix_prob={stored_labels.cutmix_prob} but the student "
+                f"trains with cutmix_prob={args.cutmix_prob}: relabel with the student's cutmix_prob "
+                "(relabel_stored(cutmix_prob=...); the relabel stage does it from the recipe) or set "
+                f"cutmix_prob: {stored_labels.cutmix_prob}."
             )
         if stored_labels is not None and train_dataset is not None and len(stored_labels) != len(train_dataset):
             raise DataValidationError(
@@ -581,7 +590,13 @@ class GVBSMTrainer(Trainer):
                 views = torch.full((b,), epoch % v, dtype=torch.long)
             else:
                 views = torch.randint(v, (b,), generator=generator)
-            x = apply_crop_flip(x, st.view_params(views, index).to(device), st.out_size)
+            partner, _, lam = st.mix_params(views, index)
+            partner_images = None
+            if st.has_mix:  # the stored CutMix: the partner's own view pasted into the stored box
+                partner_images, partner_labels = self._train_rows(partner.clamp(min=0))
+                lab = labels.detach().to("cpu", torch.long).reshape(-1)
+                stored_mix = (torch.where(partner >= 0, partner_labels, lab), lam)
+            x = st.replay(x, views, index, partner_images=partner_images)
             soft = st.dense_logits(views, index).to(device)
         elif args.student_augment:
             params = sample_crop_flip(
@@ -590,7 +605,13 @@ class GVBSMTrainer(Trainer):
             x = apply_crop_flip(x, params, h)
 
         targets: torch.Tensor = labels
-        if args.cutmix_prob > 0 and torch.rand((), generator=generator).item() < args.cutmix_prob:
+        if self.stored_labels is not None:
+            if self.stored_labels.has_mix and not (args.loss_type == "mse_gt" and args.cutmix_ce_label == "original"):
+                partner_labels, lam = stored_mix  # Eq. 11's GT term on the lambda-mixed label
+                k, lam_t = self.spec.num_classes, lam.to(device)[:, None]
+                onehot, onehot_partner = (F.one_hot(y.to(device, torch.long), k).float() for y in (labels, partner_labels))
+                targets = lam_t * onehot + (1.0 - lam_t) * onehot_partner
+        elif args.cutmix_prob > 0 and torch.rand((), generator=generator).item() < args.cutmix_prob:
             x, perm, lam = cutmix(x, alpha=1.0, generator=generator)
             perm = torch.as_tensor(perm, device=device, dtype=torch.long)
             lam_t = torch.as_tensor(lam, device=device, dtype=torch.float32)
@@ -601,12 +622,19 @@ class GVBSMTrainer(Trainer):
             targets = lam_t * onehot + (1.0 - lam_t) * onehot[perm]
             if self.label_mode != "hard" and args.loss_type == "mse_gt" and args.cutmix_ce_label == "original":
                 targets = labels  # Eq. 11's GT term on the ORIGINAL label (authors' code); the soft label sees the mix
-            if soft is not None:  # stored logits: mix like the images (approximation, documented)
-                soft = lam_t * soft + (1.0 - lam_t) * soft[perm]
 
         if self.soft_labeler is not None and self.args.loss_type != "ce":
             soft = self.soft_labeler(x)
         return x, soft, targets
+
+    def _train_rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pixel_values, labels)`` of training rows ``index`` (the stored CutMix partners), on the CPU."""
+        ds = self.train_dataset
+        if isinstance(ds, SyntheticImageDataset):
+            return ds.images[index], ds.labels[index]
+        rows = [ds[int(j)] for j in index]
+        return (torch.stack([torch.as_tensor(r["pixel_values"]) for r in rows]),
+                torch.as_tensor([int(r["labels"]) for r in rows], dtype=torch.long))
 
     def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.args.student_channels_last else x
@@ -693,7 +721,7 @@ def _soft_label_fingerprint(soft_labeler: TeacherEnsemble | None, stored: Stored
     if stored is not None:
         return _fingerprint(
             stored.boxes, stored.flip, stored.logits, stored.topk_values, stored.topk_indices,
-            stored.out_size, stored.fill_margin, stored.num_classes,
+            stored.out_size, stored.fill_margin, stored.num_classes, stored.mix_partner, stored.mix_boxes,
         )
     if soft_labeler is not None:
         items: list[Any] = [type(soft_labeler).__name__]

@@ -12,7 +12,7 @@ from .recover import teacher_subset
 
 class RelabelStage(Stage):
     name = "relabel"
-    depends_on = ("relabel", "training.student_crop_scale", "training.num_train_epochs")
+    depends_on = ("relabel", "training.student_crop_scale", "training.num_train_epochs", "training.cutmix_prob")
 
     def folder(self, ctx: StageContext, method: str) -> Path:
         return ctx.output_dir / "relabel" / method_folder(method)
@@ -65,7 +65,7 @@ class RelabelStage(Stage):
             ctx.stored[method] = relabel_stored(
                 syn.shipped_images(ctx.spec), ctx.ensemble, num_views=num_views, out_size=ctx.spec.image_size,
                 crop_scale=tuple(r.training.student_crop_scale), seed=r.relabel.relabel_seed,
-                topk=r.relabel.relabel_topk, accelerator=ctx.accelerator,
+                topk=r.relabel.relabel_topk, cutmix_prob=float(r.training.cutmix_prob), accelerator=ctx.accelerator,
             )
             if ctx.accelerator.is_main_process:
                 ctx.stored[method].save(folder)
