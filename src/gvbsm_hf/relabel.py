@@ -897,7 +897,9 @@ def relabel_stored(
         topk: keep only the ``k`` largest logits per view (see :meth:`StoredSoftLabels.dense_logits`).
         cutmix_prob / cutmix_alpha: CutMix of the views (:func:`sample_view_cutmix`, the student's
             ``cutmix_prob``); the teachers label the mixed crop.
-        batch_size: images per forward batch (``batch_size * V`` crops); results do not depend on it.
+        batch_size: crops per teacher forward: each batch holds ``max(1, batch_size // V)`` images and
+            all their ``V`` views, so memory is bounded by ``batch_size`` crops (at least ``V``), not by
+            ``batch_size * V``; results do not depend on it.
         accelerator: shards batches (``batch % num_processes == process_index``) and gathers the
             logits; every process returns the full result.
     """
@@ -930,7 +932,8 @@ def relabel_stored(
 
     num_procs = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
-    num_batches = math.ceil(n / batch_size)
+    per_batch = max(1, batch_size // num_views)  # images per forward: their V views are the crops
+    num_batches = math.ceil(n / per_batch)
     my_batches = [b for b in range(num_batches) if b % num_procs == rank]
 
     k = None if topk is None else int(topk)
@@ -938,7 +941,7 @@ def relabel_stored(
     idx_chunks: list[torch.Tensor] = []
     num_classes: int | None = None
     for b in tqdm(my_batches, desc="relabel", disable=not (show_progress and is_main)):
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        lo, hi = b * per_batch, min(n, (b + 1) * per_batch)
         x = images[lo:hi].to(device, non_blocking=True)
         # crops ordered image-major: row j -> image lo + j // V, view j % V
         xr = x.repeat_interleave(num_views, dim=0)
