@@ -318,6 +318,7 @@ def test_exported_folder_replays_the_evaluated_views_bitwise(smoke_run):
     assert float(item["lam"]) == float(used.mix_params(5 % used.num_views, torch.tensor([3]))[2][0])
     card = Path(summary["card"]).read_text()
     assert "trained from this folder alone (stored views)" in card and "StoredViews(" in card
+    assert "CutMix partner and box" in card and 'batch["lam"]' in card  # the card says how mixed views replay
 
 
 def test_smoke_recipe_runs_end_to_end(smoke_run):
