@@ -71,6 +71,8 @@ RUNS = {r.name: r for r in [
     Run("iterations_500", "it500", ["iterations=500"], ["--syn_iterations", "500"]),
     Run("iterations_2000", "it2000", ["iterations=2000"], ["--syn_iterations", "2000"]),
     Run("iterations_4000", "it4000", ["iterations=4000"], ["--syn_iterations", "4000"]),
+    Run("per_image_rrc_iterations_2000", "rrc_it2000", ["per_image_rrc", "iterations=2000"],
+        PER_IMAGE_RRC + ["--syn_iterations", "2000"]),
     Run("rded_selection", "rded_f1", ["rded_selection"], RDED_CROPS, method="rded"),
     Run("rded_selection_stitched", "rded_f2", ["rded_selection", "stitch_2x2"], [], method="rded"),
     Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
@@ -91,7 +93,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
     10: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "edc_student", "combination",
          "per_image_rrc+edc_student",
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
-         "combination_no_class_aware", "iterations_500", "iterations_4000", "rded_selection_stitched"],
+         "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
+         "rded_selection_stitched"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student"],
 }
 
