@@ -27,8 +27,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .augment import apply_crop_flip
-
 __all__ = ["StoredViews"]
 
 
