@@ -49,6 +49,8 @@ STUDENT = {
 PER_IMAGE_RRC = ["--syn_augment", "per_image_rrc", "--stats_augment", "authors"]
 RDED_CROPS = ["--syn_rded_factor", "1", "--syn_rded_crop_scale", "0.5", "1.0"]
 RDED_INIT = ["--syn_init", "rded", *RDED_CROPS]
+CLUSTER_CENTROID = ["--syn_rded_selection", "cluster_centroid", "--syn_rded_candidates", "1000"]
+CLUSTER_LOWEST_CE = ["--syn_rded_selection", "cluster_lowest_ce", "--syn_rded_candidates", "1000"]
 CLASS_AWARE = ["--stats_per_class", "true", "--syn_class_weight", "0.5"]
 
 
@@ -76,6 +78,10 @@ RUNS = {r.name: r for r in [
     Run("rded_selection", "rded_f1", ["rded_selection"], RDED_CROPS, method="rded"),
     Run("rded_selection_stitched", "rded_f2", ["rded_selection", "stitch_2x2"], [], method="rded"),
     Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
+    Run("rded_cluster_centroid", "rded_cl_cen", ["rded_selection", "cluster_centroid"], RDED_CROPS + CLUSTER_CENTROID,
+        method="rded"),
+    Run("rded_cluster_lowest_ce", "rded_cl_ce", ["rded_selection", "cluster_lowest_ce"], RDED_CROPS + CLUSTER_LOWEST_CE,
+        method="rded"),
     Run("class_aware", "class_aware", ["class_aware_matching"], CLASS_AWARE),
     Run("bf16_autocast", "bf16", ["bf16_autocast_synthesis"], ["--syn_mixed_precision", "bf16"]),
     Run("edc_student", "authors", ["edc_student"], student="edc"),
@@ -94,7 +100,7 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "per_image_rrc+edc_student",
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
          "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
-         "rded_selection_stitched"],
+         "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student"],
 }
 

@@ -26,6 +26,7 @@ from gvbsm_hf.data import DatasetSpec  # noqa: E402
 from gvbsm_hf.errors import GVBSMError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SynthesisStep, get_method, method_config  # noqa: E402
 from gvbsm_hf.methods.gvbsm import matching_loss  # noqa: E402
+from gvbsm_hf.methods.rded import kmeans  # noqa: E402
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
 from gvbsm_hf.statistics import load_statistics, record_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.synthesis import _TeacherSlot, recover  # noqa: E402
@@ -113,6 +114,56 @@ def test_rded_is_deterministic_and_starts_synthesis(tmp_path):
     with pytest.raises(GVBSMError, match="syn_rded_candidates"):
         recover(teachers, [None, None], SPEC, dataclasses.replace(cfg, syn_rded_candidates=3),
                 output_dir=tmp_path / "few", real_train=(images, labels))
+
+
+GROUPS = [[10, 20, 30], [120, 130, 140], [230, 240, 250]]  # class-0 grey levels: three separated groups
+
+
+def _grouped_data():
+    vals = [v for g in GROUPS for v in g]
+    x0 = torch.tensor(vals, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 8, 8).contiguous()
+    x1 = torch.full((6, 1, 8, 8), 100, dtype=torch.uint8)  # class 1: identical images (degenerate k-means)
+    return torch.cat([x0, x1]), torch.tensor([0] * len(vals) + [1] * 6), vals
+
+
+@pytest.mark.parametrize("mode", ["cluster_lowest_ce", "cluster_centroid", "lowest_ce"])
+def test_rded_clustered_selection_keeps_one_crop_per_cluster(tmp_path, mode):
+    """With the logits 2 m (m = the normalised grey level), the ensemble-logit clusters of class 0 are the
+    three grey groups: ``cluster_lowest_ce`` keeps each group's brightest image (lowest CE), ``cluster_centroid``
+    its middle one (the member nearest the group's mean logit), ``lowest_ce`` the three brightest overall;
+    kept crops ranked by increasing CE. Class 1 (six identical images) still gets its ``ipc`` images."""
+    images, labels, vals = _grouped_data()
+    teachers = [_Poly(2.0, 0.0)]
+    config = method_config("rded", ipc=3, syn_rded_factor=1, syn_rded_candidates=len(vals), syn_seed=1,
+                           syn_rded_selection=mode)
+    out = recover(teachers, [None], GREY, config, output_dir=tmp_path / mode, real_train=(images, labels))
+    pixels = out.uint8_images(GREY)
+    kept = [int(pixels[t, 0, 0, 0]) for t in range(3)]
+    expected = {"cluster_lowest_ce": [g[-1] for g in GROUPS], "cluster_centroid": [g[1] for g in GROUPS],
+                "lowest_ce": sorted(vals)[-3:]}[mode]
+    assert kept == sorted(expected, reverse=True)  # brighter = lower CE = ranked first
+    assert torch.all(pixels[3:, 0] == 100)
+    assert out.config["selection"] == mode
+
+
+def test_kmeans_recovers_separated_clusters_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=torch.float64)
+    pts = torch.cat([c + 0.3 * torch.randn(15, 2, generator=g, dtype=torch.float64) for c in centres])
+    truth = torch.arange(4).repeat_interleave(15)
+    for seed in range(5):
+        assign, found = kmeans(pts, 4, torch.Generator().manual_seed(seed))
+        # the partition equals the truth up to relabelling, and each centre is its cluster's float64 mean
+        for j in range(4):
+            members = assign == j
+            assert members.sum() == 15 and len(truth[members].unique()) == 1
+            torch.testing.assert_close(found[j], pts[members].mean(0), rtol=0, atol=1e-12)
+    a = kmeans(pts.float(), 3, torch.Generator().manual_seed(7))[0]
+    assert torch.equal(a, kmeans(pts.float(), 3, torch.Generator().manual_seed(7))[0])
+    with pytest.raises(GVBSMError, match="k-means"):
+        kmeans(pts, 61, g)
+    with pytest.raises(RecipeError, match="syn_rded_selection"):
+        SynthesisArguments(syn_rded_selection="typical")
 
 
 # ---------------------------------------------------------------------------- per-class statistics

@@ -13,9 +13,15 @@ No pixel is optimised. For every class ``c`` (``k = ipc * f^2`` crops are kept, 
 3. **Score.** Every crop is resized to the full image size (``apply_crop_flip``: area-averaged
    when shrinking, bilinear when enlarging) and scored by the cross-entropy of the teacher
    ensemble's logits (the mean of the teachers' logits, Eq. 8 without LN) with class ``c``.
-4. **Select.** Candidates in increasing cross-entropy (ties: candidate index), at most one crop per
-   source image first (RDED keeps the best crop of each image), then the remaining crops in the
-   same order if the class has fewer than ``k`` images; the first ``k`` are kept.
+4. **Select** (``syn_rded_selection``). ``lowest_ce`` (RDED): candidates in increasing cross-entropy
+   (ties: candidate index), at most one crop per source image first (RDED keeps the best crop of each
+   image), then the remaining crops in the same order if the class has fewer than ``k`` images; the
+   first ``k`` are kept. ``cluster_lowest_ce`` / ``cluster_centroid`` (coverage, not only typicality):
+   the candidates' mean teacher logits ``z̄`` (the soft labels' space) are split into ``k`` clusters by
+   k-means (:func:`kmeans`, float64, k-means++ seeded by ``(syn_seed, "rded-kmeans", c)``), and each
+   cluster keeps its member of lowest CE, or the member nearest its centre (ties: candidate index);
+   clusters left empty are filled with the best remaining candidates by CE. The kept crops are then
+   ranked by increasing CE, like ``lowest_ce``'s.
 5. **Stitch.** Image ``t`` (slot ``t``) holds the crops ranked ``t, ipc + t, 2 ipc + t, ...`` in its
    ``f x f`` tiles, row-major, each box resized to its tile; the first ``side mod f`` rows
    (columns) of tiles get one extra pixel (RDED's split). ``f = 1``: the crop at full size, exactly
@@ -86,15 +92,76 @@ def _source_indices(labels: torch.Tensor, config: SynthesisConfig) -> dict[int, 
 
 
 @torch.no_grad()
-def score_crops(teachers: Sequence[nn.Module], views: torch.Tensor, label: int) -> torch.Tensor:
+def score_crops(teachers: Sequence[nn.Module], views: torch.Tensor, label: int,
+                return_logits: bool = False):
     """Cross-entropy ``(N,)`` (float32, CPU) of the ensemble logits (mean over ``teachers``) of ``views``
-    (normalised, on the teachers' device) with class ``label``, in batches of :data:`SCORE_BATCH`."""
-    out = []
+    (normalised, on the teachers' device) with class ``label``, in batches of :data:`SCORE_BATCH`;
+    with ``return_logits`` also those logits ``(N, K)`` (float32, CPU)."""
+    out, zs = [], []
     for chunk in views.split(SCORE_BATCH):
         logits = ensemble_logits([t(chunk) for t in teachers])
         target = torch.full((chunk.shape[0],), int(label), dtype=torch.long, device=logits.device)
         out.append(F.cross_entropy(logits, target, reduction="none").float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        zs.append(logits.float().cpu())
+    ce = torch.cat(out) if out else torch.zeros(0)
+    if return_logits:
+        return ce, (torch.cat(zs) if zs else torch.zeros(0, 0))
+    return ce
+
+
+def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of ``points`` ``(N, D)`` in float64 with k-means++ seeding from ``generator``:
+    returns ``(assignment (N,), centres (k, D))``. Deterministic; ties go to the lower centre index; a
+    centre that loses all its points stays where it was (its cluster is empty)."""
+    x = points.double()
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise GVBSMError(f"k-means needs 1 <= k <= {n} points, got k={k}.")
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        if float(d2.sum()) <= 0:  # every point already is a centre: a duplicate centre (an empty cluster)
+            idx = first
+        else:
+            idx = int(torch.multinomial(d2 / d2.sum(), 1, generator=generator))
+        centres.append(x[idx])
+        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(1))
+    c = torch.stack(centres)
+    assign = torch.cdist(x, c).argmin(1)
+    for _ in range(max_iter):
+        for j in range(k):
+            members = assign == j
+            if members.any():
+                c[j] = x[members].mean(0)
+        new = torch.cdist(x, c).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return assign, c
+
+
+def select_clustered(ce: torch.Tensor, logits: torch.Tensor, k: int, mode: str,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Indices of the ``k`` kept candidates, best (lowest ``ce``) first: one per k-means cluster of
+    ``logits`` (:func:`kmeans`), its lowest-CE member (``cluster_lowest_ce``) or the member nearest the
+    centre (``cluster_centroid``); empty clusters filled by the lowest-CE candidates left."""
+    if mode not in ("cluster_lowest_ce", "cluster_centroid"):
+        raise GVBSMError(f"syn_rded_selection={mode!r} is not a clustered selection.")
+    assign, centres = kmeans(logits, k, generator)
+    dist = torch.cdist(logits.double(), centres)
+    kept = []
+    for j in range(k):
+        members = torch.nonzero(assign == j).flatten()
+        if len(members) == 0:
+            continue
+        key = ce[members].double() if mode == "cluster_lowest_ce" else dist[members, j]
+        kept.append(int(members[torch.sort(key, stable=True).indices[0]]))
+    if len(kept) < k:
+        taken = set(kept)
+        kept += [i for i in torch.sort(ce, stable=True).indices.tolist() if i not in taken][:k - len(kept)]
+    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
+    return kept_t[torch.sort(ce[kept_t], stable=True).indices]  # increasing CE, ties by candidate index
 
 
 def select_ranked(ce: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
@@ -128,14 +195,20 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
     source = perm[torch.arange(n) % len(rows)]  # position in `rows` of each candidate's image
     params = sample_crop_flip(n, h, w, scale=tuple(float(s) for s in config.syn_rded_crop_scale), ratio=(1.0, 1.0),
                               flip_prob=0.0, generator=g)
-    ce = []
+    ce, zs = [], []
     for start in range(0, n, SCORE_BATCH):
         idx = torch.arange(start, min(start + SCORE_BATCH, n))
         x = spec.normalize(images[rows[source[idx]]].to(device))
         views = apply_crop_flip(x, params.index(idx).to(device), (h, w))
-        ce.append(score_crops(teachers, views, label))
+        c, z = score_crops(teachers, views, label, return_logits=True)
+        ce.append(c)
+        zs.append(z)
     ce_t = torch.cat(ce)
-    kept = select_ranked(ce_t, source, k)
+    mode = str(getattr(config, "syn_rded_selection", "lowest_ce"))
+    if mode == "lowest_ce":
+        kept = select_ranked(ce_t, source, k)
+    else:
+        kept = select_clustered(ce_t, torch.cat(zs), k, mode, seeded_generator(config.syn_seed, "rded-kmeans", int(label)))
     src = spec.normalize(images[rows[source[kept]]].to(device))
     boxes = params.boxes[kept]
     ipc = int(config.ipc)
@@ -224,5 +297,5 @@ def rded_select(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, conf
     slots = torch.arange(ipc).repeat(spec.num_classes)
     meta = {"ipc": ipc, "seed": config.syn_seed, "factor": int(config.syn_rded_factor),
             "candidates": num_candidates(config), "crop_scale": list(config.syn_rded_crop_scale),
-            "single_teacher": bool(config.syn_single_teacher)}
+            "single_teacher": bool(config.syn_single_teacher), "selection": str(config.syn_rded_selection)}
     return SyntheticSet(images, labels, slots, torch.zeros_like(labels), "rded", meta)

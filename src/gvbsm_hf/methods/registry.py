@@ -59,6 +59,7 @@ class SynthesisConfig:
     syn_rded_candidates: Optional[int] = None
     syn_rded_crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
     syn_rded_factor: int = 2
+    syn_rded_selection: str = "lowest_ce"
 
     PROTOCOL_FIELDS: ClassVar[tuple[str, ...]] = (
         "ipc", "syn_iterations", "syn_lr", "syn_adam_betas", "syn_classes_per_batch", "syn_slots_per_batch",
