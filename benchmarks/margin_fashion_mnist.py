@@ -92,6 +92,9 @@ RUNS = {r.name: r for r in [
         PER_IMAGE_RRC + RDED_INIT + CLASS_AWARE, student="edc", with_random=True),
     Run("combination_no_class_aware", "combination_nca", ["per_image_rrc", "rded_init", "edc_student"],
         PER_IMAGE_RRC + RDED_INIT, student="edc"),
+    Run("per_image_rrc+rded_init", "combination_nca", ["per_image_rrc", "rded_init"], PER_IMAGE_RRC + RDED_INIT),
+    Run("per_image_rrc+cluster_init", "rrc_clinit", ["per_image_rrc", "rded_init", "cluster_centroid"],
+        PER_IMAGE_RRC + RDED_INIT + CLUSTER_CENTROID),
 ]}
 PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its essentials only)
     1: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "class_aware", "edc_student",
@@ -100,8 +103,10 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "per_image_rrc+edc_student",
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
          "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
-         "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce"],
-    50: ["gvbsm_authors", "combination", "rded_selection+edc_student"],
+         "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce", "per_image_rrc+rded_init",
+         "per_image_rrc+cluster_init"],
+    50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "rded_cluster_centroid",
+         "rded_cluster_lowest_ce"],
 }
 
 
