@@ -80,6 +80,8 @@ RUNS = {r.name: r for r in [
     Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
     Run("rded_cluster_centroid", "rded_cl_cen", ["rded_selection", "cluster_centroid"], RDED_CROPS + CLUSTER_CENTROID,
         method="rded"),
+    Run("rded_boundary", "rded_boundary", ["rded_selection", "boundary"], RDED_CROPS + ["--syn_rded_selection", "boundary"],
+        method="rded"),
     Run("rded_cluster_lowest_ce", "rded_cl_ce", ["rded_selection", "cluster_lowest_ce"], RDED_CROPS + CLUSTER_LOWEST_CE,
         method="rded"),
     Run("class_aware", "class_aware", ["class_aware_matching"], CLASS_AWARE),
@@ -104,8 +106,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
          "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
          "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce", "per_image_rrc+rded_init",
-         "per_image_rrc+cluster_init"],
-    50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "rded_cluster_centroid",
+         "per_image_rrc+cluster_init", "rded_boundary"],
+    50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_cluster_centroid",
          "rded_cluster_lowest_ce"],
 }
 

@@ -26,7 +26,7 @@ from gvbsm_hf.data import DatasetSpec  # noqa: E402
 from gvbsm_hf.errors import GVBSMError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SynthesisStep, get_method, method_config  # noqa: E402
 from gvbsm_hf.methods.gvbsm import matching_loss  # noqa: E402
-from gvbsm_hf.methods.rded import kmeans  # noqa: E402
+from gvbsm_hf.methods.rded import kmeans, select_boundary  # noqa: E402
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
 from gvbsm_hf.statistics import load_statistics, record_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.synthesis import _TeacherSlot, recover  # noqa: E402
@@ -126,11 +126,12 @@ def _grouped_data():
     return torch.cat([x0, x1]), torch.tensor([0] * len(vals) + [1] * 6), vals
 
 
-@pytest.mark.parametrize("mode", ["cluster_lowest_ce", "cluster_centroid", "lowest_ce"])
+@pytest.mark.parametrize("mode", ["cluster_lowest_ce", "cluster_centroid", "lowest_ce", "boundary"])
 def test_rded_clustered_selection_keeps_one_crop_per_cluster(tmp_path, mode):
     """With the logits 2 m (m = the normalised grey level), the ensemble-logit clusters of class 0 are the
     three grey groups: ``cluster_lowest_ce`` keeps each group's brightest image (lowest CE), ``cluster_centroid``
-    its middle one (the member nearest the group's mean logit), ``lowest_ce`` the three brightest overall;
+    its middle one (the member nearest the group's mean logit), ``lowest_ce`` the three brightest overall,
+    ``boundary`` the three darkest the teacher still calls class 0 (m > 0: grey > 127.5);
     kept crops ranked by increasing CE. Class 1 (six identical images) still gets its ``ipc`` images."""
     images, labels, vals = _grouped_data()
     teachers = [_Poly(2.0, 0.0)]
@@ -140,7 +141,7 @@ def test_rded_clustered_selection_keeps_one_crop_per_cluster(tmp_path, mode):
     pixels = out.uint8_images(GREY)
     kept = [int(pixels[t, 0, 0, 0]) for t in range(3)]
     expected = {"cluster_lowest_ce": [g[-1] for g in GROUPS], "cluster_centroid": [g[1] for g in GROUPS],
-                "lowest_ce": sorted(vals)[-3:]}[mode]
+                "lowest_ce": sorted(vals)[-3:], "boundary": [130, 140, 230]}[mode]
     assert kept == sorted(expected, reverse=True)  # brighter = lower CE = ranked first
     assert torch.all(pixels[3:, 0] == 100)
     assert out.config["selection"] == mode
@@ -162,6 +163,12 @@ def test_kmeans_recovers_separated_clusters_and_is_seeded():
     assert torch.equal(a, kmeans(pts.float(), 3, torch.Generator().manual_seed(7))[0])
     with pytest.raises(GVBSMError, match="k-means"):
         kmeans(pts, 61, g)
+    # boundary: the hardest correctly classified first, then the easiest misclassified
+    ce = torch.tensor([0.1, 0.5, 0.9, 2.0, 1.5])
+    logits = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert select_boundary(ce, logits, 0, 2).tolist() == [1, 2]
+    assert select_boundary(ce, logits, 0, 4).tolist() == [0, 1, 2, 4]
+    assert select_boundary(ce, logits, 1, 3).tolist() == [0, 4, 3]
     with pytest.raises(RecipeError, match="syn_rded_selection"):
         SynthesisArguments(syn_rded_selection="typical")
 

@@ -21,7 +21,9 @@ No pixel is optimised. For every class ``c`` (``k = ipc * f^2`` crops are kept, 
    k-means (:func:`kmeans`, float64, k-means++ seeded by ``(syn_seed, "rded-kmeans", c)``), and each
    cluster keeps its member of lowest CE, or the member nearest its centre (ties: candidate index);
    clusters left empty are filled with the best remaining candidates by CE. The kept crops are then
-   ranked by increasing CE, like ``lowest_ce``'s.
+   ranked by increasing CE, like ``lowest_ce``'s. ``boundary`` (hard, not typical): among the candidates
+   whose ensemble argmax is ``c``, the ``k`` of HIGHEST CE (ties: candidate index), then, if fewer than
+   ``k`` are classified ``c``, the misclassified ones of lowest CE; ranked by increasing CE.
 5. **Stitch.** Image ``t`` (slot ``t``) holds the crops ranked ``t, ipc + t, 2 ipc + t, ...`` in its
    ``f x f`` tiles, row-major, each box resized to its tile; the first ``side mod f`` rows
    (columns) of tiles get one extra pixel (RDED's split). ``f = 1``: the crop at full size, exactly
@@ -164,6 +166,18 @@ def select_clustered(ce: torch.Tensor, logits: torch.Tensor, k: int, mode: str,
     return kept_t[torch.sort(ce[kept_t], stable=True).indices]  # increasing CE, ties by candidate index
 
 
+def select_boundary(ce: torch.Tensor, logits: torch.Tensor, label: int, k: int) -> torch.Tensor:
+    """Indices of the ``k`` kept candidates of ``boundary`` (module docstring), lowest CE first."""
+    order = torch.sort(ce, stable=True).indices.tolist()  # increasing CE, ties by index
+    correct = (logits.argmax(1) == int(label)).tolist()
+    right = [i for i in order if correct[i]]
+    wrong = [i for i in order if not correct[i]]
+    kept = sorted(right, key=lambda i: (-float(ce[i]), i))[:k]
+    kept += wrong[:k - len(kept)]
+    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
+    return kept_t[torch.sort(ce[kept_t], stable=True).indices]
+
+
 def select_ranked(ce: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` kept candidates, best first: increasing ``ce`` (stable: ties by index), at
     most one per ``source`` image first, then the other candidates in the same order."""
@@ -207,6 +221,8 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
     mode = str(getattr(config, "syn_rded_selection", "lowest_ce"))
     if mode == "lowest_ce":
         kept = select_ranked(ce_t, source, k)
+    elif mode == "boundary":
+        kept = select_boundary(ce_t, torch.cat(zs), label, k)
     else:
         kept = select_clustered(ce_t, torch.cat(zs), k, mode, seeded_generator(config.syn_seed, "rded-kmeans", int(label)))
     src = spec.normalize(images[rows[source[kept]]].to(device))
