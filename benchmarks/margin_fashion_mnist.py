@@ -75,6 +75,8 @@ RUNS = {r.name: r for r in [
     Run("iterations_4000", "it4000", ["iterations=4000"], ["--syn_iterations", "4000"]),
     Run("per_image_rrc_iterations_2000", "rrc_it2000", ["per_image_rrc", "iterations=2000"],
         PER_IMAGE_RRC + ["--syn_iterations", "2000"]),
+    Run("per_image_rrc_epochs_1000", "per_image_rrc", ["per_image_rrc", "student_epochs=1000"],
+        PER_IMAGE_RRC + ["--num_train_epochs", "1000"], with_random=True),
     Run("rded_selection", "rded_f1", ["rded_selection"], RDED_CROPS, method="rded"),
     Run("rded_selection_stitched", "rded_f2", ["rded_selection", "stitch_2x2"], [], method="rded"),
     Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
@@ -106,7 +108,7 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
          "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
          "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce", "per_image_rrc+rded_init",
-         "per_image_rrc+cluster_init", "rded_boundary"],
+         "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_cluster_centroid",
          "rded_cluster_lowest_ce"],
 }
@@ -151,6 +153,8 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
         return
     if "--syn_iterations" in run.overrides:  # a point of the iterations curve
         iterations = int(run.overrides[run.overrides.index("--syn_iterations") + 1])
+    if "--num_train_epochs" in run.overrides:  # a longer student (the random subset trains as long)
+        epochs = int(run.overrides[run.overrides.index("--num_train_epochs") + 1])
     baselines = ["random_real"] if run.with_random or run.name in args.random_with else [run.method]  # the main method alone = no baseline
     argv = ["--config", str(_recipe_for(run.method, work)), "--teachers", *args.teachers, "--ipc", str(ipc),
             "--syn_iterations", str(iterations), "--syn_checkpoint_every", str(max(1, iterations // 5)),
