@@ -240,11 +240,17 @@ def _collect(args, work: Path) -> None:
         if not saved:
             continue
         saved.sort(key=lambda s: PLAN[ipc].index(s["run"]) if s["run"] in PLAN[ipc] else 99)
+        base_epochs = max({s["epochs"] for s in saved}, key=[s["epochs"] for s in saved].count)
+
+        def protocol(s: dict) -> str:  # the student protocol of a saved run: its student, and epochs if unusual
+            student = RUNS[s["run"]].student
+            return student if s["epochs"] == base_epochs else f"{student}, {s['epochs']} epochs"
+
         randoms: dict[str, dict] = {}
         for s in saved:  # random subset per student protocol
             for r in s["rows"]:
                 if r["method"] == "random_real" and r["labels"] == "soft":
-                    randoms[RUNS[s["run"]].student] = {**_stats(r["per_seed"]), "epochs": s["epochs"]}
+                    randoms[protocol(s)] = {**_stats(r["per_seed"]), "epochs": s["epochs"]}
         rows = []
         for s in saved:
             run = RUNS[s["run"]]
@@ -252,10 +258,10 @@ def _collect(args, work: Path) -> None:
             soft, hard = by.get((run.method, "soft")), by.get((run.method, "hard"))
             if soft is None:
                 continue
-            rnd = randoms.get(run.student)
+            rnd = randoms.get(protocol(s))
             row = {"recipe": run.name, "components": run.components, **_stats(soft["per_seed"]),
                    "hard_label_mean": None if hard is None else round(mean(hard["per_seed"]), 3),
-                   "student": run.student, "epochs": s["epochs"], "syn_iterations": s.get("syn_iterations"), "overrides": run.overrides + STUDENT[run.student],
+                   "student": protocol(s), "epochs": s["epochs"], "syn_iterations": s.get("syn_iterations"), "overrides": run.overrides + STUDENT[run.student],
                    "random_margin": None if rnd is None else round(mean(soft["per_seed"]) - rnd["mean"], 3),
                    "wall_time_s": s["wall_time_s"]}
             if hard is not None and rnd is not None:  # DD-Ranking-style score, docs/results.md
@@ -263,12 +269,12 @@ def _collect(args, work: Path) -> None:
                 ior = row["random_margin"] / 100.0
                 row["lrs"] = round(label_robust_score(hlr, ior), 4)
             rows.append(row)
-            md.append(f"| {ipc} | {run.name} | {', '.join(run.components) or '—'} | {run.student} | "
+            md.append(f"| {ipc} | {run.name} | {', '.join(run.components) or '—'} | {row['student']} | "
                       f"{row['mean']:.2f} ± {row['std']:.2f} | "
                       f"{'' if row['random_margin'] is None else format(row['random_margin'], '+.2f')} | "
                       f"{'' if row['hard_label_mean'] is None else format(row['hard_label_mean'], '.2f')} |")
         for student, rnd in randoms.items():
-            hard_r = [r for s in saved if RUNS[s["run"]].student == student
+            hard_r = [r for s in saved if protocol(s) == student
                       for r in s["rows"] if r["method"] == "random_real" and r["labels"] == "hard"]
             md.append(f"| {ipc} | random_real | random subset | {student} | {rnd['mean']:.2f} ± {rnd['std']:.2f} | "
                       f"0 | {'' if not hard_r else format(mean(hard_r[0]['per_seed']), '.2f')} |")
