@@ -82,6 +82,8 @@ RUNS = {r.name: r for r in [
     Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
     Run("rded_cluster_centroid", "rded_cl_cen", ["rded_selection", "cluster_centroid"], RDED_CROPS + CLUSTER_CENTROID,
         method="rded"),
+    Run("rded_selection_full_images", "rded_full", ["rded_selection", "full_images"],
+        ["--syn_rded_factor", "1", "--syn_rded_crop_scale", "1.0", "1.0"], method="rded"),
     Run("rded_boundary", "rded_boundary", ["rded_selection", "boundary"], RDED_CROPS + ["--syn_rded_selection", "boundary"],
         method="rded"),
     Run("rded_cluster_lowest_ce", "rded_cl_ce", ["rded_selection", "cluster_lowest_ce"], RDED_CROPS + CLUSTER_LOWEST_CE,
@@ -108,7 +110,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
          "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
          "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce", "per_image_rrc+rded_init",
-         "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000"],
+         "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000",
+         "rded_selection_full_images"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_cluster_centroid",
          "rded_cluster_lowest_ce"],
 }
