@@ -49,6 +49,7 @@ STUDENT = {
 PER_IMAGE_RRC = ["--syn_augment", "per_image_rrc", "--stats_augment", "authors"]
 RDED_CROPS = ["--syn_rded_factor", "1", "--syn_rded_crop_scale", "0.5", "1.0"]
 RDED_INIT = ["--syn_init", "rded", *RDED_CROPS]
+EPOCHS_1000 = ["--num_train_epochs", "1000", "--evaluate_hard_labels", "false"]  # no hard-label row at this length
 CLUSTER_CENTROID = ["--syn_rded_selection", "cluster_centroid", "--syn_rded_candidates", "1000"]
 CLUSTER_LOWEST_CE = ["--syn_rded_selection", "cluster_lowest_ce", "--syn_rded_candidates", "1000"]
 CLASS_AWARE = ["--stats_per_class", "true", "--syn_class_weight", "0.5"]
@@ -76,7 +77,8 @@ RUNS = {r.name: r for r in [
     Run("per_image_rrc_iterations_2000", "rrc_it2000", ["per_image_rrc", "iterations=2000"],
         PER_IMAGE_RRC + ["--syn_iterations", "2000"]),
     Run("per_image_rrc_epochs_1000", "per_image_rrc", ["per_image_rrc", "student_epochs=1000"],
-        PER_IMAGE_RRC + ["--num_train_epochs", "1000"], with_random=True),
+        PER_IMAGE_RRC + EPOCHS_1000),
+    Run("random_real_epochs_1000", "random_ep1000", ["student_epochs=1000"], EPOCHS_1000, method="random_real"),
     Run("rded_selection", "rded_f1", ["rded_selection"], RDED_CROPS, method="rded"),
     Run("rded_selection_stitched", "rded_f2", ["rded_selection", "stitch_2x2"], [], method="rded"),
     Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
@@ -110,7 +112,7 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
          "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
          "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce", "per_image_rrc+rded_init",
-         "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000",
+         "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000", "random_real_epochs_1000",
          "rded_selection_full_images"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_cluster_centroid",
          "rded_cluster_lowest_ce"],
@@ -257,6 +259,8 @@ def _collect(args, work: Path) -> None:
         rows = []
         for s in saved:
             run = RUNS[s["run"]]
+            if run.method == "random_real":  # a random subset under another protocol: a baseline, not a row
+                continue
             by = {(r["method"], r["labels"]): r for r in s["rows"]}
             soft, hard = by.get((run.method, "soft")), by.get((run.method, "hard"))
             if soft is None:
