@@ -113,7 +113,8 @@ RUNS = {r.name: r for r in [
 PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its essentials only)
     1: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "class_aware", "edc_student",
         "rded_selection+edc_student", "combination", "combination_no_class_aware",
-        "combination_no_class_aware_epochs_1000", "random_real_edc_epochs_1000"],
+        "combination_no_class_aware_epochs_1000", "random_real_edc_epochs_1000", "per_image_rrc_epochs_1000",
+        "random_real_epochs_1000"],
     10: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "edc_student", "combination",
          "per_image_rrc+edc_student",
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
