@@ -26,7 +26,7 @@ from gvbsm_hf.data import DatasetSpec  # noqa: E402
 from gvbsm_hf.errors import GVBSMError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SynthesisStep, get_method, method_config  # noqa: E402
 from gvbsm_hf.methods.gvbsm import matching_loss  # noqa: E402
-from gvbsm_hf.methods.rded import kmeans, select_boundary  # noqa: E402
+from gvbsm_hf.methods.rded import kmeans, select_boundary, select_clustered  # noqa: E402
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
 from gvbsm_hf.statistics import load_statistics, record_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.synthesis import _TeacherSlot, recover  # noqa: E402
@@ -171,6 +171,8 @@ def test_kmeans_recovers_separated_clusters_and_is_seeded():
     assert select_boundary(ce, logits, 1, 3).tolist() == [0, 4, 3]
     with pytest.raises(RecipeError, match="syn_rded_selection"):
         SynthesisArguments(syn_rded_selection="typical")
+    with pytest.raises(GVBSMError, match="syn_rded_selection='typical'"):
+        select_clustered(torch.zeros(4), torch.zeros(4, 2), 2, "typical", torch.Generator())
 
 
 # ---------------------------------------------------------------------------- per-class statistics

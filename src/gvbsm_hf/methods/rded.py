@@ -149,7 +149,8 @@ def select_clustered(ce: torch.Tensor, logits: torch.Tensor, k: int, mode: str,
     ``logits`` (:func:`kmeans`), its lowest-CE member (``cluster_lowest_ce``) or the member nearest the
     centre (``cluster_centroid``); empty clusters filled by the lowest-CE candidates left."""
     if mode not in ("cluster_lowest_ce", "cluster_centroid"):
-        raise GVBSMError(f"syn_rded_selection={mode!r} is not a clustered selection.")
+        raise GVBSMError(f"syn_rded_selection={mode!r} is not one of 'lowest_ce', 'cluster_lowest_ce', "
+                         "'cluster_centroid', 'boundary': set one of them.")
     assign, centres = kmeans(logits, k, generator)
     dist = torch.cdist(logits.double(), centres)
     kept = []
