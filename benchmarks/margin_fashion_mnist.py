@@ -123,8 +123,7 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000", "random_real_epochs_1000",
          "rded_selection_full_images"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
-         "rded_cluster_centroid",
-         "rded_cluster_lowest_ce"],
+         "rded_cluster_centroid", "rded_cluster_lowest_ce"],
 }
 
 

@@ -219,7 +219,7 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
         ce.append(c)
         zs.append(z)
     ce_t = torch.cat(ce)
-    mode = str(getattr(config, "syn_rded_selection", "lowest_ce"))
+    mode = str(config.syn_rded_selection)
     if mode == "lowest_ce":
         kept = select_ranked(ce_t, source, k)
     elif mode == "boundary":
