@@ -50,6 +50,7 @@ STUDENT = {
 PER_IMAGE_RRC = ["--syn_augment", "per_image_rrc", "--stats_augment", "authors"]
 RDED_CROPS = ["--syn_rded_factor", "1", "--syn_rded_crop_scale", "0.5", "1.0"]
 RDED_INIT = ["--syn_init", "rded", *RDED_CROPS]
+FULL_IMAGES = ["--syn_rded_crop_scale", "1.0", "1.0"]  # candidates are whole images (a tile: one image, resized)
 EPOCHS_1000 = ["--num_train_epochs", "1000", "--evaluate_hard_labels", "false"]  # no hard-label row at this length
 CLUSTER_CENTROID = ["--syn_rded_selection", "cluster_centroid", "--syn_rded_candidates", "1000"]
 CLUSTER_LOWEST_CE = ["--syn_rded_selection", "cluster_lowest_ce", "--syn_rded_candidates", "1000"]
@@ -84,11 +85,20 @@ RUNS = {r.name: r for r in [
         method="random_real", student="edc"),
     Run("rded_selection", "rded_f1", ["rded_selection"], RDED_CROPS, method="rded"),
     Run("rded_selection_stitched", "rded_f2", ["rded_selection", "stitch_2x2"], [], method="rded"),
+    Run("rded_stitched_full_images", "rded_f2_full", ["rded_selection", "stitch_2x2", "full_images"], FULL_IMAGES,
+        method="rded"),
+    Run("rded_stitched_full_images_epochs_1000", "rded_f2_full", ["rded_selection", "stitch_2x2", "full_images",
+                                                                  "student_epochs=1000"],
+        FULL_IMAGES + EPOCHS_1000, method="rded"),
+    Run("stitched_random_full_images", "f2_random_full", ["stitch_2x2", "full_images", "no_selection"],
+        FULL_IMAGES + ["--syn_rded_candidates", "40"], method="rded"),  # IPC 10: 40 candidates = 4 x ipc, all kept
+    Run("rded_stitched_crops", "rded_f2_crops", ["rded_selection", "stitch_2x2", "crops_0.5-1"],
+        ["--syn_rded_crop_scale", "0.5", "1.0"], method="rded"),
     Run("rded_init", "rded_init", ["rded_init"], RDED_INIT),
     Run("rded_cluster_centroid", "rded_cl_cen", ["rded_selection", "cluster_centroid"], RDED_CROPS + CLUSTER_CENTROID,
         method="rded"),
     Run("rded_selection_full_images", "rded_full", ["rded_selection", "full_images"],
-        ["--syn_rded_factor", "1", "--syn_rded_crop_scale", "1.0", "1.0"], method="rded"),
+        ["--syn_rded_factor", "1", *FULL_IMAGES], method="rded"),
     Run("rded_boundary", "rded_boundary", ["rded_selection", "boundary"], RDED_CROPS + ["--syn_rded_selection", "boundary"],
         method="rded"),
     Run("rded_cluster_lowest_ce", "rded_cl_ce", ["rded_selection", "cluster_lowest_ce"], RDED_CROPS + CLUSTER_LOWEST_CE,
@@ -121,9 +131,10 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "combination_no_class_aware", "iterations_500", "iterations_4000", "per_image_rrc_iterations_2000",
          "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce", "per_image_rrc+rded_init",
          "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000", "random_real_epochs_1000",
-         "rded_selection_full_images"],
+         "rded_selection_full_images", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000",
+         "rded_stitched_crops", "stitched_random_full_images"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
-         "rded_cluster_centroid", "rded_cluster_lowest_ce"],
+         "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce"],
 }
 
 
@@ -146,9 +157,14 @@ def main() -> None:
     p.add_argument("--stats-max-samples", type=int, default=10000)
     p.add_argument("--work-dir", default="runs/margin_fashion_mnist")
     p.add_argument("--collect", action="store_true", help="Only merge the saved rows into --out.")
+    p.add_argument("--resume-from", default=None,
+                   help="A results file of this benchmark (e.g. the committed one): its rows are written back to "
+                        "--work-dir/rows/ where missing, so a fresh clone extends the table instead of replacing it.")
     p.add_argument("--out", default="benchmarks/results/margin_fashion_mnist.json")
     args = p.parse_args()
     work = Path(args.work_dir)
+    if args.resume_from:
+        _restore_rows(Path(args.resume_from), work)
     if not args.collect:
         epochs, iterations = (v if len(v) == len(args.ipc) else [v[0]] * len(args.ipc)
                               for v in (args.epochs, args.syn_iterations))
@@ -187,6 +203,47 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
     soft = {r["method"]: r for r in rows if r["labels"] == "soft"}
     print(f"ipc {ipc} {run.name}: " + ", ".join(f"{m} {r['mean']:.2f} ± {r['std']:.2f}" for m, r in soft.items()),
           flush=True)
+
+
+def _restore_rows(results: Path, work: Path) -> None:
+    """Write the rows of a results file back as saved-run files (those not already in ``work/rows``): soft
+    per-seed accuracies, the hard-label row (one value per hard-label seed: the mean of one seed), and each
+    student protocol's random subset attached to a run of that protocol."""
+    data = json.loads(results.read_text())
+    out = work / "rows"
+    out.mkdir(parents=True, exist_ok=True)
+    first = True
+    for ipc, res in data["ipc"].items():
+        saved: dict[str, dict] = {}
+        for row in res["rows"]:
+            run = RUNS[row["recipe"]]
+            rows = [{"method": run.method, "labels": "soft", "per_seed": row["per_seed"], "mean": row["mean"],
+                     "std": row["std"]}]
+            if row.get("hard_label_mean") is not None:
+                rows.append({"method": run.method, "labels": "hard", "per_seed": [row["hard_label_mean"]],
+                             "mean": row["hard_label_mean"], "std": 0.0})
+            saved[run.name] = {"run": run.name, "ipc": int(ipc), "epochs": row["epochs"],
+                               "syn_iterations": row.get("syn_iterations"), "student": row["student"],
+                               "invocation": data["command"] if first else None, "restored_from": str(results),
+                               "wall_time_s": row.get("wall_time_s"), "rows": rows}
+            first = False
+        for student, rnd in res.get("random_real_by_student", {}).items():
+            host = next((s for s in saved.values() if s["student"] == student), None)
+            if host is None:  # a protocol only a random-subset run measured
+                name = next((r.name for r in RUNS.values() if r.method == "random_real"
+                             and f"{r.student}, {rnd['epochs']} epochs" == student), None)
+                if name is None:
+                    print(f"ipc {ipc}: no run measures the random subset of {student!r}; not restored", flush=True)
+                    continue
+                host = saved[name] = {"run": name, "ipc": int(ipc), "epochs": rnd["epochs"], "student": student,
+                                      "invocation": None, "restored_from": str(results), "wall_time_s": None,
+                                      "rows": []}
+            host["rows"].append({"method": "random_real", "labels": "soft", "per_seed": rnd["per_seed"],
+                                 "mean": rnd["mean"], "std": rnd["std"]})
+        for name, s in saved.items():
+            path = out / f"ipc{ipc}_{name}.json"
+            if not path.exists():
+                path.write_text(json.dumps(s, indent=2) + "\n")
 
 
 def _recipe_for(method: str, work: Path) -> Path:
