@@ -22,6 +22,8 @@ protocol, and ``largest_margin`` names the row furthest above its own random sub
         runs/fm_teachers/convnet32_d2 runs/fm_teachers/shufflenetv2_050 --ipc 10
     python benchmarks/margin_fashion_mnist.py --teachers ... --ipc 1 50   # another process, another folder
     python benchmarks/margin_fashion_mnist.py --teachers ... --collect
+    python benchmarks/margin_fashion_mnist.py --teachers ... --ipc 10 --runs <new row> \
+        --resume-from benchmarks/results/margin_fashion_mnist.json   # a fresh clone: keep the committed rows
 
 (teachers: see benchmarks/fidelity_fashion_mnist.py). Writes ``--out``
 (``benchmarks/results/margin_fashion_mnist.json``) and a markdown table beside it.
@@ -124,7 +126,7 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
     1: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "class_aware", "edc_student",
         "rded_selection+edc_student", "combination", "combination_no_class_aware",
         "combination_no_class_aware_epochs_1000", "random_real_edc_epochs_1000", "per_image_rrc_epochs_1000",
-        "random_real_epochs_1000"],
+        "random_real_epochs_1000", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000"],
     10: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "edc_student", "combination",
          "per_image_rrc+edc_student",
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
