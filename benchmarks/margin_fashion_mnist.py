@@ -209,8 +209,8 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
 
 def _restore_rows(results: Path, work: Path) -> None:
     """Write the rows of a results file back as saved-run files (those not already in ``work/rows``): soft
-    per-seed accuracies, the hard-label row (one value per hard-label seed: the mean of one seed), and each
-    student protocol's random subset attached to a run of that protocol."""
+    per-seed accuracies, the hard-label row as its mean (one value: the file keeps no per-seed hard labels),
+    and each student protocol's random subset attached to a run of that protocol."""
     data = json.loads(results.read_text())
     out = work / "rows"
     out.mkdir(parents=True, exist_ok=True)
