@@ -56,6 +56,8 @@ FULL_IMAGES = ["--syn_rded_crop_scale", "1.0", "1.0"]  # candidates are whole im
 EPOCHS_1000 = ["--num_train_epochs", "1000", "--evaluate_hard_labels", "false"]  # no hard-label row at this length
 CLUSTER_CENTROID = ["--syn_rded_selection", "cluster_centroid", "--syn_rded_candidates", "1000"]
 CLUSTER_LOWEST_CE = ["--syn_rded_selection", "cluster_lowest_ce", "--syn_rded_candidates", "1000"]
+KCENTER = ["--syn_rded_selection", "kcenter", "--syn_rded_candidates", "1000"]
+EPOCHS_300 = ["--num_train_epochs", "300", "--evaluate_hard_labels", "false"]  # IPC 50 converged (base: 50 epochs)
 CLASS_AWARE = ["--stats_per_class", "true", "--syn_class_weight", "0.5"]
 
 
@@ -101,6 +103,17 @@ RUNS = {r.name: r for r in [
         method="rded"),
     Run("rded_selection_full_images", "rded_full", ["rded_selection", "full_images"],
         ["--syn_rded_factor", "1", *FULL_IMAGES], method="rded"),
+    Run("rded_kcenter_full_images", "rded_kc_full", ["rded_selection", "kcenter", "full_images"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, *KCENTER], method="rded"),
+    Run("rded_kcenter_full_images_epochs_1000", "rded_kc_full", ["rded_selection", "kcenter", "full_images",
+                                                                 "student_epochs=1000"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, *KCENTER, *EPOCHS_1000], method="rded"),
+    Run("rded_kcenter_full_images_epochs_300", "rded_kc_full", ["rded_selection", "kcenter", "full_images",
+                                                                "student_epochs=300"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, *KCENTER, *EPOCHS_300], method="rded"),
+    Run("rded_selection_full_images_epochs_300", "rded_full", ["rded_selection", "full_images", "student_epochs=300"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, *EPOCHS_300], method="rded"),
+    Run("random_real_epochs_300", "random_ep300", ["student_epochs=300"], EPOCHS_300, method="random_real"),
     Run("rded_boundary", "rded_boundary", ["rded_selection", "boundary"], RDED_CROPS + ["--syn_rded_selection", "boundary"],
         method="rded"),
     Run("rded_cluster_lowest_ce", "rded_cl_ce", ["rded_selection", "cluster_lowest_ce"], RDED_CROPS + CLUSTER_LOWEST_CE,
@@ -134,9 +147,11 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "rded_selection_stitched", "rded_cluster_centroid", "rded_cluster_lowest_ce", "per_image_rrc+rded_init",
          "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000", "random_real_epochs_1000",
          "rded_selection_full_images", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000",
-         "rded_stitched_crops", "stitched_random_full_images"],
+         "rded_stitched_crops", "stitched_random_full_images", "rded_kcenter_full_images",
+         "rded_kcenter_full_images_epochs_1000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
-         "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce"],
+         "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
+         "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300"],
 }
 
 

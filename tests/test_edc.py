@@ -26,7 +26,8 @@ from gvbsm_hf.data import DatasetSpec  # noqa: E402
 from gvbsm_hf.errors import GVBSMError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SynthesisStep, get_method, method_config  # noqa: E402
 from gvbsm_hf.methods.gvbsm import matching_loss  # noqa: E402
-from gvbsm_hf.methods.rded import kmeans, select_boundary, select_clustered  # noqa: E402
+from gvbsm_hf.methods.rded import (  # noqa: E402
+    combine_features, kmeans, select_boundary, select_clustered, select_kcenter, teacher_features)
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
 from gvbsm_hf.statistics import load_statistics, record_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.synthesis import _TeacherSlot, recover  # noqa: E402
@@ -147,6 +148,84 @@ def test_rded_clustered_selection_keeps_one_crop_per_cluster(tmp_path, mode):
     assert out.config["selection"] == mode
 
 
+class _MeanLinear(nn.Module):
+    """Penultimate feature ``m`` (the view's mean), head ``nn.Linear(1, 2)`` giving the logits ``(2 m, 0)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[2.0], [0.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(x.mean(dim=(1, 2, 3)).unsqueeze(1))
+
+
+def test_rded_kcenter_covers_the_class_in_feature_space(tmp_path):
+    """Class 0's candidates the teacher classifies as 0 are the grey levels 130, 140, 230, 240, 250 (feature
+    m > 0); k-center starts from the brightest (lowest CE), adds the farthest (130), then the one farthest
+    from both (230: 20 away, against 10 for 140 and 240), where ``lowest_ce`` keeps 250, 240, 230."""
+    images, labels, vals = _grouped_data()
+    config = method_config("rded", ipc=3, syn_rded_factor=1, syn_rded_candidates=len(vals), syn_seed=1,
+                           syn_rded_selection="kcenter")
+    out = recover([_MeanLinear()], [None], GREY, config, output_dir=tmp_path / "kc", real_train=(images, labels))
+    pixels = out.uint8_images(GREY)
+    assert [int(pixels[t, 0, 0, 0]) for t in range(3)] == [250, 230, 130]
+    assert torch.all(pixels[3:, 0] == 100)
+    assert out.config["selection"] == "kcenter"
+    with pytest.raises(GVBSMError, match="last nn.Linear"):
+        recover([_Poly(2.0, 0.0)], [None], GREY, config, output_dir=tmp_path / "poly", real_train=(images, labels))
+
+
+def _kcenter_reference(ce, correct, feats, k):
+    """select_kcenter written from docs/method.md's rule, float64, brute force."""
+    order = sorted(range(len(ce)), key=lambda i: (float(ce[i]), i))
+    pool = [i for i in order if correct[i]]
+    chosen = pool[:1]
+    while pool and len(chosen) < min(k, len(pool)):
+        gap = {i: min(float(torch.linalg.vector_norm(feats[i] - feats[j])) for j in chosen)
+               for i in pool if i not in chosen}
+        best = max(gap.values())
+        chosen.append(min(i for i, v in gap.items() if v == best))
+    chosen += [i for i in order if not correct[i]][:k - len(chosen)]
+    return sorted(chosen, key=lambda i: (float(ce[i]), i))
+
+
+def test_select_kcenter_matches_the_farthest_point_rule():
+    g = torch.Generator().manual_seed(3)
+    for trial in range(20):
+        n, k = 30, [1, 4, 9, 25][trial % 4]
+        ce = torch.rand(n, generator=g)
+        logits = torch.randn(n, 3, generator=g)
+        feats = torch.randn(n, 5, generator=g, dtype=torch.float64)
+        correct = (logits.argmax(1) == 1).tolist()
+        assert select_kcenter(ce, logits, feats, 1, k).tolist() == _kcenter_reference(ce, correct, feats, k)
+    # fewer correct candidates than k: all of them, then the misclassified of lowest CE
+    ce = torch.tensor([0.9, 0.1, 0.5, 0.3])
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert select_kcenter(ce, logits, torch.eye(4, dtype=torch.float64), 0, 3).tolist() == [1, 2, 0]
+
+
+def test_teacher_features_read_the_last_linear_input_and_combine_per_teacher():
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 2)),
+            nn.Sequential(nn.Flatten(), nn.Linear(16, 3), nn.Tanh(), nn.Linear(3, 2))]
+    views = torch.randn(300, 1, 4, 4)  # more than SCORE_BATCH: two batches
+    feats = teacher_features(nets, views)
+    for net, f in zip(nets, feats):
+        x = views.flatten(1).double()
+        w, b = net[1].weight.double(), net[1].bias.double()
+        ref = (x @ w.T + b).relu() if isinstance(net[2], nn.ReLU) else (x @ w.T + b).tanh()
+        torch.testing.assert_close(f, ref, rtol=1e-5, atol=1e-6)
+        assert f.dtype == torch.float64 and not net[3]._forward_pre_hooks  # hook removed
+    both = combine_features(feats)
+    assert both.shape == (300, 8)
+    for block in (both[:, :5], both[:, 5:]):
+        torch.testing.assert_close(block.norm(dim=1).mean(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(both[:, :5] / both[0, :5].norm(), feats[0] / feats[0][0].norm())
+
+
 def test_kmeans_recovers_separated_clusters_and_is_seeded():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]], dtype=torch.float64)
@@ -171,6 +250,7 @@ def test_kmeans_recovers_separated_clusters_and_is_seeded():
     assert select_boundary(ce, logits, 1, 3).tolist() == [0, 4, 3]
     with pytest.raises(RecipeError, match="syn_rded_selection"):
         SynthesisArguments(syn_rded_selection="typical")
+    SynthesisArguments(syn_rded_selection="kcenter")  # a choice
     with pytest.raises(GVBSMError, match="syn_rded_selection='typical'"):
         select_clustered(torch.zeros(4), torch.zeros(4, 2), 2, "typical", torch.Generator())
 

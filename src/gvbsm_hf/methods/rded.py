@@ -23,7 +23,13 @@ No pixel is optimised. For every class ``c`` (``k = ipc * f^2`` crops are kept, 
    clusters left empty are filled with the best remaining candidates by CE. The kept crops are then
    ranked by increasing CE, like ``lowest_ce``'s. ``boundary`` (hard, not typical): among the candidates
    whose ensemble argmax is ``c``, the ``k`` of HIGHEST CE (ties: candidate index), then, if fewer than
-   ``k`` are classified ``c``, the misclassified ones of lowest CE; ranked by increasing CE.
+   ``k`` are classified ``c``, the misclassified ones of lowest CE; ranked by increasing CE. ``kcenter``
+   (coverage in feature space, the core-set rule): each candidate's features are the inputs of every
+   teacher's last ``nn.Linear`` (a forward pre-hook, no per-architecture code), each teacher's divided by
+   their mean L2 norm over the class's candidates and concatenated (:func:`combine_features`); among
+   the candidates classified ``c``, greedy farthest-point selection from the lowest-CE one (ties:
+   candidate index), then, if fewer than ``k`` are classified ``c``, the misclassified ones of lowest CE;
+   ranked by increasing CE.
 5. **Stitch.** Image ``t`` (slot ``t``) holds the crops ranked ``t, ipc + t, 2 ipc + t, ...`` in its
    ``f x f`` tiles, row-major, each box resized to its tile; the first ``side mod f`` rows
    (columns) of tiles get one extra pixel (RDED's split). ``f = 1``: the crop at full size, exactly
@@ -150,7 +156,7 @@ def select_clustered(ce: torch.Tensor, logits: torch.Tensor, k: int, mode: str,
     centre (``cluster_centroid``); empty clusters filled by the lowest-CE candidates left."""
     if mode not in ("cluster_lowest_ce", "cluster_centroid"):
         raise GVBSMError(f"syn_rded_selection={mode!r} is not one of 'lowest_ce', 'cluster_lowest_ce', "
-                         "'cluster_centroid', 'boundary': set one of them.")
+                         "'cluster_centroid', 'boundary', 'kcenter': set one of them.")
     assign, centres = kmeans(logits, k, generator)
     dist = torch.cdist(logits.double(), centres)
     kept = []
@@ -175,6 +181,58 @@ def select_boundary(ce: torch.Tensor, logits: torch.Tensor, label: int, k: int) 
     wrong = [i for i in order if not correct[i]]
     kept = sorted(right, key=lambda i: (-float(ce[i]), i))[:k]
     kept += wrong[:k - len(kept)]
+    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
+    return kept_t[torch.sort(ce[kept_t], stable=True).indices]
+
+
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The last ``nn.Linear`` of ``model`` in ``modules()`` order (its classifier head)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise GVBSMError(f"syn_rded_selection='kcenter' reads features at the input of the teacher's last nn.Linear, "
+                         f"and {type(model).__name__} has none: use another syn_rded_selection.")
+    return linears[-1]
+
+
+@torch.no_grad()
+def teacher_features(teachers: Sequence[nn.Module], views: torch.Tensor) -> list[torch.Tensor]:
+    """Per teacher, the flattened input ``(N, D_t)`` (float64, CPU) of its :func:`last_linear` for ``views``
+    (one forward pre-hook per teacher, removed afterwards), in batches of :data:`SCORE_BATCH`."""
+    out = []
+    for t in teachers:
+        seen: list[torch.Tensor] = []
+        handle = last_linear(t).register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].flatten(1).double().cpu()))
+        try:
+            for chunk in views.split(SCORE_BATCH):
+                t(chunk)
+        finally:
+            handle.remove()
+        out.append(torch.cat(seen))
+    return out
+
+
+def combine_features(per_teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``kcenter``'s feature space: each teacher's features divided by their mean L2 norm, concatenated."""
+    return torch.cat([f / f.norm(dim=1).mean().clamp_min(1e-12) for f in per_teacher], dim=1)
+
+
+def select_kcenter(ce: torch.Tensor, logits: torch.Tensor, features: torch.Tensor, label: int, k: int) -> torch.Tensor:
+    """Indices of the ``k`` kept candidates of ``kcenter`` (module docstring), lowest CE first."""
+    order = torch.sort(ce, stable=True).indices.tolist()
+    correct = (logits.argmax(1) == int(label)).tolist()
+    pool = [i for i in order if correct[i]]
+    kept: list[int] = []
+    if pool:
+        x = features[torch.tensor(sorted(pool))].double()
+        index = sorted(pool)
+        first = index.index(pool[0])  # the lowest-CE correct candidate
+        kept.append(index[first])
+        d = torch.cdist(x, x[first:first + 1]).flatten()
+        while len(kept) < min(k, len(index)):
+            j = int(torch.argmax(d))  # first maximum: the lowest candidate index among ties
+            kept.append(index[j])
+            d = torch.minimum(d, torch.cdist(x, x[j:j + 1]).flatten())
+    kept += [i for i in order if not correct[i]][:k - len(kept)]
     kept_t = torch.tensor(sorted(kept), dtype=torch.long)
     return kept_t[torch.sort(ce[kept_t], stable=True).indices]
 
@@ -210,7 +268,8 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
     source = perm[torch.arange(n) % len(rows)]  # position in `rows` of each candidate's image
     params = sample_crop_flip(n, h, w, scale=tuple(float(s) for s in config.syn_rded_crop_scale), ratio=(1.0, 1.0),
                               flip_prob=0.0, generator=g)
-    ce, zs = [], []
+    mode = str(config.syn_rded_selection)
+    ce, zs, feats = [], [], []
     for start in range(0, n, SCORE_BATCH):
         idx = torch.arange(start, min(start + SCORE_BATCH, n))
         x = spec.normalize(images[rows[source[idx]]].to(device))
@@ -218,12 +277,16 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
         c, z = score_crops(teachers, views, label, return_logits=True)
         ce.append(c)
         zs.append(z)
+        if mode == "kcenter":
+            feats.append(teacher_features(teachers, views))
     ce_t = torch.cat(ce)
-    mode = str(config.syn_rded_selection)
     if mode == "lowest_ce":
         kept = select_ranked(ce_t, source, k)
     elif mode == "boundary":
         kept = select_boundary(ce_t, torch.cat(zs), label, k)
+    elif mode == "kcenter":
+        features = combine_features([torch.cat([b[t] for b in feats]) for t in range(len(teachers))])
+        kept = select_kcenter(ce_t, torch.cat(zs), features, label, k)
     else:
         kept = select_clustered(ce_t, torch.cat(zs), k, mode, seeded_generator(config.syn_seed, "rded-kmeans", int(label)))
     src = spec.normalize(images[rows[source[kept]]].to(device))
