@@ -205,6 +205,10 @@ def test_select_kcenter_matches_the_farthest_point_rule():
     ce = torch.tensor([0.9, 0.1, 0.5, 0.3])
     logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     assert select_kcenter(ce, logits, torch.eye(4, dtype=torch.float64), 0, 3).tolist() == [1, 2, 0]
+    # identical features: distinct candidates all the same, lowest CE first then by index
+    same = torch.zeros(4, 2, dtype=torch.float64)
+    assert select_kcenter(ce, logits, same, 1, 2).tolist() == [1, 3]
+    assert select_kcenter(torch.tensor([0.5, 0.1, 0.3]), torch.zeros(3, 2), torch.zeros(3, 1), 0, 3).tolist() == [1, 2, 0]
 
 
 def test_teacher_features_read_the_last_linear_input_and_combine_per_teacher():

@@ -228,10 +228,12 @@ def select_kcenter(ce: torch.Tensor, logits: torch.Tensor, features: torch.Tenso
         first = index.index(pool[0])  # the lowest-CE correct candidate
         kept.append(index[first])
         d = torch.cdist(x, x[first:first + 1]).flatten()
+        d[first] = -1.0  # kept: never picked again, even when every distance is 0 (identical features)
         while len(kept) < min(k, len(index)):
             j = int(torch.argmax(d))  # first maximum: the lowest candidate index among ties
             kept.append(index[j])
             d = torch.minimum(d, torch.cdist(x, x[j:j + 1]).flatten())
+            d[j] = -1.0
     kept += [i for i in order if not correct[i]][:k - len(kept)]
     kept_t = torch.tensor(sorted(kept), dtype=torch.long)
     return kept_t[torch.sort(ce[kept_t], stable=True).indices]
