@@ -25,7 +25,7 @@ No pixel is optimised. For every class ``c`` (``k = ipc * f^2`` crops are kept, 
    whose ensemble argmax is ``c``, the ``k`` of HIGHEST CE (ties: candidate index), then, if fewer than
    ``k`` are classified ``c``, the misclassified ones of lowest CE; ranked by increasing CE. ``kcenter``
    (coverage in feature space, the core-set rule): each candidate's features are the inputs of every
-   teacher's last ``nn.Linear`` (a forward pre-hook, no per-architecture code), each teacher's divided by
+   teacher's last ``nn.Linear`` (a forward pre-hook on the scoring pass, no per-architecture code), each teacher's divided by
    their mean L2 norm over the class's candidates and concatenated (:func:`combine_features`); among
    the candidates classified ``c``, greedy farthest-point selection from the lowest-CE one (ties:
    candidate index), then, if fewer than ``k`` are classified ``c``, the misclassified ones of lowest CE;
@@ -43,6 +43,7 @@ crops do not depend on the job layout, the process count or the other classes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -194,21 +195,39 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+class LastLinearInputs:
+    """While open, every forward of teacher ``t`` appends the flattened input of its :func:`last_linear`
+    (float64, CPU) to ``inputs[t]``: one forward pre-hook per teacher, all removed on exit. Opening it
+    checks every teacher has an ``nn.Linear`` before any compute."""
+
+    def __init__(self, teachers: Sequence[nn.Module]) -> None:
+        self.teachers = list(teachers)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.teachers]
+
+    def __enter__(self) -> "LastLinearInputs":
+        heads = [last_linear(t) for t in self.teachers]
+        self.handles = [h.register_forward_pre_hook(lambda _m, inp, seen=seen: seen.append(inp[0].flatten(1).double().cpu()))
+                        for h, seen in zip(heads, self.inputs)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def features(self) -> list[torch.Tensor]:
+        """Per teacher, ``(N, D_t)``: the inputs seen so far, in forward order."""
+        return [torch.cat(seen) for seen in self.inputs]
+
+
 @torch.no_grad()
 def teacher_features(teachers: Sequence[nn.Module], views: torch.Tensor) -> list[torch.Tensor]:
-    """Per teacher, the flattened input ``(N, D_t)`` (float64, CPU) of its :func:`last_linear` for ``views``
-    (one forward pre-hook per teacher, removed afterwards), in batches of :data:`SCORE_BATCH`."""
-    out = []
-    for t in teachers:
-        seen: list[torch.Tensor] = []
-        handle = last_linear(t).register_forward_pre_hook(lambda _m, inp: seen.append(inp[0].flatten(1).double().cpu()))
-        try:
-            for chunk in views.split(SCORE_BATCH):
+    """Per teacher, the flattened input ``(N, D_t)`` (float64, CPU) of its :func:`last_linear` for ``views``,
+    in batches of :data:`SCORE_BATCH` (:class:`LastLinearInputs`)."""
+    with LastLinearInputs(teachers) as hooks:
+        for chunk in views.split(SCORE_BATCH):
+            for t in teachers:
                 t(chunk)
-        finally:
-            handle.remove()
-        out.append(torch.cat(seen))
-    return out
+    return hooks.features()
 
 
 def combine_features(per_teacher: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -271,24 +290,23 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
     params = sample_crop_flip(n, h, w, scale=tuple(float(s) for s in config.syn_rded_crop_scale), ratio=(1.0, 1.0),
                               flip_prob=0.0, generator=g)
     mode = str(config.syn_rded_selection)
-    ce, zs, feats = [], [], []
-    for start in range(0, n, SCORE_BATCH):
-        idx = torch.arange(start, min(start + SCORE_BATCH, n))
-        x = spec.normalize(images[rows[source[idx]]].to(device))
-        views = apply_crop_flip(x, params.index(idx).to(device), (h, w))
-        c, z = score_crops(teachers, views, label, return_logits=True)
-        ce.append(c)
-        zs.append(z)
-        if mode == "kcenter":
-            feats.append(teacher_features(teachers, views))
+    ce, zs = [], []
+    # kcenter: the scoring forward also records the features (hooks), no second pass
+    with LastLinearInputs(teachers) if mode == "kcenter" else contextlib.nullcontext() as hooks:
+        for start in range(0, n, SCORE_BATCH):
+            idx = torch.arange(start, min(start + SCORE_BATCH, n))
+            x = spec.normalize(images[rows[source[idx]]].to(device))
+            views = apply_crop_flip(x, params.index(idx).to(device), (h, w))
+            c, z = score_crops(teachers, views, label, return_logits=True)
+            ce.append(c)
+            zs.append(z)
     ce_t = torch.cat(ce)
     if mode == "lowest_ce":
         kept = select_ranked(ce_t, source, k)
     elif mode == "boundary":
         kept = select_boundary(ce_t, torch.cat(zs), label, k)
     elif mode == "kcenter":
-        features = combine_features([torch.cat([b[t] for b in feats]) for t in range(len(teachers))])
-        kept = select_kcenter(ce_t, torch.cat(zs), features, label, k)
+        kept = select_kcenter(ce_t, torch.cat(zs), combine_features(hooks.features()), label, k)
     else:
         kept = select_clustered(ce_t, torch.cat(zs), k, mode, seeded_generator(config.syn_seed, "rded-kmeans", int(label)))
     src = spec.normalize(images[rows[source[kept]]].to(device))
