@@ -57,6 +57,7 @@ EPOCHS_1000 = ["--num_train_epochs", "1000", "--evaluate_hard_labels", "false"] 
 CLUSTER_CENTROID = ["--syn_rded_selection", "cluster_centroid", "--syn_rded_candidates", "1000"]
 CLUSTER_LOWEST_CE = ["--syn_rded_selection", "cluster_lowest_ce", "--syn_rded_candidates", "1000"]
 KCENTER = ["--syn_rded_selection", "kcenter", "--syn_rded_candidates", "1000"]
+FACILITY_LOCATION = ["--syn_rded_selection", "facility_location", "--syn_rded_candidates", "1000"]
 EPOCHS_300 = ["--num_train_epochs", "300", "--evaluate_hard_labels", "false"]  # IPC 50 converged (base: 50 epochs)
 CLASS_AWARE = ["--stats_per_class", "true", "--syn_class_weight", "0.5"]
 
@@ -111,6 +112,14 @@ RUNS = {r.name: r for r in [
     Run("rded_kcenter_full_images_epochs_300", "rded_kc_full", ["rded_selection", "kcenter", "full_images",
                                                                 "student_epochs=300"],
         ["--syn_rded_factor", "1", *FULL_IMAGES, *KCENTER, *EPOCHS_300], method="rded"),
+    Run("rded_facility_location_full_images", "rded_fl_full", ["rded_selection", "facility_location", "full_images"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, *FACILITY_LOCATION], method="rded"),
+    Run("rded_facility_location_full_images_epochs_1000", "rded_fl_full",
+        ["rded_selection", "facility_location", "full_images", "student_epochs=1000"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, *FACILITY_LOCATION, *EPOCHS_1000], method="rded"),
+    Run("rded_facility_location_full_images_epochs_300", "rded_fl_full",
+        ["rded_selection", "facility_location", "full_images", "student_epochs=300"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, *FACILITY_LOCATION, *EPOCHS_300], method="rded"),
     Run("rded_selection_full_images_epochs_300", "rded_full", ["rded_selection", "full_images", "student_epochs=300"],
         ["--syn_rded_factor", "1", *FULL_IMAGES, *EPOCHS_300], method="rded"),
     Run("random_real_epochs_300", "random_ep300", ["student_epochs=300"], EPOCHS_300, method="random_real"),
@@ -148,10 +157,12 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "per_image_rrc+cluster_init", "rded_boundary", "per_image_rrc_epochs_1000", "random_real_epochs_1000",
          "rded_selection_full_images", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000",
          "rded_stitched_crops", "stitched_random_full_images", "rded_kcenter_full_images",
-         "rded_kcenter_full_images_epochs_1000"],
+         "rded_kcenter_full_images_epochs_1000", "rded_facility_location_full_images",
+         "rded_facility_location_full_images_epochs_1000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
-         "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300"],
+         "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
+         "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_300"],
 }
 
 

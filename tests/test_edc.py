@@ -27,7 +27,8 @@ from gvbsm_hf.errors import GVBSMError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SynthesisStep, get_method, method_config  # noqa: E402
 from gvbsm_hf.methods.gvbsm import matching_loss  # noqa: E402
 from gvbsm_hf.methods.rded import (  # noqa: E402
-    combine_features, kmeans, select_boundary, select_clustered, select_kcenter, teacher_features)
+    combine_features, kmeans, select_boundary, select_clustered, select_facility_location, select_kcenter,
+    teacher_features)
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
 from gvbsm_hf.statistics import load_statistics, record_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.synthesis import _TeacherSlot, recover  # noqa: E402
@@ -211,6 +212,76 @@ def test_select_kcenter_matches_the_farthest_point_rule():
     assert select_kcenter(torch.tensor([0.5, 0.1, 0.3]), torch.zeros(3, 2), torch.zeros(3, 1), 0, 3).tolist() == [1, 2, 0]
 
 
+def _facility_location_reference(ce, correct, feats, k):
+    """select_facility_location written from docs/method.md's objective, float64, brute force: each pick
+    maximises F(S + {j}) = sum_i max_{s in S + {j}} (d0 - ||phi_i - phi_s||) over ALL candidates i."""
+    n = len(ce)
+    order = sorted(range(n), key=lambda i: (float(ce[i]), i))
+    pool = [i for i in range(n) if correct[i]]
+    dist = [[float(torch.linalg.vector_norm(feats[i] - feats[j])) for j in range(n)] for i in range(n)]
+    d0 = max((dist[i][j] for i in range(n) for j in pool), default=0.0)
+
+    def objective(chosen):
+        return sum(max([0.0] + [d0 - dist[i][s] for s in chosen]) for i in range(n))
+
+    chosen = []
+    while pool and len(chosen) < min(k, len(pool)):
+        values = {j: objective(chosen + [j]) for j in pool if j not in chosen}
+        best = max(values.values())
+        chosen.append(min(j for j, v in values.items() if abs(v - best) <= 1e-9 * max(1.0, abs(best))))
+    chosen += [i for i in order if not correct[i]][:k - len(chosen)]
+    return sorted(chosen, key=lambda i: (float(ce[i]), i))
+
+
+def test_select_facility_location_matches_the_greedy_objective():
+    g = torch.Generator().manual_seed(5)
+    for trial in range(12):
+        n, k = 24, [1, 3, 7, 20][trial % 4]
+        ce = torch.rand(n, generator=g)
+        logits = torch.randn(n, 3, generator=g)
+        feats = torch.randn(n, 4, generator=g, dtype=torch.float64)
+        correct = (logits.argmax(1) == 2).tolist()
+        got = select_facility_location(ce, logits, feats, 2, k).tolist()
+        assert got == _facility_location_reference(ce, correct, feats, k)
+        assert len(set(got)) == min(k, n)
+    # average coverage, not the farthest point: on a line with a dense cluster at 0 and one outlier at 10,
+    # the first pick is the cluster's medoid and the outlier comes second (k-center would take it first
+    # from the lowest-CE start, then the far end of the cluster)
+    feats = torch.tensor([[0.0], [0.1], [0.2], [0.3], [0.4], [10.0]], dtype=torch.float64)
+    logits = torch.tensor([[0.0, 1.0]] * 6)
+    ce = torch.tensor([0.6, 0.5, 0.4, 0.3, 0.2, 0.1])
+    assert select_facility_location(ce, logits, feats, 1, 1).tolist() == [2]
+    assert select_facility_location(ce, logits, feats, 1, 2).tolist() == [5, 2]
+    # coverage counts the misclassified candidates too, which are never picked before the correct ones
+    logits = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    feats = torch.tensor([[0.0], [5.0], [4.0], [6.0]], dtype=torch.float64)
+    assert select_facility_location(torch.tensor([0.1, 0.2, 0.3, 0.4]), logits, feats, 1, 1).tolist() == [1]
+    assert select_facility_location(torch.tensor([0.1, 0.2, 0.3, 0.4]), logits, feats, 1, 3).tolist() == [0, 1, 2]
+    # identical features: every gain ties, distinct candidates by index, ranked by CE
+    same = torch.zeros(4, 2, dtype=torch.float64)
+    logits = torch.tensor([[0.0, 1.0]] * 4)
+    assert select_facility_location(torch.tensor([0.9, 0.1, 0.5, 0.3]), logits, same, 1, 3).tolist() == [1, 2, 0]
+
+
+def test_rded_facility_location_through_recover(tmp_path):
+    """Grey levels of class 0 classified 0 (m > 0): 130, 140, 230, 240, 250. Covering EVERY class-0
+    candidate (the darker, misclassified ones too) the medoid 130 comes first, then 240, the middle of
+    the bright group (k-center, from the brightest, keeps 250 and 130); ranked by brightness (CE)."""
+    images, labels, vals = _grouped_data()
+    config = method_config("rded", ipc=2, syn_rded_factor=1, syn_rded_candidates=len(vals), syn_seed=1,
+                           syn_rded_selection="facility_location")
+    out = recover([_MeanLinear()], [None], GREY, config, output_dir=tmp_path / "fl", real_train=(images, labels))
+    pixels = out.uint8_images(GREY)
+    kept = [int(pixels[t, 0, 0, 0]) for t in range(2)]
+    m = torch.tensor([2 * v / 255 - 1 for v in vals], dtype=torch.float64).unsqueeze(1)
+    logits = torch.cat([2 * m, torch.zeros_like(m)], 1)
+    ce = F.cross_entropy(logits, torch.zeros(len(vals), dtype=torch.long), reduction="none")
+    assert [vals[i] for i in _facility_location_reference(ce, (logits.argmax(1) == 0).tolist(), m, 2)] == [240, 130]
+    assert kept == [240, 130]
+    assert torch.all(pixels[2:, 0] == 100)
+    assert out.config["selection"] == "facility_location"
+
+
 def test_teacher_features_read_the_last_linear_input_and_combine_per_teacher():
     torch.manual_seed(0)
     nets = [nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 2)),
@@ -255,6 +326,7 @@ def test_kmeans_recovers_separated_clusters_and_is_seeded():
     with pytest.raises(RecipeError, match="syn_rded_selection"):
         SynthesisArguments(syn_rded_selection="typical")
     SynthesisArguments(syn_rded_selection="kcenter")  # a choice
+    SynthesisArguments(syn_rded_selection="facility_location")
     with pytest.raises(GVBSMError, match="syn_rded_selection='typical'"):
         select_clustered(torch.zeros(4), torch.zeros(4, 2), 2, "typical", torch.Generator())
 

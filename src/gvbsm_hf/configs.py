@@ -30,7 +30,7 @@ STAGES = ("squeeze", "record", "recover", "relabel", "evaluate", "export")
 
 BackboneChoice = Literal["uniform", "round_robin"]
 SynInit = Literal["noise", "real", "rded"]
-RDEDSelection = Literal["lowest_ce", "cluster_lowest_ce", "cluster_centroid", "boundary", "kcenter"]
+RDEDSelection = Literal["lowest_ce", "cluster_lowest_ce", "cluster_centroid", "boundary", "kcenter", "facility_location"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 ConvTarget = Literal["input", "output"]
 RelabelMode = Literal["on_the_fly", "stored"]
@@ -338,7 +338,8 @@ class SynthesisArguments(ValidatedArguments):
                                 "candidates' teacher logits into k clusters and per cluster the lowest-CE member "
                                 "('cluster_lowest_ce') or the member nearest its centre ('cluster_centroid'), or 'boundary': the "
                                 "highest-CE candidates the ensemble still classifies correctly, or 'kcenter': greedy "
-                                "farthest-point coverage of the teachers' penultimate features."
+                                "farthest-point coverage of the teachers' penultimate features, or 'facility_location': greedy "
+                                "k-medoids-style average coverage of the same features."
                                 + METHOD_FIELD_HELP})
 
     def validate(self) -> None:

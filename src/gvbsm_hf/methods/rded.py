@@ -29,7 +29,11 @@ No pixel is optimised. For every class ``c`` (``k = ipc * f^2`` crops are kept, 
    their mean L2 norm over the class's candidates and concatenated (:func:`combine_features`); among
    the candidates classified ``c``, greedy farthest-point selection from the lowest-CE one (ties:
    candidate index), then, if fewer than ``k`` are classified ``c``, the misclassified ones of lowest CE;
-   ranked by increasing CE.
+   ranked by increasing CE. ``facility_location`` (coverage on average, the k-medoids objective): the same
+   features; among the candidates classified ``c``, greedy maximisation of
+   ``sum_i max_{j in S} (d0 - ||phi_i - phi_j||)`` over ALL the class's candidates ``i`` (``d0``: the
+   largest candidate-to-pool distance), each pick the largest marginal gain (ties: candidate index), then
+   the misclassified fill as for ``kcenter``; ranked by increasing CE.
 5. **Stitch.** Image ``t`` (slot ``t``) holds the crops ranked ``t, ipc + t, 2 ipc + t, ...`` in its
    ``f x f`` tiles, row-major, each box resized to its tile; the first ``side mod f`` rows
    (columns) of tiles get one extra pixel (RDED's split). ``f = 1``: the crop at full size, exactly
@@ -57,6 +61,9 @@ from ..errors import GVBSMError
 from ..losses import ensemble_logits
 from ..utils import seeded_generator
 from .registry import SynthesisConfig, register_method
+
+FEATURE_SELECTIONS = ("kcenter", "facility_location")
+"""``syn_rded_selection`` rules that read the teachers' penultimate features (:class:`LastLinearInputs`)."""
 
 SCORE_BATCH = 256
 """Candidates per teacher forward (fixed, so scores do not depend on the device's memory)."""
@@ -157,7 +164,7 @@ def select_clustered(ce: torch.Tensor, logits: torch.Tensor, k: int, mode: str,
     centre (``cluster_centroid``); empty clusters filled by the lowest-CE candidates left."""
     if mode not in ("cluster_lowest_ce", "cluster_centroid"):
         raise GVBSMError(f"syn_rded_selection={mode!r} is not one of 'lowest_ce', 'cluster_lowest_ce', "
-                         "'cluster_centroid', 'boundary', 'kcenter': set one of them.")
+                         "'cluster_centroid', 'boundary', 'kcenter', 'facility_location': set one of them.")
     assign, centres = kmeans(logits, k, generator)
     dist = torch.cdist(logits.double(), centres)
     kept = []
@@ -190,7 +197,7 @@ def last_linear(model: nn.Module) -> nn.Linear:
     """The last ``nn.Linear`` of ``model`` in ``modules()`` order (its classifier head)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise GVBSMError(f"syn_rded_selection='kcenter' reads features at the input of the teacher's last nn.Linear, "
+        raise GVBSMError(f"syn_rded_selection 'kcenter' / 'facility_location' reads features at the input of the teacher's last nn.Linear, "
                          f"and {type(model).__name__} has none: use another syn_rded_selection.")
     return linears[-1]
 
@@ -258,6 +265,33 @@ def select_kcenter(ce: torch.Tensor, logits: torch.Tensor, features: torch.Tenso
     return kept_t[torch.sort(ce[kept_t], stable=True).indices]
 
 
+def select_facility_location(ce: torch.Tensor, logits: torch.Tensor, features: torch.Tensor, label: int,
+                             k: int) -> torch.Tensor:
+    """Indices of the ``k`` kept candidates of ``facility_location`` (module docstring, docs/method.md
+    "Beyond G-VBSM"), lowest CE first: greedy on ``F(S) = sum_i max_{j in S} (d0 - D_ij)``, ``D`` the
+    distances from every candidate ``i`` to the correctly classified pool, float64."""
+    order = torch.sort(ce, stable=True).indices.tolist()
+    correct = (logits.argmax(1) == int(label)).tolist()
+    index = [i for i in range(len(correct)) if correct[i]]
+    kept: list[int] = []
+    if index:
+        x = features.double()
+        dist = torch.cdist(x, x[torch.tensor(index)])  # (N, |pool|)
+        d0 = float(dist.max())
+        cover = torch.full((x.shape[0],), d0, dtype=torch.float64)  # d0 - cover_i = current max similarity
+        taken = torch.zeros(len(index), dtype=torch.bool)
+        while len(kept) < min(k, len(index)):
+            gain = (cover.unsqueeze(1) - dist).clamp_min(0).sum(0)
+            gain[taken] = -1.0  # kept: never picked again, even when every gain is 0
+            j = int(torch.argmax(gain))  # first maximum: the lowest candidate index among ties
+            kept.append(index[j])
+            taken[j] = True
+            cover = torch.minimum(cover, dist[:, j])
+    kept += [i for i in order if not correct[i]][:k - len(kept)]
+    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
+    return kept_t[torch.sort(ce[kept_t], stable=True).indices]
+
+
 def select_ranked(ce: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` kept candidates, best first: increasing ``ce`` (stable: ties by index), at
     most one per ``source`` image first, then the other candidates in the same order."""
@@ -291,8 +325,8 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
                               flip_prob=0.0, generator=g)
     mode = str(config.syn_rded_selection)
     ce, zs = [], []
-    # kcenter: the scoring forward also records the features (hooks), no second pass
-    with LastLinearInputs(teachers) if mode == "kcenter" else contextlib.nullcontext() as hooks:
+    # kcenter / facility_location: the scoring forward also records the features (hooks), no second pass
+    with LastLinearInputs(teachers) if mode in FEATURE_SELECTIONS else contextlib.nullcontext() as hooks:
         for start in range(0, n, SCORE_BATCH):
             idx = torch.arange(start, min(start + SCORE_BATCH, n))
             x = spec.normalize(images[rows[source[idx]]].to(device))
@@ -307,6 +341,8 @@ def select_class(images: torch.Tensor, rows: torch.Tensor, label: int, teachers:
         kept = select_boundary(ce_t, torch.cat(zs), label, k)
     elif mode == "kcenter":
         kept = select_kcenter(ce_t, torch.cat(zs), combine_features(hooks.features()), label, k)
+    elif mode == "facility_location":
+        kept = select_facility_location(ce_t, torch.cat(zs), combine_features(hooks.features()), label, k)
     else:
         kept = select_clustered(ce_t, torch.cat(zs), k, mode, seeded_generator(config.syn_seed, "rded-kmeans", int(label)))
     src = spec.normalize(images[rows[source[kept]]].to(device))
