@@ -73,6 +73,7 @@ class Run:
     method: str = "gvbsm"
     student: str = "authors"
     with_random: bool = False
+    draw: int = 0  # > 0: another random subset (syn_seed = draw), reported as the draw-to-draw spread, not a baseline
 
 
 RUNS = {r.name: r for r in [
@@ -120,6 +121,27 @@ RUNS = {r.name: r for r in [
     Run("rded_facility_location_full_images_epochs_300", "rded_fl_full",
         ["rded_selection", "facility_location", "full_images", "student_epochs=300"],
         ["--syn_rded_factor", "1", *FULL_IMAGES, *FACILITY_LOCATION, *EPOCHS_300], method="rded"),
+    Run("rded_facility_location_all_images", "rded_fl_all", ["rded_selection", "facility_location", "full_images",
+                                                              "all_class_images"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, "--syn_rded_selection", "facility_location",
+         "--syn_rded_candidates", "6000"], method="rded"),  # Fashion-MNIST: 6000 train images per class
+    Run("rded_kcenter_all_images", "rded_kc_all", ["rded_selection", "kcenter", "full_images", "all_class_images"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, "--syn_rded_selection", "kcenter", "--syn_rded_candidates", "6000"],
+        method="rded"),
+    Run("rded_kcenter_all_images_epochs_1000", "rded_kc_all", ["rded_selection", "kcenter", "full_images",
+                                                               "all_class_images", "student_epochs=1000"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, "--syn_rded_selection", "kcenter", "--syn_rded_candidates", "6000",
+         *EPOCHS_1000], method="rded"),
+    Run("rded_boundary_full_images", "rded_boundary_full", ["rded_selection", "boundary", "full_images"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, "--syn_rded_selection", "boundary", "--syn_rded_candidates", "1000"],
+        method="rded"),
+    Run("rded_boundary_full_images_epochs_1000", "rded_boundary_full", ["rded_selection", "boundary", "full_images",
+                                                                        "student_epochs=1000"],
+        ["--syn_rded_factor", "1", *FULL_IMAGES, "--syn_rded_selection", "boundary", "--syn_rded_candidates", "1000",
+         *EPOCHS_1000], method="rded"),
+    *[Run(f"random_real_draw{d}{suffix}", f"random_draw{d}{suffix}", [f"random subset draw {d}", *comp],
+          ["--syn_seed", str(d), "--evaluate_hard_labels", "false", *extra], method="random_real", draw=d)
+      for d in (1, 2) for suffix, comp, extra in [("", [], []), ("_epochs_1000", ["student_epochs=1000"], EPOCHS_1000)]],
     Run("rded_selection_full_images_epochs_300", "rded_full", ["rded_selection", "full_images", "student_epochs=300"],
         ["--syn_rded_factor", "1", *FULL_IMAGES, *EPOCHS_300], method="rded"),
     Run("random_real_epochs_300", "random_ep300", ["student_epochs=300"], EPOCHS_300, method="random_real"),
@@ -148,7 +170,10 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
     1: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "class_aware", "edc_student",
         "rded_selection+edc_student", "combination", "combination_no_class_aware",
         "combination_no_class_aware_epochs_1000", "random_real_edc_epochs_1000", "per_image_rrc_epochs_1000",
-        "random_real_epochs_1000", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000"],
+        "random_real_epochs_1000", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000",
+        "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_1000",
+        "rded_boundary_full_images", "rded_boundary_full_images_epochs_1000", "random_real_draw1", "random_real_draw2",
+        "random_real_draw1_epochs_1000", "random_real_draw2_epochs_1000"],
     10: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "edc_student", "combination",
          "per_image_rrc+edc_student",
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
@@ -158,7 +183,9 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "rded_selection_full_images", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000",
          "rded_stitched_crops", "stitched_random_full_images", "rded_kcenter_full_images",
          "rded_kcenter_full_images_epochs_1000", "rded_facility_location_full_images",
-         "rded_facility_location_full_images_epochs_1000"],
+         "rded_facility_location_full_images_epochs_1000", "rded_facility_location_all_images",
+         "rded_kcenter_all_images", "rded_kcenter_all_images_epochs_1000",
+         "rded_boundary_full_images", "rded_boundary_full_images_epochs_1000", "random_real_draw1", "random_real_draw2"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
@@ -338,7 +365,10 @@ def _collect(args, work: Path) -> None:
         if not saved:
             continue
         saved.sort(key=lambda s: PLAN[ipc].index(s["run"]) if s["run"] in PLAN[ipc] else 99)
-        base_epochs = max({s["epochs"] for s in saved}, key=[s["epochs"] for s in saved].count)
+        # the IPC's base student length: that of the runs that do not set their own (--num_train_epochs)
+        plain = [s["epochs"] for s in saved if "--num_train_epochs" not in RUNS[s["run"]].overrides] or \
+            [s["epochs"] for s in saved]
+        base_epochs = max(set(plain), key=plain.count)
 
         def protocol(s: dict) -> str:  # the student protocol of a saved run: its student, and epochs if unusual
             student = RUNS[s["run"]].student
@@ -346,13 +376,15 @@ def _collect(args, work: Path) -> None:
 
         randoms: dict[str, dict] = {}
         for s in saved:  # random subset per student protocol
+            if RUNS[s["run"]].draw:
+                continue
             for r in s["rows"]:
                 if r["method"] == "random_real" and r["labels"] == "soft":
                     randoms[protocol(s)] = {**_stats(r["per_seed"]), "epochs": s["epochs"]}
         rows = []
         for s in saved:
             run = RUNS[s["run"]]
-            if run.method == "random_real":  # a random subset under another protocol: a baseline, not a row
+            if run.method == "random_real":  # a random subset under another protocol (or draw): not a row
                 continue
             by = {(r["method"], r["labels"]): r for r in s["rows"]}
             soft, hard = by.get((run.method, "soft")), by.get((run.method, "hard"))
@@ -378,6 +410,15 @@ def _collect(args, work: Path) -> None:
                       for r in s["rows"] if r["method"] == "random_real" and r["labels"] == "hard"]
             md.append(f"| {ipc} | random_real | random subset | {student} | {rnd['mean']:.2f} ± {rnd['std']:.2f} | "
                       f"0 | {'' if not hard_r else format(mean(hard_r[0]['per_seed']), '.2f')} |")
+        draws: dict[str, list] = {}  # the subset's own spread: draw 0 (the baseline) and the other draws
+        for s in saved:
+            if RUNS[s["run"]].draw and protocol(s) in randoms:
+                soft_r = [r for r in s["rows"] if r["method"] == "random_real" and r["labels"] == "soft"][0]
+                draws.setdefault(protocol(s), [{"draw": 0, **randoms[protocol(s)]}]).append(
+                    {"draw": RUNS[s["run"]].draw, **_stats(soft_r["per_seed"]), "epochs": s["epochs"]})
+                md.append(f"| {ipc} | {s['run']} | random subset, syn_seed {RUNS[s['run']].draw} | {protocol(s)} | "
+                          f"{_stats(soft_r['per_seed'])['mean']:.2f} ± {_stats(soft_r['per_seed'])['std']:.2f} | "
+                          f"{mean(soft_r['per_seed']) - randoms[protocol(s)]['mean']:+.2f} |  |")
         if not rows:
             continue
         best = max(rows, key=lambda r: r["mean"])
@@ -386,6 +427,10 @@ def _collect(args, work: Path) -> None:
             "random_real": None if random_real is None else {k: random_real[k] for k in ("mean", "std", "per_seed")},
             "random_real_student": best["student"],
             "random_real_by_student": randoms,
+            # per protocol: each random draw's mean over the student seeds, and the spread of those means
+            "random_draws_by_student": {k: {"draws": v, "mean_of_draws": round(mean(d["mean"] for d in v), 3),
+                                            "std_of_draws": round(stdev([d["mean"] for d in v]), 3)}
+                                        for k, v in draws.items()},
             "rows": rows,
             "best": {"recipe": best["recipe"], "mean": best["mean"], "std": best["std"]},
             "margin": None if random_real is None else round(best["mean"] - random_real["mean"], 3),
