@@ -16,7 +16,10 @@ trains on hard labels (``evaluate_hard_labels``), which gives each row's ``hard_
 The IPC's ``best`` is its most accurate row and ``random_real`` the random subset under that row's
 student protocol (student options and epochs), so ``margin = best.mean - random_real.mean`` compares
 like with like; every row also carries its own ``random_margin`` against the random subset of its own
-protocol, and ``largest_margin`` names the row furthest above its own random subset.
+protocol, and ``largest_margin`` names the row furthest above its own random subset. The runs
+``random_real_draw{1,2}[_epochs_1000]`` draw the random subset again (``syn_seed`` 1, 2): they are not
+baselines but the draw-to-draw spread, ``random_draws_by_student`` (each draw's mean over the student
+seeds, with draw 0, the baseline, first).
 
     python benchmarks/margin_fashion_mnist.py --teachers runs/fm_teachers/convnet128 runs/fm_teachers/convnet32 \\
         runs/fm_teachers/convnet32_d2 runs/fm_teachers/shufflenetv2_050 --ipc 10
