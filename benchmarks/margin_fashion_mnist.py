@@ -192,7 +192,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
-         "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_300"],
+         "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_300", "random_real_draw1",
+         "random_real_draw2"],
 }
 
 

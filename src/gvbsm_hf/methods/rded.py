@@ -269,7 +269,8 @@ def select_facility_location(ce: torch.Tensor, logits: torch.Tensor, features: t
                              k: int) -> torch.Tensor:
     """Indices of the ``k`` kept candidates of ``facility_location`` (module docstring, docs/method.md
     "Beyond G-VBSM"), lowest CE first: greedy on ``F(S) = sum_i max_{j in S} (d0 - D_ij)``, ``D`` the
-    distances from every candidate ``i`` to the correctly classified pool, float64."""
+    distances from every candidate ``i`` to the correctly classified pool, float64 (``N x |pool|``: 288 MB for
+    the 6000 images of a Fashion-MNIST class, 13.5 MB for 1300 of an ImageNet-1k one)."""
     order = torch.sort(ce, stable=True).indices.tolist()
     correct = (logits.argmax(1) == int(label)).tolist()
     index = [i for i in range(len(correct)) if correct[i]]
