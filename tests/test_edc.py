@@ -193,14 +193,19 @@ def _kcenter_reference(ce, correct, feats, k):
     return sorted(chosen, key=lambda i: (float(ce[i]), i))
 
 
+def _random_candidates(g: torch.Generator, n: int, dim: int, label: int):
+    """Random ``(ce, logits over 3 classes, float64 features, correct-for-label list)`` of ``n`` candidates."""
+    ce = torch.rand(n, generator=g)
+    logits = torch.randn(n, 3, generator=g)
+    feats = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    return ce, logits, feats, (logits.argmax(1) == label).tolist()
+
+
 def test_select_kcenter_matches_the_farthest_point_rule():
     g = torch.Generator().manual_seed(3)
     for trial in range(20):
-        n, k = 30, [1, 4, 9, 25][trial % 4]
-        ce = torch.rand(n, generator=g)
-        logits = torch.randn(n, 3, generator=g)
-        feats = torch.randn(n, 5, generator=g, dtype=torch.float64)
-        correct = (logits.argmax(1) == 1).tolist()
+        k = [1, 4, 9, 25][trial % 4]
+        ce, logits, feats, correct = _random_candidates(g, 30, 5, 1)
         assert select_kcenter(ce, logits, feats, 1, k).tolist() == _kcenter_reference(ce, correct, feats, k)
     # fewer correct candidates than k: all of them, then the misclassified of lowest CE
     ce = torch.tensor([0.9, 0.1, 0.5, 0.3])
@@ -236,14 +241,11 @@ def _facility_location_reference(ce, correct, feats, k):
 def test_select_facility_location_matches_the_greedy_objective():
     g = torch.Generator().manual_seed(5)
     for trial in range(12):
-        n, k = 24, [1, 3, 7, 20][trial % 4]
-        ce = torch.rand(n, generator=g)
-        logits = torch.randn(n, 3, generator=g)
-        feats = torch.randn(n, 4, generator=g, dtype=torch.float64)
-        correct = (logits.argmax(1) == 2).tolist()
+        k = [1, 3, 7, 20][trial % 4]
+        ce, logits, feats, correct = _random_candidates(g, 24, 4, 2)
         got = select_facility_location(ce, logits, feats, 2, k).tolist()
         assert got == _facility_location_reference(ce, correct, feats, k)
-        assert len(set(got)) == min(k, n)
+        assert len(set(got)) == min(k, 24)
     # average coverage, not the farthest point: on a line with a dense cluster at 0 and one outlier at 10,
     # the first pick is the cluster's medoid and the outlier comes second (k-center would take it first
     # from the lowest-CE start, then the far end of the cluster)

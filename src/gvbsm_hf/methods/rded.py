@@ -157,6 +157,12 @@ def kmeans(points: torch.Tensor, k: int, generator: torch.Generator, max_iter: i
     return assign, c
 
 
+def by_increasing_ce(kept: Sequence[int], ce: torch.Tensor) -> torch.Tensor:
+    """The kept candidate indices as a tensor, ranked by increasing ``ce`` (ties: candidate index)."""
+    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
+    return kept_t[torch.sort(ce[kept_t], stable=True).indices]
+
+
 def select_clustered(ce: torch.Tensor, logits: torch.Tensor, k: int, mode: str,
                      generator: torch.Generator) -> torch.Tensor:
     """Indices of the ``k`` kept candidates, best (lowest ``ce``) first: one per k-means cluster of
@@ -177,8 +183,7 @@ def select_clustered(ce: torch.Tensor, logits: torch.Tensor, k: int, mode: str,
     if len(kept) < k:
         taken = set(kept)
         kept += [i for i in torch.sort(ce, stable=True).indices.tolist() if i not in taken][:k - len(kept)]
-    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
-    return kept_t[torch.sort(ce[kept_t], stable=True).indices]  # increasing CE, ties by candidate index
+    return by_increasing_ce(kept, ce)
 
 
 def select_boundary(ce: torch.Tensor, logits: torch.Tensor, label: int, k: int) -> torch.Tensor:
@@ -189,8 +194,7 @@ def select_boundary(ce: torch.Tensor, logits: torch.Tensor, label: int, k: int) 
     wrong = [i for i in order if not correct[i]]
     kept = sorted(right, key=lambda i: (-float(ce[i]), i))[:k]
     kept += wrong[:k - len(kept)]
-    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
-    return kept_t[torch.sort(ce[kept_t], stable=True).indices]
+    return by_increasing_ce(kept, ce)
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
@@ -261,8 +265,7 @@ def select_kcenter(ce: torch.Tensor, logits: torch.Tensor, features: torch.Tenso
             d = torch.minimum(d, torch.cdist(x, x[j:j + 1]).flatten())
             d[j] = -1.0
     kept += [i for i in order if not correct[i]][:k - len(kept)]
-    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
-    return kept_t[torch.sort(ce[kept_t], stable=True).indices]
+    return by_increasing_ce(kept, ce)
 
 
 def select_facility_location(ce: torch.Tensor, logits: torch.Tensor, features: torch.Tensor, label: int,
@@ -289,8 +292,7 @@ def select_facility_location(ce: torch.Tensor, logits: torch.Tensor, features: t
             taken[j] = True
             cover = torch.minimum(cover, dist[:, j])
     kept += [i for i in order if not correct[i]][:k - len(kept)]
-    kept_t = torch.tensor(sorted(kept), dtype=torch.long)
-    return kept_t[torch.sort(ce[kept_t], stable=True).indices]
+    return by_increasing_ce(kept, ce)
 
 
 def select_ranked(ce: torch.Tensor, source: torch.Tensor, k: int) -> torch.Tensor:
