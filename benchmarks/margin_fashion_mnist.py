@@ -63,6 +63,9 @@ KCENTER = ["--syn_rded_selection", "kcenter", "--syn_rded_candidates", "1000"]
 FACILITY_LOCATION = ["--syn_rded_selection", "facility_location", "--syn_rded_candidates", "1000"]
 EPOCHS_300 = ["--num_train_epochs", "300", "--evaluate_hard_labels", "false"]  # IPC 50 converged (base: 50 epochs)
 CLASS_AWARE = ["--stats_per_class", "true", "--syn_class_weight", "0.5"]
+FEATURE_REGRESSION = ["--syn_augment", "per_image_rrc", "--stats_augment", "authors", "--syn_crop_scale", "0.5", "1.0",
+                      "--syn_lr", "0.01"]  # Eq. 12 from random real images (syn_init real, the method's default)
+FR_KCENTER_INIT = ["--syn_init", "rded", "--syn_rded_factor", "1", *FULL_IMAGES, *KCENTER]
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,16 @@ RUNS = {r.name: r for r in [
         ["per_image_rrc", "rded_init", "edc_student", "student_epochs=1000"], PER_IMAGE_RRC + RDED_INIT + EPOCHS_1000,
         student="edc"),
     Run("per_image_rrc+rded_init", "combination_nca", ["per_image_rrc", "rded_init"], PER_IMAGE_RRC + RDED_INIT),
+    Run("feature_regression", "fr", ["feature_regression"], FEATURE_REGRESSION, method="feature_regression"),
+    Run("feature_regression_epochs_1000", "fr", ["feature_regression", "student_epochs=1000"],
+        FEATURE_REGRESSION + EPOCHS_1000, method="feature_regression"),
+    Run("feature_regression_kcenter_init", "fr_kc", ["feature_regression", "kcenter_init"],
+        FEATURE_REGRESSION + FR_KCENTER_INIT, method="feature_regression"),
+    Run("feature_regression_kcenter_init_epochs_1000", "fr_kc",
+        ["feature_regression", "kcenter_init", "student_epochs=1000"], FEATURE_REGRESSION + FR_KCENTER_INIT + EPOCHS_1000,
+        method="feature_regression"),
+    Run("feature_regression_epochs_300", "fr", ["feature_regression", "student_epochs=300"],
+        FEATURE_REGRESSION + EPOCHS_300, method="feature_regression"),
     Run("per_image_rrc+cluster_init", "rrc_clinit", ["per_image_rrc", "rded_init", "cluster_centroid"],
         PER_IMAGE_RRC + RDED_INIT + CLUSTER_CENTROID),
 ]}
@@ -176,7 +189,7 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
         "random_real_epochs_1000", "rded_stitched_full_images", "rded_stitched_full_images_epochs_1000",
         "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_1000",
         "rded_boundary_full_images", "rded_boundary_full_images_epochs_1000", "random_real_draw1", "random_real_draw2",
-        "random_real_draw1_epochs_1000", "random_real_draw2_epochs_1000"],
+        "random_real_draw1_epochs_1000", "random_real_draw2_epochs_1000", "feature_regression", "feature_regression_epochs_1000"],
     10: ["gvbsm_authors", "per_image_rrc", "rded_selection", "rded_init", "edc_student", "combination",
          "per_image_rrc+edc_student",
          "bf16_autocast", "iterations_2000", "class_aware", "rded_selection+edc_student",
@@ -188,12 +201,13 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "rded_kcenter_full_images_epochs_1000", "rded_facility_location_full_images",
          "rded_facility_location_full_images_epochs_1000", "rded_facility_location_all_images",
          "rded_kcenter_all_images", "rded_kcenter_all_images_epochs_1000",
-         "rded_boundary_full_images", "rded_boundary_full_images_epochs_1000", "random_real_draw1", "random_real_draw2"],
+         "rded_boundary_full_images", "rded_boundary_full_images_epochs_1000", "random_real_draw1", "random_real_draw2", "feature_regression", "feature_regression_epochs_1000", "feature_regression_kcenter_init",
+         "feature_regression_kcenter_init_epochs_1000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
          "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_300", "random_real_draw1",
-         "random_real_draw2"],
+         "random_real_draw2", "feature_regression", "feature_regression_epochs_300"],
 }
 
 

@@ -341,6 +341,24 @@ class SynthesisArguments(ValidatedArguments):
                                 "farthest-point coverage of the teachers' penultimate features, or 'facility_location': greedy "
                                 "k-medoids-style average coverage of the same features."
                                 + METHOD_FIELD_HELP})
+    syn_fr_backbone: Optional[str] = field(
+        default=None, metadata={"help": "feature_regression: backbone of the pool of student networks whose features "
+                                "the ridge regression uses (Eq. 12); the evaluation student's architecture." + METHOD_FIELD_HELP})
+    syn_fr_pool_size: Optional[int] = field(
+        default=None, metadata={"help": "feature_regression: networks in the pool, used in turn." + METHOD_FIELD_HELP})
+    syn_fr_online_steps: Optional[int] = field(
+        default=None, metadata={"help": "feature_regression: training steps of a pool network on the synthetic views "
+                                "before it is re-initialised." + METHOD_FIELD_HELP})
+    syn_fr_model_lr: Optional[float] = field(
+        default=None, metadata={"help": "feature_regression: Adam lr of the pool networks." + METHOD_FIELD_HELP})
+    syn_fr_real_batch: Optional[int] = field(
+        default=None, metadata={"help": "feature_regression: real train images per iteration (class-balanced over the "
+                                "job's classes) on which the regression is scored." + METHOD_FIELD_HELP})
+    syn_fr_ridge: Optional[float] = field(
+        default=None, metadata={"help": "feature_regression: ridge rho, lambda = rho * tr(K_SS) / N (Eq. 12)." + METHOD_FIELD_HELP})
+    syn_fr_label_grad: Optional[bool] = field(
+        default=None, metadata={"help": "feature_regression: differentiate through the teacher's logits of the synthetic "
+                                "views (the labels move with the images)." + METHOD_FIELD_HELP})
 
     def validate(self) -> None:
         from .methods import list_methods
@@ -371,6 +389,16 @@ class SynthesisArguments(ValidatedArguments):
         if self.syn_rded_crop_scale is not None:
             check_crop_scale("syn_rded_crop_scale", self.syn_rded_crop_scale)
         check_range("syn_rded_factor", self.syn_rded_factor, 1, allow_none=True)
+        for name in ("syn_fr_pool_size", "syn_fr_online_steps", "syn_fr_real_batch"):
+            check_range(name, getattr(self, name), 1, allow_none=True)
+        check_range("syn_fr_model_lr", self.syn_fr_model_lr, 0, low_open=True, allow_none=True)
+        check_range("syn_fr_ridge", self.syn_fr_ridge, 0, low_open=True, allow_none=True)
+        if self.syn_fr_backbone is not None:
+            from .backbones import is_backbone_name
+
+            if not is_backbone_name(self.syn_fr_backbone):
+                raise RecipeError(f"syn_fr_backbone={self.syn_fr_backbone!r} is not a known backbone: use a zoo name "
+                                  "(gvbsm_hf.backbones.list_backbones()), 'tv:<name>', 'timm:<name>' or 'hf-hub:<repo>'.")
 
 
 def check_crop_scale(name: str, scale: list[float]) -> None:

@@ -343,6 +343,7 @@ class _JobRunner:
         device: torch.device,
         folder: Path,
         init_images: torch.Tensor | None,
+        real_train: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.job, self.slots, self.spec, self.args, self.device = job, slots, spec, args, device
         self.loss_fn = get_method(args.syn_method).loss
@@ -361,6 +362,19 @@ class _JobRunner:
             for slot in slots:
                 slot.set_job_classes(job.classes, len(job.slots))
         self.states: list[dict] = [{} for _ in slots]  # per teacher, owned by the method's loss
+        self.job_state: dict = {}  # the whole job's, owned by the method's loss
+        self.real_images, self.real_rows = None, []
+        if args.real_batch_size() > 0:
+            if real_train is None:
+                raise GVBSMError(f"syn_method={args.syn_method!r} regresses on real images every iteration and needs "
+                                 "the real train split (real_train).")
+            self.real_images = real_train[0]
+            labels = torch.as_tensor(real_train[1])
+            for c in job.classes:
+                rows = (labels == c).nonzero().flatten()
+                if len(rows) == 0:
+                    raise GVBSMError(f"syn_method={args.syn_method!r} needs real train images of class {c}, found none.")
+                self.real_rows.append(rows)
         self.iteration = 0
         self.sums: dict[str, torch.Tensor] = {}
         self.sums_count = 0
@@ -377,6 +391,7 @@ class _JobRunner:
             tensors["adam_step"] = torch.as_tensor(state["step"]).reshape(1).float()
         for i, state in enumerate(self.states):
             _flatten_state(f"state|{i}", state, tensors)
+        _flatten_state("job_state", self.job_state, tensors)
         tensors = {k: v.to("cpu") for k, v in tensors.items()}
         tmp = self.ckpt_path.with_suffix(".tmp")
         save_file(tensors, str(tmp), metadata={"iteration": str(self.iteration), "job": str(self.job.index)})
@@ -401,10 +416,22 @@ class _JobRunner:
                 "exp_avg_sq": t["exp_avg_sq"].to(self.device),
             }
         self.states = [_unflatten_state(t, f"state|{i}", self.device) for i in range(len(self.slots))]
+        self.job_state = _unflatten_state(t, "job_state", self.device)
         self.iteration = int(meta["iteration"])
         return True
 
     # -- one iteration -------------------------------------------------------------------------
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """``real_batch_size() // C`` (at least 1) random real train images of each of the job's ``C``
+        classes (with replacement, the job's generator), normalised, class-major; ``(None, None)`` if the
+        method asks for none."""
+        if self.real_images is None:
+            return None, None
+        per_class = max(1, self.args.real_batch_size() // len(self.real_rows))
+        rows = torch.cat([r[torch.randint(len(r), (per_class,), generator=self.generator)] for r in self.real_rows])
+        labels = torch.tensor(self.job.classes, dtype=torch.long).repeat_interleave(per_class)
+        return self.spec.normalize(self.real_images[rows]).to(self.device), labels.to(self.device)
+
     def choose_backbone(self) -> int:
         k = len(self.slots)
         if k == 1:
@@ -433,8 +460,10 @@ class _JobRunner:
             other.hooks.enabled = other is slot
         with autocast:
             logits = slot.model(x)
+        real_x, real_labels = self.real_batch()
         step = SynthesisStep(config=args, x=x, logits=logits, labels=self.labels, teacher=slot,
-                             state=self.states[k], generator=self.generator, iteration=self.iteration)
+                             state=self.states[k], generator=self.generator, iteration=self.iteration,
+                             job_state=self.job_state, real_x=real_x, real_labels=real_labels)
         try:
             loss, components = self.loss_fn(step)
         except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
@@ -579,6 +608,9 @@ def recover(
         raise StatisticsMismatchError(f"Got {len(teachers)} teachers but {len(statistics)} statistics entries.")
     if args.syn_init in ("real", "rded") and real_train is None:
         raise GVBSMError(f"syn_init={args.syn_init!r} needs the real train split (real_train).")
+    if args.real_batch_size() > 0 and real_train is None:
+        raise GVBSMError(f"syn_method={args.syn_method!r} draws real batches every iteration and needs the real "
+                         "train split (real_train).")
     if args.syn_backbone_choice not in ("uniform", "round_robin"):
         raise GVBSMError(f"syn_backbone_choice must be 'uniform' or 'round_robin', got {args.syn_backbone_choice!r}.")
     pairs = list(zip(teachers, statistics))
@@ -596,7 +628,7 @@ def recover(
         for job in my_jobs:
             runner = _JobRunner(
                 job, slots, spec, args, device, folder / "jobs",
-                _initial_images(method, job, real_train, spec, args, device, slots, init_cache),
+                _initial_images(method, job, real_train, spec, args, device, slots, init_cache), real_train,
             )
             if runner.done_path.exists():
                 continue

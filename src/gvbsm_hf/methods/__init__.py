@@ -10,11 +10,12 @@ from .registry import (
     register_method,
     unregister_method,
 )
-from . import gvbsm, random_real, rded  # noqa: E402,F401  (registers the built-in methods)
+from . import feature_regression, gvbsm, random_real, rded  # noqa: E402,F401  (registers the built-in methods)
 from .gvbsm import GVBSMConfig, SRe2LConfig, SRe2LDDConfig, SRe2LGBMConfig  # noqa: E402
 from .rded import RDEDConfig  # noqa: E402
+from .feature_regression import FeatureRegressionConfig  # noqa: E402
 
 __all__ = [
     "SynthesisConfig", "SynthesisMethod", "SynthesisStep", "GVBSMConfig", "SRe2LConfig", "SRe2LDDConfig",
-    "SRe2LGBMConfig", "RDEDConfig", "get_method", "list_methods", "method_config", "register_method", "unregister_method",
+    "SRe2LGBMConfig", "RDEDConfig", "FeatureRegressionConfig", "get_method", "list_methods", "method_config", "register_method", "unregister_method",
 ]

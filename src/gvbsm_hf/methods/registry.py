@@ -80,6 +80,11 @@ class SynthesisConfig:
         """Whether per-class (category-aware) statistics are matched: recorded with ``stats_per_class``."""
         return False
 
+    def real_batch_size(self) -> int:
+        """Real train images the engine draws per iteration for the loss (``SynthesisStep.real_x``);
+        0: none (the default; only methods that regress on real data, e.g. ``feature_regression``)."""
+        return 0
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -92,7 +97,11 @@ class SynthesisStep:
     ``logits`` the teacher's output, ``teacher`` the prepared teacher (hooks with this forward's
     statistics, BN/Conv targets, first-layer weights), ``state`` a per-teacher dict the method
     owns (EMAs; nested dicts/tuples of tensors, checkpointed and restored on resume),
-    ``generator`` the job's CPU generator (random drops)."""
+    ``generator`` the job's CPU generator (random drops). ``job_state`` is a dict the method owns
+    for the whole job (shared by the teachers; checkpointed like ``state``). ``real_x`` /
+    ``real_labels``: a class-balanced batch of ``config.real_batch_size()`` real train images of
+    the job's classes (normalised, on the device), drawn afresh every iteration; ``None`` when the
+    method asks for none."""
 
     config: SynthesisConfig
     x: "torch.Tensor"
@@ -102,6 +111,9 @@ class SynthesisStep:
     state: dict
     generator: "torch.Generator"
     iteration: int
+    job_state: dict = field(default_factory=dict)
+    real_x: Optional["torch.Tensor"] = None
+    real_labels: Optional["torch.Tensor"] = None
 
 
 LossFn = Callable[[SynthesisStep], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -126,7 +138,7 @@ class SynthesisMethod:
 
     def needs_real(self, config: SynthesisConfig) -> bool:
         """Whether the real train split is needed (selection, or real-image initialisation)."""
-        return self.select is not None or config.syn_init in ("real", "rded")
+        return self.select is not None or config.syn_init in ("real", "rded") or config.real_batch_size() > 0
 
 
 _METHODS: dict[str, SynthesisMethod] = {}
