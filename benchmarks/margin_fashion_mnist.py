@@ -63,8 +63,8 @@ KCENTER = ["--syn_rded_selection", "kcenter", "--syn_rded_candidates", "1000"]
 FACILITY_LOCATION = ["--syn_rded_selection", "facility_location", "--syn_rded_candidates", "1000"]
 EPOCHS_300 = ["--num_train_epochs", "300", "--evaluate_hard_labels", "false"]  # IPC 50 converged (base: 50 epochs)
 CLASS_AWARE = ["--stats_per_class", "true", "--syn_class_weight", "0.5"]
-FEATURE_REGRESSION = ["--syn_augment", "per_image_rrc", "--stats_augment", "authors", "--syn_crop_scale", "0.5", "1.0",
-                      "--syn_lr", "0.01"]  # Eq. 12 from random real images (syn_init real, the method's default)
+FEATURE_REGRESSION = ["--syn_init", "real", "--syn_augment", "per_image_rrc", "--stats_augment", "authors", "--syn_crop_scale", "0.5", "1.0",
+                      "--syn_lr", "0.01"]  # Eq. 12 from random real images (the recipe says noise)
 FR_KCENTER_INIT = ["--syn_init", "rded", "--syn_rded_factor", "1", *FULL_IMAGES, *KCENTER]
 
 
