@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import GVBSMError
+from .rded import last_linear
 from .registry import SynthesisConfig, SynthesisStep, register_method
 
 ADAM_BETAS = (0.9, 0.999)
@@ -82,14 +83,6 @@ def feature_regression_loss(phi_s: torch.Tensor, phi_r: torch.Tensor, targets_s:
     return F.mse_loss(kernel_ridge_predictions(phi_s, phi_r, targets_s, ridge), targets_r.to(targets_s.dtype))
 
 
-def _last_linear(model: nn.Module, backbone: str) -> nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise GVBSMError(f"syn_fr_backbone={backbone!r} has no nn.Linear head, whose input feature_regression "
-                         "regresses on: pick a backbone with a linear classifier (e.g. convnet128, resnet18).")
-    return linears[-1]
-
-
 class StudentPool:
     """The pool of step 3-5: one template module of ``syn_fr_backbone`` run functionally
     (``torch.func.functional_call``) on parameter sets kept as tensors in ``state``."""
@@ -107,9 +100,10 @@ class StudentPool:
                                     image_size=size).to(device).train()
             for p in model.parameters():
                 p.requires_grad_(False)
-            self._templates[key] = (model, _last_linear(model, config.syn_fr_backbone))
+            head = last_linear(model, reader=f"feature_regression (syn_fr_backbone={config.syn_fr_backbone!r})",
+                               fix="pick a backbone with a linear classifier (e.g. convnet128, resnet18)")
+            self._templates[key] = (model, head)
         self.template, self.head = self._templates[key]
-        self.names = [n for n, _ in self.template.named_parameters()]
 
     def fresh_parameters(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A new seeded initialisation of the backbone (its own ``reset_parameters``)."""
@@ -139,10 +133,6 @@ class StudentPool:
         return seen[-1], logits
 
 
-def _model_state(state: dict, m: int) -> Optional[dict]:
-    return state.get("pool", {}).get(str(m))
-
-
 def _adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                  step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Adam step (``torch.optim.Adam`` defaults, no weight decay), out of place."""
@@ -165,7 +155,7 @@ def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str
     pool = StudentPool(config, step.logits.shape[1], x.shape[1], x.shape[-1], x.device)
     state = step.job_state
     m = step.iteration % int(config.syn_fr_pool_size)
-    entry = _model_state(state, m)
+    entry = state.get("pool", {}).get(str(m))
     if entry is None or int(entry["age"]) >= int(config.syn_fr_online_steps):
         params = pool.fresh_parameters(step.generator)
         entry = {"age": torch.zeros((), dtype=torch.long),

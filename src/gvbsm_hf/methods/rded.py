@@ -197,12 +197,14 @@ def select_boundary(ce: torch.Tensor, logits: torch.Tensor, label: int, k: int) 
     return by_increasing_ce(kept, ce)
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The last ``nn.Linear`` of ``model`` in ``modules()`` order (its classifier head)."""
+def last_linear(model: nn.Module, fix: str = "use another syn_rded_selection",
+                reader: str = "syn_rded_selection 'kcenter' / 'facility_location'") -> nn.Linear:
+    """The last ``nn.Linear`` of ``model`` in ``modules()`` order (its classifier head); a model without
+    one is an error naming ``reader`` (what reads the features) and ``fix``."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise GVBSMError(f"syn_rded_selection 'kcenter' / 'facility_location' reads features at the input of the teacher's last nn.Linear, "
-                         f"and {type(model).__name__} has none: use another syn_rded_selection.")
+        raise GVBSMError(f"{reader} reads features at the input of the model's last nn.Linear, "
+                         f"and {type(model).__name__} has none: {fix}.")
     return linears[-1]
 
 
