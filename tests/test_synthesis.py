@@ -126,13 +126,15 @@ def test_a_registered_toy_method_runs_through_recover(tmp_path, teachers_and_sta
     class ToyConfig(SynthesisConfig):
         toy_weight: float = 2.0
 
-    calls = []
+    calls, own_leaves = [], []
 
     def toy_loss(step):
         calls.append(step.iteration)
         step.state["count"] = step.state.get("count", torch.zeros(())) + 1  # checkpointed method state
         ce = torch.nn.functional.cross_entropy(step.logits.float(), step.labels)
-        return step.config.toy_weight * ce, {"ce": ce}
+        scale = torch.ones((), requires_grad=True)  # a differentiable tensor of the method's own
+        own_leaves.append(scale)
+        return step.config.toy_weight * ce * scale, {"ce": ce}
 
     register_method("toy-test", config=ToyConfig)(toy_loss)
     try:
@@ -143,6 +145,8 @@ def test_a_registered_toy_method_runs_through_recover(tmp_path, teachers_and_sta
         assert len(calls) == 6 * len(plan_jobs(10, 4, 5, 2))
         log = _log(tmp_path, "toy")
         assert set(log[-1]) >= {"loss", "ce"} and abs(log[-1]["loss"] - 3.0 * log[-1]["ce"]) < 1e-5
+        # the engine differentiates the pixels only: the method's own leaves get no gradient from its pass
+        assert own_leaves and all(scale.grad is None for scale in own_leaves)
         # kill + resume restores the method's own state
         first = recover(teachers, [None, None], SPEC, cfg, stats_args=STATS_ARGS, output_dir=tmp_path / "toyk",
                         stop_after_iterations=4)

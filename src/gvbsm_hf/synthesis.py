@@ -471,7 +471,9 @@ class _JobRunner:
                 raise
             raise self.non_finite_error("pixels, seen by the DD eigenvalues") from err
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # only the pixels are optimised: a method's own differentiable tensors (e.g. feature_regression's
+        # pool parameters) get no .grad from this pass, which skips their weight gradients
+        loss.backward(inputs=[self.x])
         self.optimizer.step()
         with torch.no_grad():
             self.x.clamp_(self.low, self.high)
