@@ -192,6 +192,13 @@ RUNS = {r.name: r for r in [
     Run("feature_regression_student_crops_epochs_1000", "fr_crop008",
         ["feature_regression", "syn_crop_scale=0.08-1", "student_epochs=1000"],
         FEATURE_REGRESSION + ["--syn_crop_scale", "0.08", "1.0"] + EPOCHS_1000, method="feature_regression"),
+    Run("feature_regression_staggered_pool_250_epochs_1000", "fr_stagger250",
+        ["feature_regression", "syn_fr_stagger", "syn_fr_online_steps=250", "student_epochs=1000"],
+        FEATURE_REGRESSION + ["--syn_fr_stagger", "true", "--syn_fr_online_steps", "250"] + EPOCHS_1000,
+        method="feature_regression"),  # older pool networks of staggered ages
+    Run("feature_regression_ensemble_targets_epochs_1000", "fr_ensemble",
+        ["feature_regression", "syn_fr_targets=ensemble", "student_epochs=1000"],
+        FEATURE_REGRESSION + ["--syn_fr_targets", "ensemble"] + EPOCHS_1000, method="feature_regression"),
     Run("per_image_rrc+cluster_init", "rrc_clinit", ["per_image_rrc", "rded_init", "cluster_centroid"],
         PER_IMAGE_RRC + RDED_INIT + CLUSTER_CENTROID),
 ]}
@@ -217,7 +224,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "rded_boundary_full_images", "rded_boundary_full_images_epochs_1000", "random_real_draw1", "random_real_draw2", "feature_regression", "feature_regression_epochs_1000", "feature_regression_init_only",
          "feature_regression_init_only_epochs_1000", "feature_regression_kcenter_init",
          "feature_regression_kcenter_init_epochs_1000", "feature_regression_iterations_3000_epochs_1000",
-         "feature_regression_lr_0.05_epochs_1000", "feature_regression_student_crops_epochs_1000"],
+         "feature_regression_lr_0.05_epochs_1000", "feature_regression_student_crops_epochs_1000",
+         "feature_regression_staggered_pool_250_epochs_1000", "feature_regression_ensemble_targets_epochs_1000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",

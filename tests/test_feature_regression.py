@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,8 +23,12 @@ from gvbsm_hf.methods.feature_regression import (  # noqa: E402
     ADAM_EPS,
     _adam_update,
     feature_regression_loss,
+    feature_regression_step,
     kernel_ridge_predictions,
+    pool_lifetime,
+    regression_targets,
 )
+from gvbsm_hf.methods.registry import SynthesisStep  # noqa: E402
 from gvbsm_hf.synthesis import _JobRunner, plan_jobs, recover  # noqa: E402
 
 
@@ -116,17 +121,18 @@ def test_real_batch_is_class_balanced_over_the_job_classes(teachers):
         assert bool(((same - img).abs().flatten(1).amax(1) < 1e-6).any())
 
 
-def test_resume_gives_the_same_images_as_uninterrupted(tmp_path, teachers):
+@pytest.mark.parametrize("options", [{}, {"syn_fr_stagger": True, "syn_fr_targets": "ensemble"}])
+def test_resume_gives_the_same_images_as_uninterrupted(tmp_path, teachers, options):
     real = digits_uint8()
-    full = recover(teachers, [None, None], SPEC, _fr_args(), stats_args=STATS_ARGS, output_dir=tmp_path / "full",
-                   real_train=real)
-    assert recover(teachers, [None, None], SPEC, _fr_args(), stats_args=STATS_ARGS, output_dir=tmp_path / "cut",
+    full = recover(teachers, [None, None], SPEC, _fr_args(**options), stats_args=STATS_ARGS,
+                   output_dir=tmp_path / "full", real_train=real)
+    assert recover(teachers, [None, None], SPEC, _fr_args(**options), stats_args=STATS_ARGS, output_dir=tmp_path / "cut",
                    real_train=real, stop_after_iterations=5) is None  # checkpoint mid-way (5 % 4 != 0)
-    resumed = recover(teachers, [None, None], SPEC, _fr_args(), stats_args=STATS_ARGS, output_dir=tmp_path / "cut",
-                      real_train=real)
+    resumed = recover(teachers, [None, None], SPEC, _fr_args(**options), stats_args=STATS_ARGS,
+                      output_dir=tmp_path / "cut", real_train=real)
     torch.testing.assert_close(resumed.images, full.images, rtol=0, atol=1e-6)
     # the optimisation moved the real images it started from, and a different pool changes them
-    other = recover(teachers, [None, None], SPEC, _fr_args(syn_fr_pool_size=1), stats_args=STATS_ARGS,
+    other = recover(teachers, [None, None], SPEC, _fr_args(**options, syn_fr_pool_size=1), stats_args=STATS_ARGS,
                     output_dir=tmp_path / "other", real_train=real)
     assert (other.images - full.images).abs().max() > 1e-3
 
@@ -154,5 +160,61 @@ def test_needs_real_train_and_validates_its_fields(teachers):
         _fr_args(syn_fr_pool_size=0)
     with pytest.raises(RecipeError, match="syn_fr_ridge"):
         _fr_args(syn_fr_ridge=0.0)
+    with pytest.raises(RecipeError, match="syn_fr_targets"):
+        _fr_args(syn_fr_targets="teachers")
     with pytest.raises(GVBSMError, match="syn_fr_pool_size is not an option"):
         method_config("gvbsm", small_args(syn_fr_pool_size=2))
+
+
+def test_ensemble_targets_are_the_teachers_mean_logits_with_gradients():
+    """T_S / T_R of syn_fr_targets=ensemble against a float64 mean of linear teachers (Eq. 8 without LN), and the
+    pixel gradient of T_S through every teacher, not only the iteration's."""
+    torch.manual_seed(0)
+    heads = [torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)) for _ in range(3)]
+    x = torch.randn(5, 1, 2, 6, requires_grad=True)
+    real = torch.randn(7, 1, 2, 6)
+    k = 1
+    step = SynthesisStep(config=None, x=x, logits=heads[k](x), labels=torch.zeros(5, dtype=torch.long),
+                         teacher=SimpleNamespace(model=heads[k]), state={}, generator=torch.Generator(), iteration=0,
+                         real_x=real, teachers=tuple(heads), teacher_index=k)
+    weights = [(h[1].weight.detach().double().numpy(), h[1].bias.detach().double().numpy()) for h in heads]
+    xs, rs = x.detach().double().flatten(1).numpy(), real.double().flatten(1).numpy()
+    ref_s = np.mean([xs @ w.T + b for w, b in weights], axis=0)
+    ref_r = np.mean([rs @ w.T + b for w, b in weights], axis=0)
+    t_s, t_r = regression_targets(step, ensemble=True)
+    np.testing.assert_allclose(t_s.detach().double().numpy(), ref_s, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(t_r.double().numpy(), ref_r, rtol=1e-5, atol=1e-5)
+    assert not t_r.requires_grad
+    v = np.arange(15, dtype=np.float64).reshape(5, 3)  # d<v, T_S>/dx = v @ mean_f W_f
+    (t_s * torch.as_tensor(v, dtype=torch.float32)).sum().backward()
+    ref_grad = v @ np.mean([w for w, _ in weights], axis=0)
+    np.testing.assert_allclose(x.grad.double().flatten(1).numpy(), ref_grad, rtol=1e-5, atol=1e-5)
+    # the iteration's teacher alone with the default
+    t_s, t_r = regression_targets(step, ensemble=False)
+    np.testing.assert_allclose(t_r.double().numpy(), rs @ weights[k][0].T + weights[k][1], rtol=1e-5, atol=1e-5)
+    assert t_s is not None and torch.equal(t_s, step.logits.float())
+
+
+def test_pool_lifetimes_and_staggered_redraws(teachers):
+    assert [pool_lifetime(m, 4, 100, first=True) for m in range(4)] == [25, 50, 75, 100]
+    assert [pool_lifetime(m, 3, 10, first=True) for m in range(3)] == [4, 7, 10]
+    assert pool_lifetime(0, 4, 100, first=False) == 100
+
+    def ages(stagger: bool) -> list[tuple[int, int]]:
+        config = method_config("feature_regression", _fr_args(syn_fr_stagger=stagger, syn_fr_online_steps=4,
+                                                              syn_fr_pool_size=2))
+        torch.manual_seed(0)
+        x = torch.randn(4, SPEC.channels, SPEC.image_size, SPEC.image_size, requires_grad=True)
+        real_x = torch.randn(6, SPEC.channels, SPEC.image_size, SPEC.image_size)
+        job_state, seen = {}, []
+        for it in range(12):
+            step = SynthesisStep(config=config, x=x, logits=teachers[0](x), labels=torch.zeros(4, dtype=torch.long),
+                                 teacher=SimpleNamespace(model=teachers[0]), state={}, generator=torch.Generator().manual_seed(it),
+                                 iteration=it, job_state=job_state, real_x=real_x, teachers=tuple(teachers))
+            feature_regression_step(step)
+            seen.append((it % 2, int(job_state["pool"][str(it % 2)]["age"])))
+        return seen
+
+    # synchronised: both networks live 4 steps; staggered: network 0's first life is 2 steps, then 4
+    assert [a for _, a in ages(False)] == [1, 1, 2, 2, 3, 3, 4, 4, 1, 1, 2, 2]
+    assert [a for _, a in ages(True)] == [1, 1, 2, 2, 1, 3, 2, 4, 3, 1, 4, 2]

@@ -30,6 +30,7 @@ STAGES = ("squeeze", "record", "recover", "relabel", "evaluate", "export")
 
 BackboneChoice = Literal["uniform", "round_robin"]
 SynInit = Literal["noise", "real", "rded"]
+FRTargets = Literal["teacher", "ensemble"]
 RDEDSelection = Literal["lowest_ce", "cluster_lowest_ce", "cluster_centroid", "boundary", "kcenter", "facility_location"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 ConvTarget = Literal["input", "output"]
@@ -359,6 +360,14 @@ class SynthesisArguments(ValidatedArguments):
     syn_fr_label_grad: Optional[bool] = field(
         default=None, metadata={"help": "feature_regression: differentiate through the teacher's logits of the synthetic "
                                 "views (the labels move with the images)." + METHOD_FIELD_HELP})
+    syn_fr_targets: Optional[FRTargets] = field(
+        default=None, metadata={"help": "feature_regression: the regression targets T_S, T_R are the iteration's teacher "
+                                "('teacher', GBM) or the mean logits of all synthesis teachers ('ensemble', the relabel "
+                                "stage's Eq. 8 without LN)." + METHOD_FIELD_HELP})
+    syn_fr_stagger: Optional[bool] = field(
+        default=None, metadata={"help": "feature_regression: stagger the pool's first lifetimes (network m is first "
+                                "re-drawn after (m+1)/P * syn_fr_online_steps steps) so the pool always holds networks of "
+                                "several ages instead of resetting all of them together." + METHOD_FIELD_HELP})
 
     def validate(self) -> None:
         from .methods import list_methods

@@ -22,7 +22,13 @@ own training (Eq. 11). At every iteration of a job (its ``N`` images ``x``):
 
 5. ``g_m`` then takes one Adam step (``syn_fr_model_lr``) on the student's MSE to ``T_S`` (detached)
    on the same views, and is re-initialised (a fresh seeded draw) after ``syn_fr_online_steps``
-   steps, so the pool always holds students at several stages of training.
+   steps, so the pool always holds students at several stages of training. With ``syn_fr_stagger``
+   network ``m``'s first life is ``ceil((m + 1) / P · syn_fr_online_steps)`` steps, so the pool's
+   re-draws are spread out instead of simultaneous.
+
+With ``syn_fr_targets: ensemble`` both ``T_S`` and ``T_R`` are the mean logits of all synthesis
+teachers (Eq. 8 without LN, the relabel stage's default soft-label source) instead of the
+iteration's teacher ``t``; ``T_S`` stays differentiable under ``syn_fr_label_grad``.
 
 The pool lives in the job's ``job_state`` (parameters, Adam moments, ages, as tensors): it is
 checkpointed with the pixels and a resumed job continues to the same images.
@@ -40,6 +46,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import GVBSMError
+from ..losses import ensemble_logits
 from .rded import last_linear
 from .registry import SynthesisConfig, SynthesisStep, register_method
 
@@ -60,6 +67,8 @@ class FeatureRegressionConfig(SynthesisConfig):
     syn_fr_real_batch: int = 256
     syn_fr_ridge: float = 1e-3
     syn_fr_label_grad: bool = True
+    syn_fr_targets: str = "teacher"
+    syn_fr_stagger: bool = False
 
     def real_batch_size(self) -> int:
         return int(self.syn_fr_real_batch)
@@ -143,6 +152,28 @@ def _adam_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     return param - lr * (exp_avg / (1 - b1 ** step)) / denom, exp_avg, exp_avg_sq
 
 
+def pool_lifetime(index: int, pool_size: int, online_steps: int, *, first: bool) -> int:
+    """Steps pool network ``index`` trains before it is re-drawn: ``online_steps``, or with ``first``
+    (``syn_fr_stagger``, the network's first life) ``ceil((index + 1) / pool_size * online_steps)``."""
+    if not first:
+        return online_steps
+    return max(1, -(-(index + 1) * online_steps // pool_size))
+
+
+def regression_targets(step: SynthesisStep, *, ensemble: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T_S, T_R)`` of Eq. 12 in float32: the iteration's teacher on the synthetic views (differentiable)
+    and on the real batch (no gradient), or with ``ensemble`` the mean logits of every teacher in
+    ``step.teachers`` (Eq. 8 without LN; the iteration's own logits are reused, not recomputed)."""
+    if not ensemble or len(step.teachers) <= 1:
+        with torch.no_grad():
+            targets_r = step.teacher.model(step.real_x).float()
+        return step.logits.float(), targets_r
+    views = [step.logits if i == step.teacher_index else t(step.x) for i, t in enumerate(step.teachers)]
+    with torch.no_grad():
+        targets_r = ensemble_logits([t(step.real_x) for t in step.teachers])
+    return ensemble_logits(views), targets_r
+
+
 @register_method("feature_regression", config=FeatureRegressionConfig,
                  description="Student-aware synthesis: kernel ridge regression on a pool of student networks (Eq. 12)")
 def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -156,29 +187,33 @@ def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str
     state = step.job_state
     m = step.iteration % int(config.syn_fr_pool_size)
     entry = state.get("pool", {}).get(str(m))
-    if entry is None or int(entry["age"]) >= int(config.syn_fr_online_steps):
+    if entry is None or int(entry["age"]) >= int(entry.get("life", config.syn_fr_online_steps)):
+        life = pool_lifetime(m, int(config.syn_fr_pool_size), int(config.syn_fr_online_steps),
+                             first=entry is None and bool(config.syn_fr_stagger))
         params = pool.fresh_parameters(step.generator)
         entry = {"age": torch.zeros((), dtype=torch.long),
+                 "life": torch.tensor(life, dtype=torch.long),
                  "params": params,
                  "exp_avg": {n: torch.zeros_like(p) for n, p in params.items()},
                  "exp_avg_sq": {n: torch.zeros_like(p) for n, p in params.items()}}
     params = {n: p.detach().requires_grad_(True) for n, p in entry["params"].items()}
 
-    targets_s = step.logits.float() if config.syn_fr_label_grad else step.logits.detach().float()
+    targets_s, targets_r = regression_targets(step, ensemble=config.syn_fr_targets == "ensemble")
+    if not config.syn_fr_label_grad:
+        targets_s = targets_s.detach()
     with torch.no_grad():
-        targets_r = step.teacher.model(step.real_x).float()
         phi_r, _ = pool.forward({n: p.detach() for n, p in params.items()}, step.real_x)
     phi_s, logits_s = pool.forward(params, x)
     loss = feature_regression_loss(phi_s, phi_r, targets_s, targets_r, config.syn_fr_ridge)
 
     # step 5: the pool network learns from the same views as a student would (MSE to the teacher's logits)
-    student_loss = F.mse_loss(logits_s, step.logits.detach().float())
+    student_loss = F.mse_loss(logits_s, targets_s.detach())
     grads = torch.autograd.grad(student_loss, list(params.values()), retain_graph=True)
     age = int(entry["age"]) + 1
     new_params, new_avg, new_sq = {}, {}, {}
     for (name, p), g in zip(params.items(), grads):
         new_params[name], new_avg[name], new_sq[name] = _adam_update(
             p.detach(), g, entry["exp_avg"][name], entry["exp_avg_sq"][name], age, config.syn_fr_model_lr)
-    state.setdefault("pool", {})[str(m)] = {"age": torch.tensor(age, dtype=torch.long), "params": new_params,
-                                            "exp_avg": new_avg, "exp_avg_sq": new_sq}
+    state.setdefault("pool", {})[str(m)] = {"age": torch.tensor(age, dtype=torch.long), "life": entry["life"],
+                                            "params": new_params, "exp_avg": new_avg, "exp_avg_sq": new_sq}
     return loss, {"feature_regression": loss.detach(), "pool_student_mse": student_loss.detach()}

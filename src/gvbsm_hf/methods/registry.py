@@ -101,7 +101,8 @@ class SynthesisStep:
     for the whole job (shared by the teachers; checkpointed like ``state``). ``real_x`` /
     ``real_labels``: a class-balanced batch of ``config.real_batch_size()`` real train images of
     the job's classes (normalised, on the device), drawn afresh every iteration; ``None`` when the
-    method asks for none."""
+    method asks for none. ``teachers``: every synthesis teacher's model in slot order (hooks of all
+    but ``teachers[teacher_index]``, this iteration's ``teacher.model``, are off)."""
 
     config: SynthesisConfig
     x: "torch.Tensor"
@@ -114,6 +115,8 @@ class SynthesisStep:
     job_state: dict = field(default_factory=dict)
     real_x: Optional["torch.Tensor"] = None
     real_labels: Optional["torch.Tensor"] = None
+    teachers: tuple = ()
+    teacher_index: int = 0
 
 
 LossFn = Callable[[SynthesisStep], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
