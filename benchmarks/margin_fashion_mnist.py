@@ -199,6 +199,10 @@ RUNS = {r.name: r for r in [
     Run("feature_regression_ensemble_targets_epochs_1000", "fr_ensemble",
         ["feature_regression", "syn_fr_targets=ensemble", "student_epochs=1000"],
         FEATURE_REGRESSION + ["--syn_fr_targets", "ensemble"] + EPOCHS_1000, method="feature_regression"),
+    Run("feature_regression_one_job_epochs_300", "fr_one_job",
+        ["feature_regression", "one_job (syn_slots_per_batch=ipc)", "student_epochs=300"],
+        FEATURE_REGRESSION + ["--syn_slots_per_batch", "50"] + EPOCHS_300,
+        method="feature_regression"),  # IPC 50: all 500 images regressed together, not in five 100-image jobs
     Run("per_image_rrc+cluster_init", "rrc_clinit", ["per_image_rrc", "rded_init", "cluster_centroid"],
         PER_IMAGE_RRC + RDED_INIT + CLUSTER_CENTROID),
 ]}
@@ -230,7 +234,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
          "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_300", "random_real_draw1",
-         "random_real_draw2", "feature_regression", "feature_regression_epochs_300"],
+         "random_real_draw2", "feature_regression", "feature_regression_epochs_300",
+         "feature_regression_one_job_epochs_300"],
 }
 
 
