@@ -199,6 +199,8 @@ RUNS = {r.name: r for r in [
     Run("feature_regression_ensemble_targets_epochs_1000", "fr_ensemble",
         ["feature_regression", "syn_fr_targets=ensemble", "student_epochs=1000"],
         FEATURE_REGRESSION + ["--syn_fr_targets", "ensemble"] + EPOCHS_1000, method="feature_regression"),
+    Run("feature_regression_syn_seed_1_epochs_1000", "fr_seed1", ["feature_regression", "syn_seed=1", "student_epochs=1000"],
+        FEATURE_REGRESSION + ["--syn_seed", "1"] + EPOCHS_1000, method="feature_regression"),  # other start images
     Run("feature_regression_one_job_epochs_300", "fr_one_job",
         ["feature_regression", "one_job (syn_slots_per_batch=ipc)", "student_epochs=300"],
         FEATURE_REGRESSION + ["--syn_slots_per_batch", "50"] + EPOCHS_300,
@@ -229,7 +231,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "feature_regression_init_only_epochs_1000", "feature_regression_kcenter_init",
          "feature_regression_kcenter_init_epochs_1000", "feature_regression_iterations_3000_epochs_1000",
          "feature_regression_lr_0.05_epochs_1000", "feature_regression_student_crops_epochs_1000",
-         "feature_regression_staggered_pool_250_epochs_1000", "feature_regression_ensemble_targets_epochs_1000"],
+         "feature_regression_staggered_pool_250_epochs_1000", "feature_regression_ensemble_targets_epochs_1000",
+         "feature_regression_syn_seed_1_epochs_1000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
