@@ -187,7 +187,9 @@ def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str
     state = step.job_state
     m = step.iteration % int(config.syn_fr_pool_size)
     entry = state.get("pool", {}).get(str(m))
-    if entry is None or int(entry["age"]) >= int(entry.get("life", config.syn_fr_online_steps)):
+    if entry is not None and "life" not in entry:  # a checkpoint written before lifetimes were stored
+        entry = {**entry, "life": torch.tensor(int(config.syn_fr_online_steps), dtype=torch.long)}
+    if entry is None or int(entry["age"]) >= int(entry["life"]):
         life = pool_lifetime(m, int(config.syn_fr_pool_size), int(config.syn_fr_online_steps),
                              first=entry is None and bool(config.syn_fr_stagger))
         params = pool.fresh_parameters(step.generator)
@@ -206,7 +208,7 @@ def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str
     phi_s, logits_s = pool.forward(params, x)
     loss = feature_regression_loss(phi_s, phi_r, targets_s, targets_r, config.syn_fr_ridge)
 
-    # step 5: the pool network learns from the same views as a student would (MSE to the teacher's logits)
+    # step 5: the pool network learns from the same views as a student would (MSE to T_S, detached)
     student_loss = F.mse_loss(logits_s, targets_s.detach())
     grads = torch.autograd.grad(student_loss, list(params.values()), retain_graph=True)
     age = int(entry["age"]) + 1
