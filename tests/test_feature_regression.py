@@ -200,7 +200,7 @@ def test_pool_lifetimes_and_staggered_redraws(teachers):
     assert [pool_lifetime(m, 3, 10, first=True) for m in range(3)] == [4, 7, 10]
     assert pool_lifetime(0, 4, 100, first=False) == 100
 
-    def ages(stagger: bool) -> list[tuple[int, int]]:
+    def ages(stagger: bool, drop_life_at: int = -1) -> list[tuple[int, int]]:
         config = method_config("feature_regression", _fr_args(syn_fr_stagger=stagger, syn_fr_online_steps=4,
                                                               syn_fr_pool_size=2))
         torch.manual_seed(0)
@@ -208,6 +208,9 @@ def test_pool_lifetimes_and_staggered_redraws(teachers):
         real_x = torch.randn(6, SPEC.channels, SPEC.image_size, SPEC.image_size)
         job_state, seen = {}, []
         for it in range(12):
+            if it == drop_life_at:  # as in a checkpoint written before lifetimes were stored
+                for entry in job_state["pool"].values():
+                    del entry["life"]
             step = SynthesisStep(config=config, x=x, logits=teachers[0](x), labels=torch.zeros(4, dtype=torch.long),
                                  teacher=SimpleNamespace(model=teachers[0]), state={}, generator=torch.Generator().manual_seed(it),
                                  iteration=it, job_state=job_state, real_x=real_x, teachers=tuple(teachers))
@@ -218,3 +221,6 @@ def test_pool_lifetimes_and_staggered_redraws(teachers):
     # synchronised: both networks live 4 steps; staggered: network 0's first life is 2 steps, then 4
     assert [a for _, a in ages(False)] == [1, 1, 2, 2, 3, 3, 4, 4, 1, 1, 2, 2]
     assert [a for _, a in ages(True)] == [1, 1, 2, 2, 1, 3, 2, 4, 3, 1, 4, 2]
+    # an older checkpoint's entries (no lifetime) live syn_fr_online_steps steps
+    assert [a for _, a in ages(True, drop_life_at=6)] == [1, 1, 2, 2, 1, 3, 2, 4, 3, 1, 4, 2]
+    assert [a for _, a in ages(True, drop_life_at=4)] == [1, 1, 2, 2, 3, 3, 4, 4, 1, 1, 2, 2]
