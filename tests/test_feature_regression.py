@@ -192,7 +192,7 @@ def test_ensemble_targets_are_the_teachers_mean_logits_with_gradients():
     # the iteration's teacher alone with the default
     t_s, t_r = regression_targets(step, ensemble=False)
     np.testing.assert_allclose(t_r.double().numpy(), rs @ weights[k][0].T + weights[k][1], rtol=1e-5, atol=1e-5)
-    assert t_s is not None and torch.equal(t_s, step.logits.float())
+    assert torch.equal(t_s, step.logits.float())
 
 
 def test_pool_lifetimes_and_staggered_redraws(teachers):
