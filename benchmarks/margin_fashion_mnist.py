@@ -19,7 +19,10 @@ like with like; every row also carries its own ``random_margin`` against the ran
 protocol, and ``largest_margin`` names the row furthest above its own random subset. The runs
 ``random_real_draw{1,2}[_epochs_1000]`` draw the random subset again (``syn_seed`` 1, 2): they are not
 baselines but the draw-to-draw spread, ``random_draws_by_student`` (each draw's mean over the student
-seeds, with draw 0, the baseline, first).
+seeds, with draw 0, the baseline, first). The runs ``full_train_set[_edc]_steps_2000`` train the
+IPC-10 1000-epoch student (its optimiser steps, 2000 batches of 64) on the whole train set instead:
+not rows nor baselines but ``full_train_set_references``, what the same training budget reaches when
+the images are not the limit.
 
     python benchmarks/margin_fashion_mnist.py --teachers runs/fm_teachers/convnet128 runs/fm_teachers/convnet32 \\
         runs/fm_teachers/convnet32_d2 runs/fm_teachers/shufflenetv2_050 --ipc 10
@@ -80,6 +83,7 @@ class Run:
     student: str = "authors"
     with_random: bool = False
     draw: int = 0  # > 0: another random subset (syn_seed = draw), reported as the draw-to-draw spread, not a baseline
+    reference: bool = False  # the whole train set, same student and optimiser steps: a reference, not a row or baseline
 
 
 RUNS = {r.name: r for r in [
@@ -151,6 +155,8 @@ RUNS = {r.name: r for r in [
     Run("rded_selection_full_images_epochs_300", "rded_full", ["rded_selection", "full_images", "student_epochs=300"],
         ["--syn_rded_factor", "1", *FULL_IMAGES, *EPOCHS_300], method="rded"),
     Run("random_real_epochs_300", "random_ep300", ["student_epochs=300"], EPOCHS_300, method="random_real"),
+    Run("random_real_edc_epochs_300", "random_edc_ep300", ["edc_student", "student_epochs=300"], EPOCHS_300,
+        method="random_real", student="edc"),
     Run("rded_boundary", "rded_boundary", ["rded_selection", "boundary"], RDED_CROPS + ["--syn_rded_selection", "boundary"],
         method="rded"),
     Run("rded_cluster_lowest_ce", "rded_cl_ce", ["rded_selection", "cluster_lowest_ce"], RDED_CROPS + CLUSTER_LOWEST_CE,
@@ -201,10 +207,19 @@ RUNS = {r.name: r for r in [
         FEATURE_REGRESSION + ["--syn_fr_targets", "ensemble"] + EPOCHS_1000, method="feature_regression"),
     Run("feature_regression_syn_seed_1_epochs_1000", "fr_seed1", ["feature_regression", "syn_seed=1", "student_epochs=1000"],
         FEATURE_REGRESSION + ["--syn_seed", "1"] + EPOCHS_1000, method="feature_regression"),  # other start images
+    Run("feature_regression_edc_student_epochs_1000", "fr", ["feature_regression", "edc_student", "student_epochs=1000"],
+        FEATURE_REGRESSION + EPOCHS_1000, method="feature_regression", student="edc"),  # its crops (0.5-1) are FR's
     Run("feature_regression_one_job_epochs_300", "fr_one_job",
         ["feature_regression", "one_job (syn_slots_per_batch=ipc)", "student_epochs=300"],
         FEATURE_REGRESSION + ["--syn_slots_per_batch", "50"] + EPOCHS_300,
         method="feature_regression"),  # IPC 50: all 500 images regressed together, not in five 100-image jobs
+    # the student of the IPC-10 1000-epoch rows (2000 steps of 64 views) fed the whole train set instead of 100
+    # images: what the same training budget reaches when images are not the limit
+    Run("full_train_set_steps_2000", "full_train", ["whole train set (6000 per class)", "max_steps=2000"],
+        ["--ipc", "6000", "--max_steps", "2000"] + EPOCHS_1000, method="random_real", reference=True),
+    Run("full_train_set_edc_steps_2000", "full_train_edc", ["whole train set (6000 per class)", "edc_student",
+                                                            "max_steps=2000"],
+        ["--ipc", "6000", "--max_steps", "2000"] + EPOCHS_1000, method="random_real", student="edc", reference=True),
     Run("per_image_rrc+cluster_init", "rrc_clinit", ["per_image_rrc", "rded_init", "cluster_centroid"],
         PER_IMAGE_RRC + RDED_INIT + CLUSTER_CENTROID),
 ]}
@@ -232,13 +247,15 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "feature_regression_kcenter_init_epochs_1000", "feature_regression_iterations_3000_epochs_1000",
          "feature_regression_lr_0.05_epochs_1000", "feature_regression_student_crops_epochs_1000",
          "feature_regression_staggered_pool_250_epochs_1000", "feature_regression_ensemble_targets_epochs_1000",
-         "feature_regression_syn_seed_1_epochs_1000"],
+         "feature_regression_syn_seed_1_epochs_1000", "random_real_edc_epochs_1000",
+         "feature_regression_edc_student_epochs_1000", "full_train_set_steps_2000",
+         "full_train_set_edc_steps_2000", "random_real_draw1_epochs_1000", "random_real_draw2_epochs_1000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
          "rded_facility_location_full_images", "rded_facility_location_full_images_epochs_300", "random_real_draw1",
          "random_real_draw2", "feature_regression", "feature_regression_epochs_300",
-         "feature_regression_one_job_epochs_300"],
+         "feature_regression_one_job_epochs_300", "random_real_edc_epochs_300"],
 }
 
 
@@ -331,11 +348,18 @@ def _restore_rows(results: Path, work: Path) -> None:
                                "invocation": data["command"] if first else None, "restored_from": str(results),
                                "wall_time_s": row.get("wall_time_s"), "rows": rows}
             first = False
+        for ref in res.get("full_train_set_references", []):
+            saved[ref["recipe"]] = {"run": ref["recipe"], "ipc": int(ipc), "epochs": ref["epochs"],
+                                    "student": ref["student"], "invocation": None, "restored_from": str(results),
+                                    "wall_time_s": ref.get("wall_time_s"),
+                                    "rows": [{"method": "random_real", "labels": "soft", "per_seed": ref["per_seed"],
+                                              "mean": ref["mean"], "std": ref["std"]}]}
         for student, rnd in res.get("random_real_by_student", {}).items():
-            host = next((s for s in saved.values() if s["student"] == student), None)
+            host = next((s for s in saved.values() if s["student"] == student and not RUNS[s["run"]].reference),
+                        None)
             if host is None:  # a protocol only a random-subset run measured
-                name = next((r.name for r in RUNS.values() if r.method == "random_real"
-                             and f"{r.student}, {rnd['epochs']} epochs" == student), None)
+                name = next((r.name for r in RUNS.values() if r.method == "random_real" and not r.draw
+                             and not r.reference and f"{r.student}, {rnd['epochs']} epochs" == student), None)
                 if name is None:
                     print(f"ipc {ipc}: no run measures the random subset of {student!r}; not restored", flush=True)
                     continue
@@ -425,7 +449,7 @@ def _collect(args, work: Path) -> None:
 
         randoms: dict[str, dict] = {}
         for s in saved:  # random subset per student protocol
-            if RUNS[s["run"]].draw:
+            if RUNS[s["run"]].draw or RUNS[s["run"]].reference:
                 continue
             for r in s["rows"]:
                 if r["method"] == "random_real" and r["labels"] == "soft":
@@ -468,6 +492,16 @@ def _collect(args, work: Path) -> None:
                 md.append(f"| {ipc} | {s['run']} | random subset, syn_seed {RUNS[s['run']].draw} | {protocol(s)} | "
                           f"{_stats(soft_r['per_seed'])['mean']:.2f} ± {_stats(soft_r['per_seed'])['std']:.2f} | "
                           f"{mean(soft_r['per_seed']) - randoms[protocol(s)]['mean']:+.2f} |  |")
+        references = []  # the same student on the whole train set, same optimiser steps
+        for s in saved:
+            if RUNS[s["run"]].reference:
+                soft_r = [r for r in s["rows"] if r["labels"] == "soft"][0]
+                references.append({"recipe": s["run"], "components": RUNS[s["run"]].components,
+                                   "student": protocol(s), "epochs": s["epochs"], **_stats(soft_r["per_seed"]),
+                                   "wall_time_s": s["wall_time_s"]})
+                md.append(f"| {ipc} | {s['run']} | {', '.join(RUNS[s['run']].components)} | {protocol(s)} | "
+                          f"{mean(soft_r['per_seed']):.2f} ± {_stats(soft_r['per_seed'])['std']:.2f} | "
+                          f"{'' if protocol(s) not in randoms else format(mean(soft_r['per_seed']) - randoms[protocol(s)]['mean'], '+.2f')} |  |")
         if not rows:
             continue
         best = max(rows, key=lambda r: r["mean"])
@@ -488,6 +522,8 @@ def _collect(args, work: Path) -> None:
             "margin_vs_best_random": None if not randoms else round(
                 best["mean"] - max(r["mean"] for r in randoms.values()), 3),
         }
+        if references:
+            result["ipc"][str(ipc)]["full_train_set_references"] = references
         with_margin = [r for r in rows if r["random_margin"] is not None]
         if with_margin:  # the row furthest above its own random subset (best is the most accurate row)
             top = max(with_margin, key=lambda r: r["random_margin"])
