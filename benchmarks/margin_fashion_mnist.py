@@ -22,7 +22,8 @@ baselines but the draw-to-draw spread, ``random_draws_by_student`` (each draw's 
 seeds, with draw 0, the baseline, first). The runs ``full_train_set[_edc]_steps_2000`` train the
 IPC-10 1000-epoch student (its optimiser steps, 2000 batches of 64) on the whole train set instead:
 not rows nor baselines but ``full_train_set_references``, what the same training budget reaches when
-the images are not the limit.
+the images are not the limit (``full_train_set_steps_4000`` with ``random_real_epochs_2000``: the same
+at twice the steps, run with ``--seeds 0``).
 
     python benchmarks/margin_fashion_mnist.py --teachers runs/fm_teachers/convnet128 runs/fm_teachers/convnet32 \\
         runs/fm_teachers/convnet32_d2 runs/fm_teachers/shufflenetv2_050 --ipc 10
@@ -220,6 +221,12 @@ RUNS = {r.name: r for r in [
     Run("full_train_set_edc_steps_2000", "full_train_edc", ["whole train set (6000 per class)", "edc_student",
                                                             "max_steps=2000"],
         ["--ipc", "6000", "--max_steps", "2000"] + EPOCHS_1000, method="random_real", student="edc", reference=True),
+    # a point of the budget curve (run with --seeds 0): twice the steps, whole train set against 100 images
+    Run("full_train_set_steps_4000", "full_train_4000", ["whole train set (6000 per class)", "max_steps=4000"],
+        ["--ipc", "6000", "--max_steps", "4000", "--num_train_epochs", "2000", "--evaluate_hard_labels", "false"],
+        method="random_real", reference=True),
+    Run("random_real_epochs_2000", "random_ep2000", ["student_epochs=2000"],
+        ["--num_train_epochs", "2000", "--evaluate_hard_labels", "false"], method="random_real"),
     Run("per_image_rrc+cluster_init", "rrc_clinit", ["per_image_rrc", "rded_init", "cluster_centroid"],
         PER_IMAGE_RRC + RDED_INIT + CLUSTER_CENTROID),
 ]}
@@ -249,7 +256,8 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
          "feature_regression_staggered_pool_250_epochs_1000", "feature_regression_ensemble_targets_epochs_1000",
          "feature_regression_syn_seed_1_epochs_1000", "random_real_edc_epochs_1000",
          "feature_regression_edc_student_epochs_1000", "full_train_set_steps_2000",
-         "full_train_set_edc_steps_2000", "random_real_draw1_epochs_1000", "random_real_draw2_epochs_1000"],
+         "full_train_set_edc_steps_2000", "random_real_draw1_epochs_1000", "random_real_draw2_epochs_1000",
+         "full_train_set_steps_4000", "random_real_epochs_2000"],
     50: ["gvbsm_authors", "combination", "rded_selection+edc_student", "per_image_rrc", "rded_selection_full_images",
          "rded_stitched_full_images", "rded_cluster_centroid", "rded_cluster_lowest_ce", "rded_kcenter_full_images",
          "random_real_epochs_300", "rded_selection_full_images_epochs_300", "rded_kcenter_full_images_epochs_300",
@@ -303,8 +311,8 @@ def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> 
         return
     if "--syn_iterations" in run.overrides:  # a point of the iterations curve
         iterations = int(run.overrides[run.overrides.index("--syn_iterations") + 1])
-    if "--num_train_epochs" in run.overrides:  # a longer student (the random subset trains as long)
-        epochs = int(run.overrides[run.overrides.index("--num_train_epochs") + 1])
+    if _run_epochs(run) is not None:  # a longer student (the random subset trains as long)
+        epochs = _run_epochs(run)
     baselines = ["random_real"] if run.with_random or run.name in args.random_with else [run.method]  # the main method alone = no baseline
     argv = ["--config", str(_recipe_for(run.method, work)), "--teachers", *args.teachers, "--ipc", str(ipc),
             "--syn_iterations", str(iterations), "--syn_checkpoint_every", str(max(1, iterations // 5)),
@@ -354,6 +362,16 @@ def _restore_rows(results: Path, work: Path) -> None:
                                     "wall_time_s": ref.get("wall_time_s"),
                                     "rows": [{"method": "random_real", "labels": "soft", "per_seed": ref["per_seed"],
                                               "mean": ref["mean"], "std": ref["std"]}]}
+        for student, draws in res.get("random_draws_by_student", {}).items():  # the other random draws
+            for d in draws["draws"]:
+                name = next((r.name for r in RUNS.values() if d["draw"] and r.draw == d["draw"] and (
+                    (student == r.student and _run_epochs(r) in (None, d["epochs"]))
+                    or (student == f"{r.student}, {d['epochs']} epochs" and _run_epochs(r) == d["epochs"]))), None)
+                if name is not None:
+                    saved[name] = {"run": name, "ipc": int(ipc), "epochs": d["epochs"], "student": student,
+                                   "invocation": None, "restored_from": str(results), "wall_time_s": None,
+                                   "rows": [{"method": "random_real", "labels": "soft", "per_seed": d["per_seed"],
+                                             "mean": d["mean"], "std": d["std"]}]}
         for student, rnd in res.get("random_real_by_student", {}).items():
             host = next((s for s in saved.values() if s["student"] == student and not RUNS[s["run"]].reference),
                         None)
@@ -372,6 +390,12 @@ def _restore_rows(results: Path, work: Path) -> None:
             path = out / f"ipc{ipc}_{name}.json"
             if not path.exists():
                 path.write_text(json.dumps(s, indent=2) + "\n")
+
+
+def _run_epochs(run: Run) -> int | None:
+    """The student epochs a run sets itself (``--num_train_epochs`` in its overrides), else None."""
+    o = run.overrides
+    return int(o[o.index("--num_train_epochs") + 1]) if "--num_train_epochs" in o else None
 
 
 def _recipe_for(method: str, work: Path) -> Path:
