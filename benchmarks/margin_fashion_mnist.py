@@ -405,7 +405,7 @@ def _recipe_for(method: str, work: Path) -> Path:
 
     import yaml
 
-    from gvbsm_hf.configs import SynthesisArguments
+    from gvbsm_hf.recover.config import SynthesisArguments
     from gvbsm_hf.methods import get_method
     from gvbsm_hf.methods.registry import SynthesisConfig
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from gvbsm_hf.configs import SqueezeArguments
-from gvbsm_hf.squeeze import train_teacher
+from gvbsm_hf.squeeze.config import SqueezeArguments
+from gvbsm_hf.squeeze.engine import train_teacher
 
 DEFAULT_TEACHERS = ["convnet128", "resnet18_cifar", "wrn_16_2", "mobilenetv2_050", "shufflenetv2_050"]
 GOAL = {"convnet128": 0.91}

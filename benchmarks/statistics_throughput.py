@@ -30,7 +30,7 @@ from torch import nn
 
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.hooks import StatisticsHooks
-from gvbsm_hf.statistics import record_statistics
+from gvbsm_hf.record.engine import record_statistics
 
 
 def build_teacher(name: str, num_classes: int, in_chans: int, image_size: int) -> tuple[nn.Module, str]:

@@ -1,6 +1,6 @@
 """Time and peak memory of the StoredSoftLabels storage path: ``to_dataset``, ``save``, ``load``.
 
-Builds a :class:`gvbsm_hf.relabel.StoredSoftLabels` of ``N`` images x ``V`` views x ``K`` classes
+Builds a :class:`gvbsm_hf.relabel.engine.StoredSoftLabels` of ``N`` images x ``V`` views x ``K`` classes
 (fp16 dense logits by default; ``--topk k`` stores the top-k instead) with random contents, then
 runs each phase in a fresh subprocess so that its peak RSS is its own:
 
@@ -16,7 +16,7 @@ times and of the peaks is kept.
 
 "before" is the implementation at ``--baseline`` (a git revision of ``src/gvbsm_hf/relabel.py``,
 default the last commit with the list-based storage, or a path to a copy of the file); "after" is
-the ``gvbsm_hf.relabel`` installed now.
+the ``gvbsm_hf.relabel.engine`` installed now.
 
     python benchmarks/stored_labels_memory.py                     # N=20000 V=4 K=100: 8M logits
     python benchmarks/stored_labels_memory.py --n 2000 --repeats 1 # quick
@@ -63,7 +63,7 @@ def _peak_mb() -> float:
 def _import_impl(impl: str):
     """The StoredSoftLabels class of ``impl``: 'current' or a path to a copy of relabel.py."""
     if impl == "current":
-        from gvbsm_hf.relabel import StoredSoftLabels
+        from gvbsm_hf.relabel.engine import StoredSoftLabels
 
         return StoredSoftLabels
     import importlib.util
@@ -238,7 +238,7 @@ def main() -> None:
             result["baseline"] = args.baseline
             print(f"before ({args.baseline})")
             result["before"] = measure(base, args, tmp)
-        print("after (current gvbsm_hf.relabel)")
+        print("after (current gvbsm_hf.relabel.engine)")
         result["after"] = measure("current", args, tmp)
     if "before" in result:
         b, a = result["before"], result["after"]

@@ -42,12 +42,14 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="More recipe overrides, quoted.")
     args = p.parse_args()
 
-    from gvbsm_hf.hub import export_distilled_dataset, export_sizes
+    from gvbsm_hf.export.engine import export_distilled_dataset, export_sizes
     from gvbsm_hf.pipeline import dataclasses_replace, parse_recipe, run_pipeline
-    from gvbsm_hf.relabel import StoredSoftLabels, relabel_stored
-    from gvbsm_hf.stages import STAGE_REGISTRY, StageCache, StageContext
-    from gvbsm_hf.synthesis import SyntheticSet
-    from gvbsm_hf.trainer import evaluate_students
+    from gvbsm_hf.relabel.engine import StoredSoftLabels, relabel_stored
+    from gvbsm_hf.stages import STAGE_REGISTRY
+    from gvbsm_hf.stage_cache import StageCache
+    from gvbsm_hf.stage import StageContext
+    from gvbsm_hf.synthetic_set import SyntheticSet
+    from gvbsm_hf.evaluate.trainer import evaluate_students
 
     work = Path(args.work_dir)
     recipe_file = Path(args.recipe).resolve()

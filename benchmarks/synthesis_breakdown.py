@@ -1,6 +1,6 @@
 """Cost of one synthesis (recover) iteration, SRe2L mode vs full G-VBSM, on the same backbone.
 
-Runs the real synthesis step (``gvbsm_hf.synthesis``: augmentation, teacher forward/backward,
+Runs the real synthesis step (``gvbsm_hf.recover.engine``: augmentation, teacher forward/backward,
 hooks, losses, Adam, clipping) on one batch of ``--ipc`` x ``--classes`` images, for four settings
 that add one component at a time:
 
@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from gvbsm_hf.backbones import create_backbone
-from gvbsm_hf.configs import StatisticsArguments, SynthesisArguments
+from gvbsm_hf.record.config import StatisticsArguments
+from gvbsm_hf.recover.config import SynthesisArguments
 from gvbsm_hf.data import DatasetSpec
-from gvbsm_hf.statistics import record_statistics
+from gvbsm_hf.record.engine import record_statistics
 from gvbsm_hf.methods import method_config
-from gvbsm_hf.synthesis import _JobRunner, _TeacherSlot, plan_jobs
+from gvbsm_hf.recover.engine import _JobRunner, _TeacherSlot, plan_jobs
 
 VARIANTS = {
     "ce_only": dict(syn_method="gvbsm", syn_r_bn=0.0, syn_r_conv=0.0, syn_dd=False, syn_alpha=0.0),

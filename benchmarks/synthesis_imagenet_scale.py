@@ -3,7 +3,7 @@
 The batch of `recipes/imagenet1k/gvbsm_ipc10.yaml`: 100 images (50 classes x 2 slots) at 224 px,
 its four torchvision teachers (random weights: the cost does not depend on them), 1000 classes,
 round robin, the full G-VBSM loss of the recipe (CE + BN + Conv matching with patch 16, DD, SDS
-EMA; its syn_* values), through the package's recover engine (``gvbsm_hf.synthesis._JobRunner``:
+EMA; its syn_* values), through the package's recover engine (``gvbsm_hf.recover.engine._JobRunner``:
 augmentation, teacher forward/backward, hooks, losses, Adam, clipping). Conv statistics come from
 a record pass over random pixels (the cost does not depend on them either).
 
@@ -81,8 +81,8 @@ def worker(device_name: str, variant: str, batch: int, image_size: int, steps: i
     from gvbsm_hf.backbones import create_backbone
     from gvbsm_hf.data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
     from gvbsm_hf.methods import method_config
-    from gvbsm_hf.statistics import record_statistics
-    from gvbsm_hf.synthesis import _JobRunner, _TeacherSlot, plan_jobs, stats_augment_kind, stats_patch_mode
+    from gvbsm_hf.record.engine import record_statistics
+    from gvbsm_hf.recover.engine import _JobRunner, _TeacherSlot, plan_jobs, stats_augment_kind, stats_patch_mode
 
     if threads:
         torch.set_num_threads(threads)

@@ -6,9 +6,10 @@ import numpy as np
 import torch
 
 from gvbsm_hf.backbones import create_backbone
-from gvbsm_hf.configs import StatisticsArguments, SynthesisArguments
+from gvbsm_hf.record.config import StatisticsArguments
+from gvbsm_hf.recover.config import SynthesisArguments
 from gvbsm_hf.data import DatasetSpec
-from gvbsm_hf.statistics import record_statistics
+from gvbsm_hf.record.engine import record_statistics
 
 SPEC = DatasetSpec(
     name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,),

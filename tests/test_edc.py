@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthesis_setup import SPEC, STATS_ARGS, digits_uint8, make_teachers, small_args  # noqa: E402
 
 from gvbsm_hf.backbones import create_backbone  # noqa: E402
-from gvbsm_hf.configs import GVBSMTrainingArguments, RecipeError, SynthesisArguments  # noqa: E402
+from gvbsm_hf.evaluate.config import GVBSMTrainingArguments  # noqa: E402
+from gvbsm_hf.validation import RecipeError
+from gvbsm_hf.recover.config import SynthesisArguments
 from gvbsm_hf.data import DatasetSpec  # noqa: E402
 from gvbsm_hf.errors import GVBSMError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SynthesisStep, get_method, method_config  # noqa: E402
@@ -30,9 +32,9 @@ from gvbsm_hf.methods.rded import (  # noqa: E402
     combine_features, kmeans, select_boundary, select_clustered, select_facility_location, select_kcenter,
     teacher_features)
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
-from gvbsm_hf.statistics import load_statistics, record_statistics, save_statistics  # noqa: E402
-from gvbsm_hf.synthesis import _TeacherSlot, recover  # noqa: E402
-from gvbsm_hf.trainer import GVBSMTrainer, RealImageDataset, SyntheticImageDataset  # noqa: E402
+from gvbsm_hf.record.engine import load_statistics, record_statistics, save_statistics  # noqa: E402
+from gvbsm_hf.recover.engine import _TeacherSlot, recover  # noqa: E402
+from gvbsm_hf.evaluate.trainer import GVBSMTrainer, RealImageDataset, SyntheticImageDataset  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ rded
 

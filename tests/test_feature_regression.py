@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from synthesis_setup import SPEC, STATS_ARGS, digits_uint8, make_teachers, small_args  # noqa: E402
 
-from gvbsm_hf.configs import RecipeError  # noqa: E402
+from gvbsm_hf.validation import RecipeError  # noqa: E402
 from gvbsm_hf.errors import GVBSMError  # noqa: E402
 from gvbsm_hf.methods import get_method, method_config  # noqa: E402
 from gvbsm_hf.methods.feature_regression import (  # noqa: E402
@@ -29,7 +29,7 @@ from gvbsm_hf.methods.feature_regression import (  # noqa: E402
     regression_targets,
 )
 from gvbsm_hf.methods.registry import SynthesisStep  # noqa: E402
-from gvbsm_hf.synthesis import _JobRunner, plan_jobs, recover  # noqa: E402
+from gvbsm_hf.recover.engine import _JobRunner, plan_jobs, recover  # noqa: E402
 
 
 def _reference_loss(phi_s: np.ndarray, phi_r: np.ndarray, t_s: np.ndarray, t_r: np.ndarray, rho: float) -> float:

@@ -16,13 +16,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synthesis_setup import SPEC, digits_uint8, make_statistics, make_teachers  # noqa: E402
 
 from gvbsm_hf.augment import authors_batch_augment, recording_augment, synthesis_augment  # noqa: E402
-from gvbsm_hf.configs import PROTOCOLS, StatisticsArguments, SynthesisArguments  # noqa: E402
+from gvbsm_hf.recover.config import PROTOCOLS, SynthesisArguments  # noqa: E402
+from gvbsm_hf.record.config import StatisticsArguments
 from gvbsm_hf.errors import StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.hooks import conv_statistics  # noqa: E402
 from gvbsm_hf.losses import conv_matching_loss, data_densification_loss, sds_matching_loss  # noqa: E402
 from gvbsm_hf.methods import method_config  # noqa: E402
-from gvbsm_hf.statistics import load_statistics, record_statistics, save_statistics  # noqa: E402
-from gvbsm_hf.synthesis import recover  # noqa: E402
+from gvbsm_hf.record.engine import load_statistics, record_statistics, save_statistics  # noqa: E402
+from gvbsm_hf.recover.engine import recover  # noqa: E402
 
 
 def _distinct_images(n: int, size: int) -> torch.Tensor:
@@ -250,9 +251,9 @@ def test_dd_always_pools_to_32_like_the_authors():
 def test_the_evaluate_stage_trains_on_the_exported_uint8_images(tmp_path, monkeypatch):
     import numpy as np
 
-    import gvbsm_hf.trainer as trainer_mod
-    from gvbsm_hf.hub import export_distilled_dataset, load_distilled_dataset
-    from gvbsm_hf.synthesis import SyntheticSet
+    import gvbsm_hf.evaluate.trainer as trainer_mod
+    from gvbsm_hf.export.engine import export_distilled_dataset, load_distilled_dataset
+    from gvbsm_hf.synthetic_set import SyntheticSet
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(20, 1, 16, 16, generator=g)
@@ -266,7 +267,9 @@ def test_the_evaluate_stage_trains_on_the_exported_uint8_images(tmp_path, monkey
 
     monkeypatch.setattr(trainer_mod, "evaluate_students", fake_evaluate)
     from gvbsm_hf.recipe import parse_recipe
-    from gvbsm_hf.stages import STAGE_REGISTRY, StageCache, StageContext
+    from gvbsm_hf.stages import STAGE_REGISTRY
+    from gvbsm_hf.stage_cache import StageCache
+    from gvbsm_hf.stage import StageContext
 
     recipe = parse_recipe(["--config", str(Path(__file__).parents[1] / "recipes/digits/smoke.yaml"),
                            "--output_dir", str(tmp_path), "--eval_seeds", "0"])

@@ -16,19 +16,12 @@ from huggingface_hub import DatasetCard, constants
 from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
 
-from gvbsm_hf import hub, hub_utils
+from gvbsm_hf import hub_utils
+from gvbsm_hf.export import engine as hub
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError, OfflineError
-from gvbsm_hf.hub import (
-    export_distilled_dataset,
-    load_distilled_dataset,
-    load_distilled_spec,
-    load_stored_soft_labels,
-    push_distilled_dataset,
-    push_teacher,
-    to_tensors,
-)
-from gvbsm_hf.relabel import StoredSoftLabels
+from gvbsm_hf.export.engine import export_distilled_dataset, load_distilled_dataset, load_distilled_spec, load_stored_soft_labels, push_distilled_dataset, push_teacher, to_tensors
+from gvbsm_hf.relabel.engine import StoredSoftLabels
 
 K = 5
 CLASS_NAMES = ("zero", "one", "two", "three", "four")
@@ -335,7 +328,7 @@ def test_card_with_unpublished_teachers_names_no_local_path(tmp_path, monkeypatc
     assert "To train a student without any teacher, use the `views` config (stored soft labels" in body
     code = _snippet(body)
     assert f'StoredViews("{hub.LOCAL_FOLDER_PLACEHOLDER}")' in code
-    assert "load_teacher" not in body and "gvbsm_hf.trainer" not in code
+    assert "load_teacher" not in body and "GVBSMTrainer" not in code
     assert "a local dataset (`real_images`)" in body
     # provenance for machines: the ids/names, not the folders
     export_info = json.loads((folder / "gvbsm_export.json").read_text())

@@ -189,8 +189,8 @@ def _digits_split(n: int) -> tuple[datasets.Dataset, torch.Tensor, torch.Tensor]
 
 
 def test_validation_streams_with_a_bounded_number_of_decoded_images(tmp_path, monkeypatch):
-    from gvbsm_hf.configs import GVBSMTrainingArguments
-    from gvbsm_hf.trainer import GVBSMTrainer, evaluate_students
+    from gvbsm_hf.evaluate.config import GVBSMTrainingArguments
+    from gvbsm_hf.evaluate.trainer import GVBSMTrainer, evaluate_students
 
     n_val, bs = 96, 8
     split, _ = _digits_split(n_val)
@@ -230,8 +230,8 @@ def test_validation_streams_with_a_bounded_number_of_decoded_images(tmp_path, mo
 
 
 def test_stage_context_and_real_init_decode_only_the_rows_they_index(monkeypatch):
-    from gvbsm_hf.stages import StageContext
-    from gvbsm_hf.synthesis import _init_from_real, plan_jobs
+    from gvbsm_hf.stage import StageContext
+    from gvbsm_hf.recover.engine import _init_from_real, plan_jobs
 
     split, labels = _digits_split(200)
     spec = DatasetSpec(name="digits-stream", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,),
@@ -341,7 +341,8 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path, monkeypatch):
 
     # 5. N processes: the recover stage of the same folder relaunched on 2 CPU processes (torchrun, as on
     # N GPUs) recomputes the same synthetic images; the jobs (batches) are split between the processes
-    from gvbsm_hf.synthesis import SyntheticSet, plan_jobs
+    from gvbsm_hf.synthetic_set import SyntheticSet
+    from gvbsm_hf.recover.engine import plan_jobs
 
     assert len(plan_jobs(folder["classes"], ipc, int(reh.SHRINK[reh.SHRINK.index("--syn_classes_per_batch") + 1]),
                          int(used["syn_slots_per_batch"]))) >= 2

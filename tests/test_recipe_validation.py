@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from gvbsm_hf.configs import RecipeError
+from gvbsm_hf.validation import RecipeError
 from gvbsm_hf.errors import GVBSMError, UnknownBackboneError
-from gvbsm_hf.recipe import NON_RESULT_FIELDS, config_to_dict, parse_recipe, recipe_to_dict
+from gvbsm_hf.fingerprint import NON_RESULT_FIELDS
+from gvbsm_hf.recipe import config_to_dict, parse_recipe, recipe_to_dict
 from gvbsm_hf.stages import stage_fingerprints
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,8 +129,8 @@ def test_recipe_json_holds_every_field_and_no_secret():
 def test_an_option_added_since_a_run_keeps_its_stages_while_at_its_default(tmp_path):
     """Upgrading gvbsm-hf adds fields; a finished stage whose stored config lacks a field that is at
     its default is not recomputed, and one set away from its default is."""
-    from gvbsm_hf.configs import STAGES
-    from gvbsm_hf.stages import StageCache
+    from gvbsm_hf.pipeline_config import STAGES
+    from gvbsm_hf.stage_cache import StageCache
 
     recipe = _parse("--output_dir", str(tmp_path))
     cache = StageCache(tmp_path, [], recipe)

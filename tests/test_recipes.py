@@ -229,7 +229,7 @@ def test_teacher_subsets_must_name_teachers():
 
 
 def test_command_line_overrides_yaml():
-    from gvbsm_hf.configs import SynthesisArguments
+    from gvbsm_hf.recover.config import SynthesisArguments
 
     data = yaml.safe_load(SMOKE.read_text())
     base = parse_recipe(["--config", str(SMOKE)])
@@ -288,8 +288,8 @@ def test_exported_folder_replays_the_evaluated_views_bitwise(smoke_run):
     from gvbsm_hf import StoredViews
     from gvbsm_hf.augment import apply_crop_flip, paste_boxes
     from gvbsm_hf.data import DatasetSpec
-    from gvbsm_hf.relabel import StoredSoftLabels
-    from gvbsm_hf.synthesis import SyntheticSet
+    from gvbsm_hf.relabel.engine import StoredSoftLabels
+    from gvbsm_hf.synthetic_set import SyntheticSet
 
     out, summary = smoke_run["out"], smoke_run["summary"]
     spec = DatasetSpec.from_dict(json.loads((out / "data_spec.json").read_text()))
@@ -326,7 +326,7 @@ def test_smoke_recipe_runs_end_to_end(smoke_run):
     from PIL import Image
 
     from gvbsm_hf.data import DatasetSpec
-    from gvbsm_hf.synthesis import SyntheticSet
+    from gvbsm_hf.synthetic_set import SyntheticSet
 
     out, summary = smoke_run["out"], smoke_run["summary"]
     smoke = yaml.safe_load(SMOKE.read_text())
@@ -491,7 +491,8 @@ def test_evaluate_rerun_with_every_seed_cached_and_hard_label_seeds(smoke_run, t
     assert rows[("gvbsm", "soft")]["seeds"] == [0, 1] and rows[("random_real", "soft")]["seeds"] == [0, 1]
     first = {(r["method"], r["labels"]): r for r in before}
     assert rows[("gvbsm", "soft")]["per_seed"][0] == first[("gvbsm", "soft")]["per_seed"][0]  # reused
-    from gvbsm_hf.configs import PipelineArguments, RecipeError
+    from gvbsm_hf.pipeline_config import PipelineArguments
+    from gvbsm_hf.validation import RecipeError
 
     with pytest.raises(RecipeError, match="hard_label_seeds is empty"):
         PipelineArguments(hard_label_seeds=[])
@@ -514,7 +515,7 @@ def test_syn_teachers_restricts_the_synthesis_backbones(smoke_run, tmp_path):
 
 @pytest.mark.slow
 def test_stored_relabel_resumes_and_feeds_later_stages(smoke_run, tmp_path):
-    from gvbsm_hf.relabel import STORED_LABELS_FILE, STORED_META_FILE, StoredSoftLabels
+    from gvbsm_hf.relabel.engine import STORED_LABELS_FILE, STORED_META_FILE, StoredSoftLabels
 
     out = _copy_of(smoke_run, tmp_path / "stored")
     stored = ["--relabel_mode", "stored", "--relabel_num_views", "2"]

@@ -20,17 +20,9 @@ from torch import nn
 from gvbsm_hf.augment import apply_crop_flip
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError
-from gvbsm_hf import relabel
-from gvbsm_hf.relabel import (
-    STORED_LABELS_FILE,
-    STORED_META_FILE,
-    StoredSoftLabels,
-    TeacherEnsemble,
-    derive_seed,
-    relabel_stored,
-    sample_image_views,
-    sample_view_cutmix,
-)
+from gvbsm_hf.relabel import engine as relabel
+from gvbsm_hf.relabel.engine import STORED_LABELS_FILE, STORED_META_FILE, StoredSoftLabels, derive_seed, relabel_stored, sample_image_views, sample_view_cutmix
+from gvbsm_hf.ensemble import TeacherEnsemble
 
 SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
 
@@ -507,7 +499,8 @@ TWO_PROC_SCRIPT = textwrap.dedent(
     from torch import nn
     torch.set_num_threads(1)
     from accelerate import Accelerator
-    from gvbsm_hf.relabel import TeacherEnsemble, relabel_stored
+    from gvbsm_hf.ensemble import TeacherEnsemble
+    from gvbsm_hf.relabel.engine import relabel_stored
 
     def teacher():
         torch.manual_seed(1)

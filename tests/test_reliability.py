@@ -54,7 +54,7 @@ def test_an_output_dir_that_is_a_file_is_refused_before_anything(tmp_path):
 
 
 def test_a_full_disk_names_the_stage_and_loses_nothing(tmp_path, monkeypatch):
-    import gvbsm_hf.stages.record as record_mod
+    import gvbsm_hf.record.stage as record_mod
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -90,14 +90,14 @@ def test_a_write_killed_at_any_byte_leaves_the_previous_file_whole(tmp_path, cut
 @pytest.mark.parametrize("stage, make", [("recover", "synthetic"), ("record", "statistics"), ("squeeze", "teacher")])
 def test_a_torn_artefact_names_the_file_and_the_redo(tmp_path, stage, make):
     if make == "synthetic":
-        from gvbsm_hf.synthesis import SyntheticSet
+        from gvbsm_hf.synthetic_set import SyntheticSet
 
         syn = SyntheticSet(torch.zeros(4, 1, 4, 4), torch.arange(4), torch.zeros(4, dtype=torch.long),
                            torch.zeros(4, dtype=torch.long), "gvbsm")
         path = syn.save(tmp_path)
         load = lambda: SyntheticSet.load(tmp_path)  # noqa: E731
     elif make == "statistics":
-        from gvbsm_hf.statistics import TeacherStatistics, load_statistics, save_statistics
+        from gvbsm_hf.record.engine import TeacherStatistics, load_statistics, save_statistics
 
         layer = {k: torch.rand(3) for k in ("channel_mean", "channel_var", "patch_mean", "patch_var")}
         path = save_statistics(TeacherStatistics(layers={"c": layer}, provenance={"patch_size": 4}),
@@ -165,9 +165,9 @@ def test_a_launch_with_another_process_count_is_stopped(monkeypatch, caplog):
 # ------------------------------------------------------------------------------ health check
 
 def test_the_health_check_trips_on_a_diverged_set_and_accepts_on_request(tmp_path):
-    from gvbsm_hf.stages.base import StageContext
-    from gvbsm_hf.stages.recover import RecoverStage, synthesis_health
-    from gvbsm_hf.synthesis import SyntheticSet
+    from gvbsm_hf.stage import StageContext
+    from gvbsm_hf.recover.stage import RecoverStage, synthesis_health
+    from gvbsm_hf.synthetic_set import SyntheticSet
 
     torch.manual_seed(0)
     teachers = make_teachers(1, epochs=2)

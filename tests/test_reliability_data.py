@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from gvbsm_hf.configs import RecipeError
+from gvbsm_hf.validation import RecipeError
 from gvbsm_hf.data import get_dataset_spec, load_image_dataset, to_uint8_tensors, validate_image_dataset
 from gvbsm_hf.errors import DataValidationError, GVBSMError, UnknownBackboneError
 from gvbsm_hf.recipe import parse_recipe
@@ -250,12 +250,12 @@ def _load_distill():
 
 @pytest.mark.parametrize("typo, meant", [("convnte32_d2", "convnet32_d2"), ("mobilenetv2_05", "mobilenetv2_050")])
 def test_teacher_typo_fails_at_parse_time_with_the_zoo_name_first(tmp_path, monkeypatch, typo, meant):
-    import gvbsm_hf.squeeze
+    import gvbsm_hf.squeeze.stage
 
     def no_training(*a, **k):
         raise AssertionError("a teacher was trained")
 
-    monkeypatch.setattr(gvbsm_hf.squeeze, "train_teacher", no_training)
+    monkeypatch.setattr(gvbsm_hf.squeeze.stage, "train_teacher", no_training)
     distill = _load_distill()
     out = tmp_path / "out"
     t0 = time.perf_counter()
@@ -329,7 +329,8 @@ def _tiny_backbone_factory(calls, real_create):
 def _squeeze_context(recipe, out: Path):
     from accelerate import Accelerator
 
-    from gvbsm_hf.stages import StageCache, StageContext
+    from gvbsm_hf.stage_cache import StageCache
+    from gvbsm_hf.stage import StageContext
 
     dsd = load_image_dataset("digits", max_train_samples=40, max_eval_samples=20)
     spec = get_dataset_spec(dsd, "digits")
@@ -364,9 +365,9 @@ def test_squeeze_builds_zoo_teachers_from_scratch_and_tv_teachers_pretrained(tmp
     out0 = tmp_path / "out0"
     recipe0 = _parse("--teachers", "tv:resnet18", "--teacher_pretrained", "true", "--teacher_epochs", "0",
                      "--output_dir", str(out0))
-    import gvbsm_hf.squeeze
+    import gvbsm_hf.squeeze.stage
 
-    monkeypatch.setattr(gvbsm_hf.squeeze, "train_teacher", no_network)
+    monkeypatch.setattr(gvbsm_hf.squeeze.stage, "train_teacher", no_network)
     ctx0 = _squeeze_context(recipe0, out0)
     STAGE_REGISTRY["squeeze"].run(ctx0)
     assert ("tv:resnet18", True) in calls and len(ctx0.teachers) == 1

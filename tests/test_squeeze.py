@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from gvbsm_hf.configs import SqueezeArguments
+from gvbsm_hf.squeeze.config import SqueezeArguments
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError, NonFiniteLossError
-from gvbsm_hf.squeeze import _lr_at, train_teacher
+from gvbsm_hf.squeeze.engine import _lr_at, train_teacher
 from gvbsm_hf.teacher import load_teacher
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -145,7 +145,7 @@ import json, os, sys
 sys.path.insert(0, {tests_dir!r})
 import torch.distributed as dist
 from accelerate import Accelerator
-from gvbsm_hf.squeeze import train_teacher
+from gvbsm_hf.squeeze.engine import train_teacher
 from test_squeeze import make_digits, two_process_setup
 
 acc = Accelerator(cpu=True)

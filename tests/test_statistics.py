@@ -17,14 +17,7 @@ from torch import nn
 
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, StatisticsMismatchError
-from gvbsm_hf.statistics import (
-    TeacherStatistics,
-    load_statistics,
-    record_statistics,
-    save_statistics,
-    statistics_from_dataset,
-    statistics_to_dataset,
-)
+from gvbsm_hf.record.engine import TeacherStatistics, load_statistics, record_statistics, save_statistics, statistics_from_dataset, statistics_to_dataset
 from gvbsm_hf.utils import model_fingerprint
 
 STATS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
@@ -196,7 +189,7 @@ def test_one_and_two_processes_agree(tmp_path):
             from shared import make_teacher, ensure_augment
             ensure_augment()
             from gvbsm_hf.data import DatasetSpec
-            from gvbsm_hf.statistics import record_statistics, save_statistics
+            from gvbsm_hf.record.engine import record_statistics, save_statistics
             spec = DatasetSpec(**{SPEC.to_dict()!r})
             acc = Accelerator(cpu=True)
             assert acc.num_processes == 2, acc.num_processes

@@ -19,7 +19,8 @@ from synthesis_setup import SPEC, STATS_ARGS, digits_uint8, make_statistics, mak
 
 from gvbsm_hf.errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SRe2LConfig, SynthesisConfig, method_config, register_method, unregister_method  # noqa: E402
-from gvbsm_hf.synthesis import SyntheticSet, plan_jobs, recover  # noqa: E402
+from gvbsm_hf.synthetic_set import SyntheticSet  # noqa: E402
+from gvbsm_hf.recover.engine import plan_jobs, recover
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ TWO_PROC_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from accelerate import Accelerator
     from synthesis_setup import SPEC, STATS_ARGS, make_statistics, make_teachers, small_args
-    from gvbsm_hf.synthesis import recover
+    from gvbsm_hf.recover.engine import recover
     acc = Accelerator(cpu=True)
     assert acc.num_processes == int(sys.argv[2]), acc.num_processes
     teachers = make_teachers(2)

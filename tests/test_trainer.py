@@ -11,19 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback, default_data_collator
 
-import gvbsm_hf.trainer as trainer_mod
+import gvbsm_hf.evaluate.trainer as trainer_mod
 from gvbsm_hf import losses
 from gvbsm_hf.augment import apply_crop_flip
-from gvbsm_hf.configs import GVBSMTrainingArguments
+from gvbsm_hf.evaluate.config import GVBSMTrainingArguments
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError, UnknownBackboneError
-from gvbsm_hf.relabel import TeacherEnsemble, relabel_stored
-from gvbsm_hf.trainer import (
-    GVBSMTrainer,
-    RealImageDataset,
-    SyntheticImageDataset,
-    evaluate_students,
-)
+from gvbsm_hf.ensemble import TeacherEnsemble
+from gvbsm_hf.relabel.engine import relabel_stored
+from gvbsm_hf.evaluate.trainer import GVBSMTrainer, RealImageDataset, SyntheticImageDataset, evaluate_students
 
 SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
 STUDENT_KW = {"width": 16, "depth": 2}

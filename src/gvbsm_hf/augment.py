@@ -13,9 +13,10 @@ whole image and ``(j, i, j + w, i + h)`` is torchvision's crop ``img[..., i:i+h,
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,13 +35,15 @@ __all__ = [
     "cutmix_boxes",
     "paste_boxes",
     "AUGMENT_KINDS",
+    "AugmentKind",
     "authors_batch_augment",
     "synthesis_augment",
     "recording_augment",
     "is_imagenet_scale",
 ]
 
-AUGMENT_KINDS = ("authors", "per_image_rrc", "none")
+AugmentKind = Literal["authors", "per_image_rrc", "none"]
+AUGMENT_KINDS: tuple[str, ...] = typing.get_args(AugmentKind)
 """Augmentation families of synthesis (``syn_augment``) and recording (``stats_augment``), docs/differences.md."""
 
 IMAGENET_SCALE = 128

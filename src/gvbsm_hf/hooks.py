@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 logger = logging.getLogger(__name__)
 
 CONV_STATISTICS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
-"""Keys of every ``conv_stats[layer]`` dict (and of :class:`gvbsm_hf.statistics.TeacherStatistics`)."""
+"""Keys of every ``conv_stats[layer]`` dict (and of :class:`gvbsm_hf.record.engine.TeacherStatistics`)."""
 
 
 class _ShiftedBatchMoments(torch.autograd.Function):

@@ -1,5 +1,5 @@
 """Stage orchestration for ``recipes/distill.py``: squeeze -> record -> recover -> relabel ->
-evaluate -> export (:mod:`gvbsm_hf.stages`, one module each), every stage cached in
+evaluate -> export (``gvbsm_hf.<stage>.stage``, one module each), every stage cached in
 ``output_dir`` and skipped when done.
 
 Layout of ``output_dir``::
@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .configs import STAGES
+from .pipeline_config import STAGES
 from .recipe import Recipe, load_recipe_yaml, parse_recipe, recipe_parser, recipe_to_dict
-from .stages import STAGE_REGISTRY, StageCache, StageContext, stage_configs, stage_fingerprints
+from .stages import STAGE_REGISTRY, stage_configs, stage_fingerprints
+from .stage_cache import StageCache
+from .stage import StageContext
 from .utils import write_json_atomic
 
 __all__ = [

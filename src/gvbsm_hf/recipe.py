@@ -1,17 +1,15 @@
-"""One recipe = one flat YAML filling the stage dataclasses (:mod:`gvbsm_hf.configs`).
+"""One recipe = one flat YAML filling the stage configs (``gvbsm_hf.<stage>.config``).
 
 * :func:`parse_recipe`: ``--config recipe.yaml`` plus command-line overrides, through
   ``HfArgumentParser``. Every value is validated here (choices, types, ranges, cross-field checks),
   before any data is loaded or any stage runs.
-* :func:`config_to_dict`: THE serializer of configs (dataclass -> dict minus an explicit deny-list),
-  used for the stage cache fingerprints, ``recipe.json`` and the exported dataset's
-  ``gvbsm_config.json`` / card. :func:`config_fingerprint` hashes it with ``datasets``' Hasher.
+* :func:`recipe_to_dict`: the whole recipe as one flat dict (``recipe.json``, the exported
+  dataset's ``gvbsm_config.json``), through :func:`gvbsm_hf.fingerprint.config_to_dict`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import typing
 from dataclasses import dataclass
@@ -22,37 +20,31 @@ from typing import Any, Iterable, Sequence
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .configs import (
-    RECIPE_CLASSES,
-    STAGES,
+from .data.config import DataArguments
+from .evaluate.config import GVBSMTrainingArguments
+from .export.config import PublishArguments
+from .fingerprint import SECRET_FIELDS, config_to_dict
+from .methods import method_config
+from .backbones import is_backbone_name, unknown_backbone_message
+from .pipeline_config import PipelineArguments
+from .record.config import StatisticsArguments
+from .recover.config import PROTOCOLS, SynthesisArguments
+from .relabel.config import RelabelArguments
+from .squeeze.config import SqueezeArguments, is_teacher_reference, teacher_starts_pretrained, untrained_teachers_message
+from .validation import RecipeError, ValidatedArguments, check_value
+from .errors import GVBSMError, UnknownBackboneError
+
+RECIPE_CLASSES = (
     DataArguments,
-    GVBSMTrainingArguments,
-    PipelineArguments,
-    PublishArguments,
-    RecipeError,
-    RelabelArguments,
     SqueezeArguments,
     StatisticsArguments,
     SynthesisArguments,
-    ValidatedArguments,
-    check_value,
+    RelabelArguments,
+    GVBSMTrainingArguments,
+    PublishArguments,
+    PipelineArguments,
 )
-from .errors import GVBSMError
-
-SECRET_FIELDS = frozenset({"hub_token", "push_to_hub_token"})
-"""Never written anywhere (recipe.json, cards)."""
-
-NON_RESULT_FIELDS = SECRET_FIELDS | frozenset({
-    # where and how a run reports and saves, not what it computes
-    "output_dir", "logging_dir", "run_name", "report_to", "logging_steps", "logging_strategy", "logging_first_step",
-    "logging_nan_inf_filter", "disable_tqdm", "log_level", "log_level_replica", "log_on_each_node",
-    "save_strategy", "save_steps", "save_total_limit", "save_safetensors", "save_on_each_node", "save_only_model",
-    "overwrite_output_dir", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_strategy",
-    "hub_private_repo", "hub_always_push", "hub_revision", "push_to_hub_model_id", "push_to_hub_organization",
-    "local_rank", "skip_memory_metrics", "dataloader_workers", "stages", "redo",
-})
-"""Deny-list of the stage cache: fields that never change a stage's output."""
-
+"""The recipe's dataclasses, in stage order (one ``HfArgumentParser`` fills them all)."""
 
 @dataclass
 class Recipe:
@@ -71,40 +63,12 @@ class Recipe:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-# ------------------------------------------------------------------------------ serializer
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: getattr(v, "value", str(v))))
-
-
-def config_to_dict(obj: Any, deny: Iterable[str] = SECRET_FIELDS) -> dict[str, Any]:
-    """Every field of a config dataclass as plain JSON values, minus the ``deny`` names.
-
-    ``TrainingArguments`` go through their own ``to_dict`` (enums as values, tokens masked)."""
-    deny = set(deny)
-    if isinstance(obj, TrainingArguments):
-        d = obj.to_dict()
-    elif dataclasses.is_dataclass(obj):
-        d = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    else:
-        raise TypeError(f"config_to_dict needs a dataclass, got {type(obj).__name__}")
-    return _plain({k: v for k, v in d.items() if k not in deny})
-
-
 def recipe_to_dict(recipe: Recipe, deny: Iterable[str] = SECRET_FIELDS) -> dict[str, Any]:
     """The whole recipe as one flat dict (``recipe.json``, the export's ``gvbsm_config.json``)."""
     out: dict[str, Any] = {}
     for part in recipe.parts().values():
         out.update(config_to_dict(part, deny))
     return out
-
-
-def config_fingerprint(*values: Any) -> str:
-    """``datasets.fingerprint.Hasher`` of JSON-able values."""
-    from datasets.fingerprint import Hasher
-
-    return Hasher.hash(_plain(list(values)))
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -184,10 +148,6 @@ def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
 def validate_recipe(recipe: Recipe) -> None:
     """Cross-field checks of a whole recipe, before any stage runs (each field was checked by its
     dataclass): teacher subsets, backbone names, the main method's options and sizes."""
-    from .methods import method_config
-
-    from .configs import PROTOCOLS
-
     r = recipe
     if r.stats.stats_patch_mode is None:  # a recipe-level protocol field (record and recover use it)
         r.stats.stats_patch_mode = PROTOCOLS[r.synthesis.syn_protocol]["stats_patch_mode"]
@@ -198,8 +158,6 @@ def validate_recipe(recipe: Recipe) -> None:
                               "name teachers exactly as in `teachers`.")
     method_config(r.synthesis.syn_method, r.synthesis)  # the main method accepts every method field set
     check_backbone_names(r)
-    from .stages.squeeze import is_teacher_reference, teacher_starts_pretrained, untrained_teachers_message
-
     trained = [n for n in r.squeeze.teachers if not is_teacher_reference(n)]
     untrained = [n for n in trained if not teacher_starts_pretrained(n, r.squeeze.teacher_pretrained)]
     if untrained and r.squeeze.teacher_epochs == 0:
@@ -208,18 +166,13 @@ def validate_recipe(recipe: Recipe) -> None:
 
 def check_backbone_names(recipe: Recipe) -> None:
     """Every teacher to train and every student must be a known backbone name (before squeeze)."""
-    from .backbones.registry import _unknown_message, is_backbone_name
-    from .errors import UnknownBackboneError
-    from .stages.squeeze import is_teacher_reference
-
     named = [("teachers", n) for n in recipe.squeeze.teachers if not is_teacher_reference(n)]
     named += [("student", n) for n in [recipe.training.student, *(recipe.training.eval_students or [])]]
     for option, name in named:
         if not is_backbone_name(name):
-            raise UnknownBackboneError(f"{option}: {_unknown_message(name)}")
+            raise UnknownBackboneError(f"{option}: {unknown_backbone_message(name)}")
 
 
 __all__ = [
-    "STAGES", "Recipe", "RecipeError", "NON_RESULT_FIELDS", "SECRET_FIELDS", "config_to_dict", "recipe_to_dict",
-    "config_fingerprint", "recipe_parser", "load_recipe_yaml", "parse_recipe", "validate_recipe",
+    "RECIPE_CLASSES", "Recipe", "recipe_to_dict", "recipe_parser", "load_recipe_yaml", "parse_recipe", "validate_recipe",
 ]

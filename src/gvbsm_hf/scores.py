@@ -1,6 +1,6 @@
 """Honest scores next to top-1 (docs/method.md "Scores"), computed from evaluate-stage rows.
 
-A row is what :func:`gvbsm_hf.stages.evaluate.summarise` writes to ``evaluate/results.json``:
+A row is what :func:`gvbsm_hf.evaluate.stage.summarise` writes to ``evaluate/results.json``:
 ``{"method", "labels", "evaluator", "ipc", "mean", "std", "n", "protocol", "seeds", "per_seed"}``
 with accuracies in percent; ``labels`` is ``"soft"`` (the method's own labels and loss: "any" in
 DD-Ranking's notation), ``"hard"`` (plain cross-entropy on the ground truth, ``evaluate_hard_labels``)

@@ -254,7 +254,7 @@ def load_teacher(name_or_path: str | Path, *, device: torch.device | str | None 
         if missing:
             raise GVBSMError(
                 f"Teacher folder {target!r} lacks {missing}; write it with TeacherModel.save_pretrained "
-                "(gvbsm_hf.squeeze.train_teacher does this)."
+                "(gvbsm_hf.squeeze.engine.train_teacher does this)."
             )
         local_only = True
     else:

@@ -120,7 +120,7 @@ def create_backbone(
     timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
     if timm.is_model(timm_name):
         return _create_timm(timm_name, num_classes, in_chans, pretrained, **kwargs)
-    raise UnknownBackboneError(_unknown_message(name))
+    raise UnknownBackboneError(unknown_backbone_message(name))
 
 
 # --------------------------------------------------------------------------------------------- timm
@@ -162,7 +162,7 @@ def _create_torchvision(name: str, num_classes: int, in_chans: int, pretrained: 
     import torchvision
 
     if name not in torchvision.models.list_models():
-        raise UnknownBackboneError(_unknown_message(TV_PREFIX + name))
+        raise UnknownBackboneError(unknown_backbone_message(TV_PREFIX + name))
     if pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         if not _torch_hub_cached(weights.url):
@@ -243,7 +243,7 @@ def _require_network(what: str, *, url: str | None = None) -> None:
 # ----------------------------------------------------------------------------------- error messages
 
 
-def _unknown_message(name: str) -> str:
+def unknown_backbone_message(name: str) -> str:
     import timm
     import torchvision
 

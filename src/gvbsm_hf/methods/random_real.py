@@ -13,8 +13,8 @@ from .registry import SynthesisConfig, register_method
                  description="A class-balanced random subset of the real train split")
 def random_real_subset(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, config: SynthesisConfig):
     """``config.ipc`` real images per class (``class_balanced_indices(labels, n_per_class=ipc, seed=syn_seed)``),
-    class-major, as a :class:`~gvbsm_hf.synthesis.SyntheticSet`."""
-    from ..synthesis import SyntheticSet
+    class-major, as a :class:`~gvbsm_hf.synthetic_set.SyntheticSet`."""
+    from ..synthetic_set import SyntheticSet
 
     images, labels = real
     idx = torch.tensor(class_balanced_indices(labels.tolist(), n_per_class=config.ipc, seed=config.syn_seed),

@@ -427,8 +427,8 @@ def rded_init_images(job, real, spec: DatasetSpec, config: SynthesisConfig, teac
 def rded_select(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, config: SynthesisConfig, *,
                 teachers: Sequence[nn.Module] | None = None, device=None):
     """The ``rded`` set (module docstring): ``ipc`` images per class, class-major, as a
-    :class:`~gvbsm_hf.synthesis.SyntheticSet`."""
-    from ..synthesis import SyntheticSet
+    :class:`~gvbsm_hf.synthetic_set.SyntheticSet`."""
+    from ..synthetic_set import SyntheticSet
 
     classes = list(range(spec.num_classes))
     per_class = rded_class_images(real, spec, config, teachers or [], classes, device)

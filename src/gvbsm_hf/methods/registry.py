@@ -4,7 +4,7 @@ A method is one entry: a config class (a subclass of :class:`SynthesisConfig`, w
 defaults ARE the method's defaults), and either
 
 * a ``loss`` function (the decorated function): the pixels are optimised by the recover engine
-  (:mod:`gvbsm_hf.synthesis`) and the function returns the loss of one step and its named
+  (:mod:`gvbsm_hf.recover.engine`) and the function returns the loss of one step and its named
   components, given a :class:`SynthesisStep`; an optional ``init`` gives each job's start images;
 * or a ``select`` function (``select=True``): the set is chosen, not optimised (e.g. a random
   real subset), given the real train split.
@@ -23,7 +23,7 @@ from ..errors import GVBSMError
 if TYPE_CHECKING:
     import torch
 
-    from ..configs import SynthesisArguments
+    from ..recover.config import SynthesisArguments
 
 
 @dataclass

@@ -3,53 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import GVBSMError
-from .base import Stage, StageContext
-
-
-def is_teacher_reference(name: str) -> bool:
-    """A teacher given as a folder or Hub model id (loaded) rather than a backbone name (trained)."""
-    if os.path.isdir(name):
-        return True
-    if name.startswith(("hf-hub:", "tv:", "timm:")):
-        return False
-    from ..hub_utils import is_hub_repo_id
-
-    return is_hub_repo_id(name)
-
-
-def teacher_starts_pretrained(name: str, teacher_pretrained: bool) -> bool:
-    """``teacher_pretrained`` per teacher: backbones with pretrained weights (``timm:``, ``tv:``,
-    ``hf-hub:``, bare timm names) start from them; zoo backbones have none and start from scratch."""
-    from ..backbones.registry import has_pretrained_weights
-
-    return bool(teacher_pretrained) and has_pretrained_weights(name)
-
-
-def untrained_teachers_message(untrained: Sequence[str], teacher_pretrained: bool) -> str:
-    """Why ``teacher_epochs: 0`` cannot be used with these teachers, and the recipe fields that fix it."""
-    from ..backbones.registry import has_pretrained_weights
-
-    zoo = [n for n in untrained if not has_pretrained_weights(n)]
-    capable = [n for n in untrained if n not in zoo]
-    parts = []
-    if zoo:
-        parts.append(f"zoo teacher(s) {zoo} have no pretrained weights, so teacher_epochs: 0 would leave them "
-                     "untrained")
-    if capable:
-        parts.append(f"teacher(s) {capable} would be untrained because teacher_pretrained is false")
-    fixes = ["set `teacher_epochs: N` with N >= 1 in the recipe (--teacher_epochs N)"]
-    if capable and not teacher_pretrained:
-        fixes.append("set `teacher_pretrained: true` (--teacher_pretrained true) to use the pretrained weights of "
-                     f"{capable}")
-    if zoo:
-        fixes.append(f"remove {zoo} from `teachers:` (--teachers), or list trained teacher folders there instead")
-    return "; ".join(parts) + ". Fix: " + ", or ".join(fixes) + "."
+from .config import is_teacher_reference, teacher_starts_pretrained, untrained_teachers_message
+from ..stage import Stage, StageContext
 
 
 def teacher_dir_name(name: str, index: int, names: Sequence[str]) -> str:
@@ -64,7 +24,8 @@ def teacher_fingerprint(ctx: StageContext, name: str) -> str:
     """What one trained teacher depends on: its backbone name, the data, the squeeze settings (not the
     list of the other teachers) and the seed. A teacher whose fingerprint is unchanged is kept when
     the recipe changes elsewhere (e.g. one teacher dropped from ``teachers``)."""
-    from ..recipe import NON_RESULT_FIELDS, config_fingerprint, config_to_dict
+    from ..fingerprint import NON_RESULT_FIELDS, config_fingerprint
+    from ..recipe import config_to_dict
 
     r = ctx.recipe
     squeeze = {k: v for k, v in config_to_dict(r.squeeze, NON_RESULT_FIELDS).items() if k != "teachers"}
@@ -95,7 +56,7 @@ class SqueezeStage(Stage):
     def _teachers(self, ctx: StageContext, train: bool) -> None:
         """Train (``train``) or load every teacher; the real splits are decoded only when a
         teacher is actually trained."""
-        from ..squeeze import train_teacher
+        from .engine import train_teacher
         from ..teacher import TeacherModel, load_teacher
 
         r, acc = ctx.recipe, ctx.accelerator

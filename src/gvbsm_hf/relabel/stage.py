@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import Stage, StageContext, method_folder
-from .recover import teacher_subset
+from ..stage import Stage, StageContext, method_folder
+from ..recover.stage import teacher_subset
 
 
 class RelabelStage(Stage):
@@ -18,12 +18,12 @@ class RelabelStage(Stage):
         return ctx.output_dir / "relabel" / method_folder(method)
 
     def outputs(self, ctx: StageContext) -> list[Path]:
-        from ..relabel import STORED_META_FILE
+        from .engine import STORED_META_FILE
 
         return [self.folder(ctx, m) / STORED_META_FILE for m in self.methods(ctx)]
 
     def _ensemble(self, ctx: StageContext) -> None:
-        from ..relabel import TeacherEnsemble
+        from ..ensemble import TeacherEnsemble
 
         r = ctx.recipe
         teachers = [ctx.teachers[i] for i in teacher_subset(r.squeeze.teachers, r.relabel.relabel_teachers)]
@@ -48,7 +48,7 @@ class RelabelStage(Stage):
     def _labels(self, ctx: StageContext, compute: bool) -> None:
         import math
 
-        from ..relabel import STORED_META_FILE, StoredSoftLabels, relabel_stored
+        from .engine import STORED_META_FILE, StoredSoftLabels, relabel_stored
 
         self._ensemble(ctx)
         r = ctx.recipe

@@ -39,9 +39,9 @@ from huggingface_hub import DatasetCard, DatasetCardData, HfApi
 from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
-from . import hub_utils
-from .data import DatasetSpec, to_uint8_tensors
-from .errors import DataValidationError, GVBSMError, OfflineError
+from .. import hub_utils
+from ..data import DatasetSpec, to_uint8_tensors
+from ..errors import DataValidationError, GVBSMError, OfflineError
 
 logger = logging.getLogger(__name__)  # used outside an Accelerator state (export runs on the main process)
 
@@ -262,7 +262,7 @@ def export_distilled_dataset(
         stored_views: per-image rows of stored relabel views (``views_boxes``, ``views_flip``,
             ``soft_logits`` or ``topk_values``/``topk_indices``, and ``views_mix_partner`` /
             ``views_mix_boxes`` under CutMix): dict, ``Dataset`` or ``StoredSoftLabels``.
-        statistics: :func:`gvbsm_hf.statistics.statistics_to_dataset` table (or the list of statistics).
+        statistics: :func:`gvbsm_hf.record.engine.statistics_to_dataset` table (or the list of statistics).
         results: rows with ``evaluator``, ``protocol``, ``soft_label``/``labels``, ``mean``, ``std``, ``n``, ``method``.
         teacher_repos: Hub model ids (``owner/name``) of the *published* teachers: linked in the card
             and loaded by its on-the-fly relabel snippet. A local folder is refused: push it first
@@ -335,7 +335,7 @@ def export_distilled_dataset(
     tables: dict[str, datasets.Dataset] = {"default": table}
     if statistics is not None:
         if not isinstance(statistics, datasets.Dataset):
-            from .statistics import statistics_to_dataset
+            from ..record.engine import statistics_to_dataset
 
             statistics = statistics_to_dataset(list(statistics))
         tables["statistics"] = statistics
@@ -645,8 +645,8 @@ def load_distilled_spec(folder_or_repo: str | Path) -> DatasetSpec:
 
 
 def load_stored_soft_labels(folder_or_repo: str | Path):
-    """The ``views`` config of an export as a :class:`gvbsm_hf.relabel.StoredSoftLabels`."""
-    from .relabel import StoredSoftLabels
+    """The ``views`` config of an export as a :class:`gvbsm_hf.relabel.engine.StoredSoftLabels`."""
+    from ..relabel.engine import StoredSoftLabels
 
     meta = _read_json(folder_or_repo, EXPORT_FILE).get("views")
     if not meta:
@@ -662,7 +662,7 @@ def to_tensors(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """uint8 images ``(N, C, H, W)``, int64 labels ``(N,)`` and float32 soft logits ``(N, K)``
     (``None`` when the export has none; top-k exports are densified with the min kept value - 1,
-    as :class:`~gvbsm_hf.relabel.StoredSoftLabels` does).
+    as :class:`~gvbsm_hf.relabel.engine.StoredSoftLabels` does).
 
     ``spec`` gives channels / size; without it they are read from the first image.
     """

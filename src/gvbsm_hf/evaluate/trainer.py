@@ -4,9 +4,9 @@ Every training batch is augmented ON THE DEVICE (random resized crop + flip, par
 CPU generator seeded by ``(args.seed, global step, micro-step, process)``), optionally mixed by
 CutMix, and soft-labelled for exactly that view:
 
-* on the fly: the :class:`~gvbsm_hf.relabel.TeacherEnsemble` runs on the augmented (and mixed)
+* on the fly: the :class:`~gvbsm_hf.ensemble.TeacherEnsemble` runs on the augmented (and mixed)
   batch (Eq. 8);
-* stored: a view of :class:`~gvbsm_hf.relabel.StoredSoftLabels` is picked per image
+* stored: a view of :class:`~gvbsm_hf.relabel.engine.StoredSoftLabels` is picked per image
   (``epoch % V`` or at random) and THAT view is replayed (crop/flip, and the stored CutMix partner
   and box when the views were relabelled with CutMix), so label and view match;
 * hard labels (neither): cross-entropy with the dataset labels.
@@ -41,12 +41,13 @@ from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 
-from .augment import apply_crop_flip, cutmix, sample_crop_flip
-from .configs import GVBSMTrainingArguments
-from .data import DatasetSpec
-from .errors import DataValidationError, GVBSMError
-from .losses import cross_entropy_loss, kl_soft_label_loss, mse_gt_loss
-from .relabel import StoredSoftLabels, TeacherEnsemble, derive_seed
+from ..augment import apply_crop_flip, cutmix, sample_crop_flip
+from .config import GVBSMTrainingArguments
+from ..data import DatasetSpec
+from ..errors import DataValidationError, GVBSMError
+from ..losses import cross_entropy_loss, kl_soft_label_loss, mse_gt_loss
+from ..relabel.engine import StoredSoftLabels, derive_seed
+from ..ensemble import TeacherEnsemble
 
 logger = get_logger(__name__)
 
@@ -282,7 +283,7 @@ class StudentEMACallback(TrainerCallback):
                 e.copy_(w)
 
     def save(self, folder: str) -> None:
-        from .utils import save_safetensors
+        from ..utils import save_safetensors
 
         save_safetensors({k: v.detach().cpu().contiguous() for k, v in self.shadow.items()},
                          os.path.join(folder, EMA_STATE_FILE))
@@ -313,7 +314,7 @@ class GVBSMTrainer(Trainer):
 
     Args:
         model: the student (any ``nn.Module`` mapping a normalised batch to logits).
-        args: :class:`~gvbsm_hf.configs.GVBSMTrainingArguments`. ``remove_unused_columns`` is
+        args: :class:`~gvbsm_hf.evaluate.config.GVBSMTrainingArguments`. ``remove_unused_columns`` is
             forced to ``False``, ``label_names`` to ``["labels"]`` and ``load_best_model_at_end``
             to ``False`` (the protocol reports the last epoch).
         train_dataset: yields ``{"pixel_values", "labels", "index"}`` (:class:`SyntheticImageDataset`).
@@ -321,11 +322,11 @@ class GVBSMTrainer(Trainer):
         spec: the dataset spec (image size, classes).
         soft_labeler: teachers for on-the-fly soft labels; kept out of the Trainer's
             ``prepare`` (never wrapped, never saved), moved to ``args.device``.
-        stored_labels: precomputed views + logits (:func:`gvbsm_hf.relabel.relabel_stored`),
+        stored_labels: precomputed views + logits (:func:`gvbsm_hf.relabel.engine.relabel_stored`),
             one entry per training image, aligned by ``index``.
         stored_view_policy: ``"epoch"`` (view ``epoch % V`` for every image) or ``"random"``
             (a view per image drawn from the step generator). In stored mode the stored view is
-            replayed exactly (:meth:`~gvbsm_hf.relabel.StoredSoftLabels.replay`: crop/flip, and the
+            replayed exactly (:meth:`~gvbsm_hf.relabel.engine.StoredSoftLabels.replay`: crop/flip, and the
             CutMix partner's view pasted into the stored box; ``student_augment`` only concerns
             the other modes), so the stored logits are the teachers' on that very view;
             ``args.cutmix_prob`` must equal the one the views were relabelled with.
@@ -358,7 +359,7 @@ class GVBSMTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, GVBSMTrainingArguments):
-            raise GVBSMError("GVBSMTrainer needs args=GVBSMTrainingArguments(...) (gvbsm_hf.configs).")
+            raise GVBSMError("GVBSMTrainer needs args=GVBSMTrainingArguments(...) (gvbsm_hf.evaluate.config).")
         if args.loss_type not in LOSS_TYPES:
             raise GVBSMError(f"loss_type={args.loss_type!r} is not supported: use one of {LOSS_TYPES}.")
         if soft_labeler is not None and stored_labels is not None:
@@ -909,7 +910,7 @@ def evaluate_students(
     """
     from accelerate import PartialState
 
-    from .backbones import create_backbone
+    from ..backbones import create_backbone
 
     students = list(students or args.eval_students or [args.student])
     seeds = [int(s) for s in (seeds if seeds is not None else args.eval_seeds)]

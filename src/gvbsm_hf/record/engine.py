@@ -52,11 +52,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__
-from .data import DatasetSpec
-from .errors import DataValidationError, StatisticsMismatchError
-from .hooks import CONV_STATISTICS, StatisticsHooks
-from .utils import damaged_file_error, model_fingerprint, save_safetensors, seeded_generator
+from .. import __version__
+from ..data import DatasetSpec
+from ..errors import DataValidationError, StatisticsMismatchError
+from ..hooks import CONV_STATISTICS, StatisticsHooks
+from ..utils import damaged_file_error, model_fingerprint, save_safetensors, seeded_generator
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def record_statistics(
     was_training = teacher.training
     teacher.to(device).eval()
     augment = augment_kind(augment)
-    from .augment import recording_augment
+    from ..augment import recording_augment
 
     local_total = None
     if total_batches is not None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..errors import GVBSMError
 from ..recipe import recipe_to_dict
-from .base import Stage, StageContext, method_folder
+from ..stage import Stage, StageContext, method_folder
 
 
 def dataset_name(ctx: StageContext) -> str:
@@ -41,8 +41,8 @@ class ExportStage(Stage):
     def run(self, ctx: StageContext) -> dict[str, Any]:
         import torch
 
-        from ..hub import export_distilled_dataset, push_distilled_dataset, push_teacher
-        from ..statistics import statistics_to_dataset
+        from .engine import export_distilled_dataset, push_distilled_dataset, push_teacher
+        from ..record.engine import statistics_to_dataset
 
         r, acc = ctx.recipe, ctx.accelerator
         main = ctx.synthetic.get(ctx.main_method)

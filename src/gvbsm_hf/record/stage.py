@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import get_method, method_config
-from .base import Stage, StageContext
+from ..stage import Stage, StageContext
 
 
 def subset(split, max_samples: int | None, seed: int):
@@ -54,9 +54,9 @@ class RecordStage(Stage):
     def _statistics(self, ctx: StageContext, compute: bool) -> None:
         from ..data import image_batches
         from ..errors import StatisticsMismatchError
-        from ..recipe import config_fingerprint
-        from ..statistics import load_statistics, record_statistics, save_statistics
-        from ..synthesis import stats_augment_kind
+        from ..fingerprint import config_fingerprint
+        from .engine import load_statistics, record_statistics, save_statistics
+        from ..recover.engine import stats_augment_kind
         from ..utils import runtime_provenance
 
         r, acc = ctx.recipe, ctx.accelerator

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import get_method, method_config
-from .base import Stage, StageContext, method_folder
+from ..stage import Stage, StageContext, method_folder
 
 
 def random_real_rows(split, ipc: int, seed: int, spec):
@@ -31,7 +31,7 @@ def synthesis_health(syn, teachers, spec, device) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
-    from ..relabel import TeacherEnsemble
+    from ..ensemble import TeacherEnsemble
 
     ensemble = TeacherEnsemble(list(teachers)).to(device).eval()
     with torch.no_grad():
@@ -60,7 +60,7 @@ class RecoverStage(Stage):
         return [self.folder(ctx, m) / "synthetic.safetensors" for m in ctx.methods]
 
     def load(self, ctx: StageContext) -> None:
-        from ..synthesis import SyntheticSet
+        from ..synthetic_set import SyntheticSet
 
         for method in ctx.methods:
             path = self.folder(ctx, method) / "synthetic.safetensors"
@@ -70,10 +70,11 @@ class RecoverStage(Stage):
                 ctx.health[method] = json.loads((path.parent / "health.json").read_text())
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from ..synthesis import SyntheticSet, recover
+        from ..synthetic_set import SyntheticSet
+        from .engine import recover
         from ..visualize import save_class_grid
 
-        from ..recipe import config_fingerprint
+        from ..fingerprint import config_fingerprint
         from ..utils import write_json_atomic
 
         r, acc, spec = ctx.recipe, ctx.accelerator, ctx.spec

@@ -25,11 +25,11 @@ from accelerate.logging import get_logger
 from torch import nn
 from tqdm.auto import tqdm
 
-from .configs import SqueezeArguments
-from .utils import seeded_generator
-from .data import DatasetSpec
-from .errors import DataValidationError, GVBSMError, NonFiniteLossError
-from .teacher import TeacherModel
+from .config import SqueezeArguments
+from ..utils import seeded_generator
+from ..data import DatasetSpec
+from ..errors import DataValidationError, GVBSMError, NonFiniteLossError
+from ..teacher import TeacherModel
 
 logger = get_logger(__name__)
 
@@ -70,7 +70,7 @@ def _check_split(name: str, split: tuple[torch.Tensor, torch.Tensor], spec: Data
 
 def _augment(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Pad-4 random crop + horizontal flip of a whole global batch (``gvbsm_hf.augment.pad_crop_flip``)."""
-    from .augment import pad_crop_flip
+    from ..augment import pad_crop_flip
 
     return pad_crop_flip(images01, padding=4, generator=generator)
 
@@ -212,7 +212,7 @@ def train_teacher(
     _check_split("train", train, spec)
     _check_split("validation", validation, spec)
     if pretrained is None:
-        from .backbones.registry import has_pretrained_weights
+        from ..backbones.registry import has_pretrained_weights
 
         pretrained = bool(args.teacher_pretrained) and has_pretrained_weights(backbone)
     if args.teacher_epochs < 1 or args.teacher_batch_size < 1:

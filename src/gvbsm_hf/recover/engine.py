@@ -22,28 +22,29 @@ import json
 import math
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .augment import synthesis_augment
-from .configs import PROTOCOLS
-from .configs import StatisticsArguments, SynthesisArguments
-from .data import DatasetSpec
-from .errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError
-from .hooks import StatisticsHooks
-from .losses import first_layer_weights
-from .methods import SynthesisConfig, SynthesisStep, get_method, method_config
-from .statistics import TeacherStatistics
-from .utils import load_safetensors, save_safetensors, seeded_generator
+from ..augment import synthesis_augment
+from .config import PROTOCOLS
+from ..record.config import StatisticsArguments
+from .config import SynthesisArguments
+from ..data import DatasetSpec
+from ..errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError
+from ..hooks import StatisticsHooks
+from ..losses import first_layer_weights
+from ..methods import SynthesisConfig, SynthesisStep, get_method, method_config
+from ..record.engine import TeacherStatistics
+from ..synthetic_set import SyntheticSet
+from ..utils import load_safetensors, save_safetensors, seeded_generator
 
 logger = get_logger(__name__)
 
@@ -66,71 +67,6 @@ class SynthesisJob:
 
     def __len__(self) -> int:
         return len(self.classes) * len(self.slots)
-
-
-@dataclass
-class SyntheticSet:
-    """The result of recover: normalised float images plus their labels and slot metadata."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    slots: torch.Tensor
-    jobs: torch.Tensor
-    method: str
-    config: dict = field(default_factory=dict)
-
-    def uint8_images(self, spec: DatasetSpec) -> torch.Tensor:
-        """Images quantised to uint8 pixels (what is published as PNG)."""
-        return (spec.denormalize(self.images.float()) * 255.0).round().clamp(0, 255).to(torch.uint8)
-
-    def shipped_images(self, spec: DatasetSpec) -> torch.Tensor:
-        """The published images, normalised: what relabel, evaluate and the exported soft labels use,
-        so that what is evaluated is what is shipped (the authors train on their saved PNGs)."""
-        return spec.normalize(self.uint8_images(spec))
-
-    def to_dataset(self, spec: DatasetSpec):
-        """``datasets.Dataset`` with ``image`` (Image), ``label`` (ClassLabel), slot and job columns."""
-        import datasets
-        import numpy as np
-        from PIL import Image
-
-        pixels = self.uint8_images(spec).permute(0, 2, 3, 1).numpy()
-        mode = "L" if spec.channels == 1 else "RGB"
-        pil = [Image.fromarray(p[..., 0] if spec.channels == 1 else p, mode=mode) for p in pixels]
-        features = datasets.Features(
-            {
-                "image": datasets.Image(),
-                "label": datasets.ClassLabel(names=list(spec.class_names) or [str(i) for i in range(spec.num_classes)]),
-                "slot": datasets.Value("int32"),
-                "job": datasets.Value("int32"),
-            }
-        )
-        return datasets.Dataset.from_dict(
-            {
-                "image": pil,
-                "label": self.labels.tolist(),
-                "slot": self.slots.tolist(),
-                "job": self.jobs.tolist(),
-            },
-            features=features,
-        )
-
-    def save(self, folder: str | Path) -> Path:
-        """Float images and metadata as ``synthetic.safetensors`` (exact, for resuming stages)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_safetensors(  # atomic: synthetic.safetensors is the recover stage's "done" marker
-            {"images": self.images.contiguous(), "labels": self.labels, "slots": self.slots, "jobs": self.jobs},
-            folder / "synthetic.safetensors",
-            metadata={"method": self.method, "config": json.dumps(self.config)},
-        )
-        return folder / "synthetic.safetensors"
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "SyntheticSet":
-        path = Path(folder) / "synthetic.safetensors"
-        t, meta = load_safetensors(path, "recover", with_metadata=True)
-        return cls(t["images"], t["labels"], t["slots"], t["jobs"], meta.get("method", ""), json.loads(meta.get("config", "{}")))
 
 
 def as_method_config(args: SynthesisArguments | SynthesisConfig) -> SynthesisConfig:
@@ -174,7 +110,7 @@ def stats_augment_kind(stats_args: StatisticsArguments, syn_augment: str) -> str
 def check_statistics_fit(stats: TeacherStatistics, stats_args: StatisticsArguments, args: SynthesisConfig) -> None:
     """Recorded statistics must come from the recording augmentation family and patch mode this
     synthesis expects (docs/differences.md rows 2 and 6); raise :class:`StatisticsMismatchError`."""
-    from .statistics import augment_kind
+    from ..record.engine import augment_kind
 
     name = stats.provenance.get("teacher_name") or "a teacher"
     found = augment_kind(stats.provenance.get("augment", False))
@@ -549,7 +485,7 @@ def _initial_images(method, job: SynthesisJob, real_train, spec: DatasetSpec, ar
     if args.syn_init == "real":
         return _init_from_real(job, real_train, spec, args.syn_seed).to(device)
     if args.syn_init == "rded":
-        from .methods.rded import rded_init_images
+        from ..methods.rded import rded_init_images
 
         for slot in slots:  # scoring forwards compute no statistics (step() re-enables the hooks it uses)
             slot.hooks.enabled = False

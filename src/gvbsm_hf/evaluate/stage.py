@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import write_json_atomic
-from .base import Stage, StageContext, method_folder
+from ..stage import Stage, StageContext, method_folder
 
 PROTOCOL = "last epoch, mean ± std over seeds"
 
@@ -42,7 +42,7 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
         from ..pipeline import dataclasses_replace
-        from ..trainer import evaluate_students
+        from .trainer import evaluate_students
 
         self.load(ctx)
         r = ctx.recipe
