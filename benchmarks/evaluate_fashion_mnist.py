@@ -14,6 +14,9 @@ overrides given here (teachers, iterations, epochs, seeds), one output folder pe
     # the recipes' own settings (trains the five teachers; GPU):
     python benchmarks/evaluate_fashion_mnist.py --ipc 1 10 50 --recipe-settings
 
+    # seconds (tests/test_benchmarks.py): IPC 1 on scikit-learn digits, see SMOKE; nothing kept
+    python benchmarks/evaluate_fashion_mnist.py --smoke
+
 Writes ``--out`` (JSON with every row and the exact overrides) and the same path with ``.md``.
 """
 
@@ -23,6 +26,7 @@ import argparse
 import json
 import platform
 import shlex
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +36,11 @@ from gvbsm_hf.pipeline import format_results_table, parse_recipe, run_pipeline
 
 RECIPES = Path(__file__).parents[1] / "recipes" / "fashion_mnist"
 GOALS = {1: 80.0, 10: 89.0, 50: 91.0}  # issue 5; RCIG reports 79.8 / 88.5 / 90.2
+# --smoke: the IPC-1 recipe on 200 scikit-learn digits, one teacher trained for one epoch, 2 synthesis iterations,
+# one student epoch and seed, the random subset beside it; --work-dir and --out in a temporary folder (deleted)
+SMOKE = dict(ipc=[1], teachers=["convnet32"], syn_iterations=2, epochs=1, seeds=[0], methods=["random_real"],
+             extra=["--dataset_name digits --teacher_epochs 1 --max_train_samples 200 --max_eval_samples 100 "
+                    "--stats_max_samples 64 --student convnet32 --eval_students convnet32"])
 
 
 def main() -> None:
@@ -48,8 +57,18 @@ def main() -> None:
                    help="More overrides for every IPC, quoted: --extra \"--syn_init real\" \"--gamma 0.15\".")
     p.add_argument("--work-dir", default="runs/evaluate_fashion_mnist")
     p.add_argument("--out", default="benchmarks/results/evaluate_fashion_mnist.json")
+    p.add_argument("--smoke", action="store_true", help=f"seconds-long check of the code path ({SMOKE}, unless "
+                   "given; --work-dir and --out in a temporary folder, deleted)")
     args = p.parse_args()
+    if not args.smoke:
+        evaluate(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="evaluate-smoke-") as tmp:
+        p.set_defaults(**SMOKE, work_dir=str(Path(tmp) / "runs"), out=str(Path(tmp) / "evaluate.json"))
+        evaluate(p.parse_args())
 
+
+def evaluate(args: argparse.Namespace) -> None:
     all_rows, runs = [], []
     for ipc in args.ipc:
         argv = ["--config", str(RECIPES / f"gvbsm_ipc{ipc}.yaml"), "--output_dir", f"{args.work_dir}/ipc{ipc}"]
@@ -90,7 +109,7 @@ def main() -> None:
         "rows": all_rows,
         "command": "python benchmarks/evaluate_fashion_mnist.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else " " + (" ".join(shlex.quote(str(x)) for x in v) if isinstance(v, list) else shlex.quote(str(v))))
-            for k, v in vars(args).items() if v not in (None, False, [])),
+            for k, v in vars(args).items() if v not in (None, False, []) and k != "smoke"),
     }
     out.write_text(json.dumps(result, indent=2) + "\n")
     order = {"random_real": 0, "sre2l": 1, "sre2l+dd": 2, "sre2l+gbm": 3, "gvbsm": 4}

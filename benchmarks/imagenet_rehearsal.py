@@ -18,9 +18,15 @@ spec), ``startup_s`` of the printed table (not in the JSON) is that cost measure
 
     python benchmarks/imagenet_rehearsal.py                           # 20 classes, 4 train (3 used) + 3 val each
     python benchmarks/imagenet_rehearsal.py --classes 20 --train-per-class 2 --val-per-class 1  # smallest (IPC 2)
+    python benchmarks/imagenet_rehearsal.py --smoke   # seconds: see SMOKE; no file written
 
 Writes ``benchmarks/results/imagenet_rehearsal.json``:
 ``{"command", "images", "classes", "processes", "stages": {"<stage>": {"wall_s", "peak_rss_mb"}}}``.
+
+``--smoke`` (``tests/test_benchmarks.py``) runs the same code path at its smallest: 2 classes, one
+teacher and student (ShuffleNet-V2 0.5x, the recipe's smallest) at 128 px (still the ImageNet
+preprocessing: ``gvbsm_hf.augment.IMAGENET_SCALE``), every stage in ONE process (``--one-process``:
+each stage process would repeat the imports), in a temporary folder that is deleted; no results file.
 """
 
 from __future__ import annotations
@@ -52,6 +58,13 @@ SHRINK = [
     "--num_train_epochs", "1", "--eval_seeds", "0", "--eval_students", "tv:resnet18",
     "--dataloader_workers", "2", "--accept_unhealthy_synthesis", "true",
 ]
+
+
+# --smoke: the rehearsal at its smallest (module docstring); explicit flags still win
+SMOKE = dict(classes=2, train_per_class=2, val_per_class=1, one_process=True, output=None,
+             extra="--teachers tv:shufflenet_v2_x0_5 --student tv:shufflenet_v2_x0_5 "
+                   "--eval_students tv:shufflenet_v2_x0_5 --image_size 128 --max_train_samples 4 "
+                   "--stats_max_samples 4 --syn_iterations 2 --syn_checkpoint_every 1 --dataloader_workers 0")
 
 
 def cpu_overrides() -> list[str]:
@@ -150,7 +163,9 @@ def run_measured(cmd: list[str], env: dict, log) -> dict:
     wall = time.perf_counter() - t0
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited with {child.returncode} (log: {log.name})")
+        log.flush()
+        tail = Path(log.name).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} exited with {child.returncode} (log: {log.name}); its end:\n{tail}")
     peak = max(peak, usage.ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
     return {"wall_s": round(wall, 2), "peak_rss_mb": round(peak / 2**20, 1)}
 
@@ -164,8 +179,28 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the stage processes")
     p.add_argument("--extra", default="", help="more recipe overrides after SHRINK, one quoted string, e.g. "
                    "--extra='--ipc 4'")
+    p.add_argument("--one-process", action="store_true",
+                   help="every stage in one process (measured together as 'all'), no separate start-up probe")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "imagenet_rehearsal.json"))
+    p.add_argument("--smoke", action="store_true",
+                   help=f"seconds-long check of the code path ({SMOKE}, unless given; a temporary --workdir, "
+                        "deleted); writes no results file")
     args = p.parse_args()
+    if not args.smoke:
+        rehearse(args)
+        return
+    p.set_defaults(**SMOKE)
+    args = p.parse_args()
+    if args.workdir:
+        rehearse(args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="imagenet-rehearsal-smoke-") as tmp:
+            args.workdir = tmp
+            rehearse(args)
+
+
+def rehearse(args: argparse.Namespace) -> None:
+    """The rehearsal of ``main``'s arguments."""
     import shlex
 
     extra = shlex.split(args.extra)
@@ -187,11 +222,12 @@ def main() -> None:
                  "image_size=d.image_size, channels=d.channels, seed=r.training.seed); "
                  "get_dataset_spec(ds, d.dataset_name, image_size=d.image_size, channels=d.channels)",
                  *rehearsal_argv(folder["root"], work / "probe")]
-        startup = run_measured(probe, env, log)
-        for stage in STAGES:
-            stages[stage] = run_measured(base + ["--stages", stage], env, log)
+        startup = None if args.one_process else run_measured(probe, env, log)
+        for stage, selected in ([("all", STAGES)] if args.one_process else [(s, [s]) for s in STAGES]):
+            stages[stage] = run_measured(base + ["--stages", *selected], env, log)
             print(f"{stage:>9}: {stages[stage]['wall_s']:8.2f} s  {stages[stage]['peak_rss_mb']:9.1f} MB", flush=True)
-    print(f"{'startup':>9}: {startup['wall_s']:8.2f} s  {startup['peak_rss_mb']:9.1f} MB  (in every stage's figures)")
+    if startup is not None:
+        print(f"{'startup':>9}: {startup['wall_s']:8.2f} s  {startup['peak_rss_mb']:9.1f} MB  (in every stage's figures)")
     exported = sorted((out / "export").glob("*/README.md"))
     if not exported:
         raise RuntimeError(f"no exported dataset folder in {out / 'export'}")
@@ -202,14 +238,17 @@ def main() -> None:
                     f"{args.train_per_class} --val-per-class {args.val_per_class}"
                     + (f" --threads {args.threads}" if args.threads else "")
                     + (f" --extra={shlex.quote(args.extra)}" if args.extra else "")
-                    + "  # each stage: python recipes/distill.py " + " ".join(shown) + " --stages <stage>"),
+                    + (" --one-process" if args.one_process else "")
+                    + ("  # all stages: python recipes/distill.py " + " ".join(shown) if args.one_process else
+                       "  # each stage: python recipes/distill.py " + " ".join(shown) + " --stages <stage>")),
         "images": int(folder["images"]),
         "classes": int(folder["classes"]),
         "processes": 1,
         "stages": stages,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    if args.output:  # --smoke: printed only
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

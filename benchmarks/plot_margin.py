@@ -6,12 +6,14 @@ optimiser steps (dotted line).
     pip install -e ".[plot]"   # matplotlib
     python benchmarks/plot_margin.py --results benchmarks/results/margin_fashion_mnist.json \\
         --out docs/images/margin_fashion_mnist.png
+    python benchmarks/plot_margin.py --smoke   # the committed results, drawn into a temporary folder (deleted)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 
@@ -20,7 +22,19 @@ def main() -> None:
     p.add_argument("--results", default="benchmarks/results/margin_fashion_mnist.json")
     p.add_argument("--out", default="docs/images/margin_fashion_mnist.png")
     p.add_argument("--ipc", nargs="+", default=None, help="IPC values to draw (default: all in the file).")
+    p.add_argument("--smoke", action="store_true",
+                   help="seconds-long check (tests/test_benchmarks.py): the picture goes to a temporary folder, "
+                        "deleted, unless --out is given")
     args = p.parse_args()
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="plot-margin-smoke-") as tmp:
+            p.set_defaults(out=str(Path(tmp) / "margin.png"))
+            _draw(p.parse_args())
+    else:
+        _draw(args)
+
+
+def _draw(args: argparse.Namespace) -> None:
     try:
         import matplotlib
 

@@ -5,6 +5,7 @@ Goal: convnet128 >= 91 % top-1 on the Fashion-MNIST test split (used as validati
     python benchmarks/squeeze_fashion_mnist.py                          # all five teachers, 10 epochs
     accelerate launch --num_processes 2 benchmarks/squeeze_fashion_mnist.py --teachers convnet128
     python benchmarks/squeeze_fashion_mnist.py --epochs 1 --teachers convnet128 --max-train-samples 2000
+    python benchmarks/squeeze_fashion_mnist.py --smoke   # seconds: see SMOKE (digits); nothing kept
 
 Writes ``--out`` (JSON) and the same path with ``.md`` (a markdown table). Teachers are saved under
 ``--teacher-dir/<name>`` (``load_teacher`` reads them); an interrupted run resumes from their checkpoints.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,9 +28,12 @@ from gvbsm_hf.squeeze.engine import train_teacher
 
 DEFAULT_TEACHERS = ["convnet128", "resnet18_cifar", "wrn_16_2", "mobilenetv2_050", "shufflenetv2_050"]
 GOAL = {"convnet128": 0.91}
+# --smoke (tests/test_benchmarks.py): one cheap teacher, one epoch on 200 scikit-learn digits, teacher and results
+# in a temporary folder (deleted); explicit flags still win
+SMOKE = dict(dataset="digits", teachers=["convnet32"], epochs=1, max_train_samples=200, batch_size=64, cpu=True)
 
 
-def parse_args() -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", nargs="+", default=DEFAULT_TEACHERS, help="Backbone names to train.")
     p.add_argument("--epochs", type=int, default=10)
@@ -43,21 +48,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="Force CPU even if a GPU is present.")
     p.add_argument("--teacher-dir", default="runs/squeeze_fashion_mnist", help="Teacher folders (+ checkpoints).")
     p.add_argument("--out", default="benchmarks/results/squeeze_fashion_mnist.json")
-    return p.parse_args()
+    p.add_argument("--dataset", default="fashion_mnist", help="built-in dataset (--smoke: digits)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"seconds-long check of the code path ({SMOKE}, unless given; --teacher-dir and --out in a "
+                        "temporary folder, deleted)")
+    return p
 
 
 def main() -> None:
-    args = parse_args()
+    p = parser()
+    args = p.parse_args()
+    if not args.smoke:
+        squeeze(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="squeeze-smoke-") as tmp:
+        p.set_defaults(**SMOKE, teacher_dir=str(Path(tmp) / "teachers"), out=str(Path(tmp) / "squeeze.json"))
+        squeeze(p.parse_args())
+
+
+def squeeze(args: argparse.Namespace) -> None:
     from gvbsm_hf.data import get_dataset_spec, load_image_dataset, to_uint8_tensors
 
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
     t0 = time.perf_counter()
-    dsd = load_image_dataset("fashion_mnist", max_train_samples=args.max_train_samples, seed=args.seed)
-    spec = get_dataset_spec(dsd, "fashion_mnist")
+    dsd = load_image_dataset(args.dataset, max_train_samples=args.max_train_samples, seed=args.seed)
+    spec = get_dataset_spec(dsd, args.dataset)
     train = to_uint8_tensors(dsd["train"], spec)
     validation = to_uint8_tensors(dsd["validation"], spec)
     data_time = time.perf_counter() - t0
-    accelerator.print(f"fashion_mnist: {len(train[0])} train / {len(validation[0])} test images ({data_time:.1f} s)")
+    accelerator.print(f"{args.dataset}: {len(train[0])} train / {len(validation[0])} test images ({data_time:.1f} s)")
 
     squeeze = SqueezeArguments(
         teachers=list(args.teachers), teacher_epochs=args.epochs, teacher_lr=args.lr,

@@ -11,8 +11,9 @@ Inputs are Fashion-MNIST sized (1x28x28, random pixels: throughput does not depe
 
     python benchmarks/statistics_throughput.py                       # full run
     python benchmarks/statistics_throughput.py --num-batches 5 --iterations 5 --repeats 2  # quick
+    python benchmarks/statistics_throughput.py --smoke   # seconds: convnet32, tiny batches, no file written
 
-Writes ``benchmarks/results/statistics_throughput.json``.
+Writes ``benchmarks/results/statistics_throughput.json`` (``--smoke``: nothing).
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from torch import nn
 
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.hooks import StatisticsHooks
+from gvbsm_hf.record.config import StatisticsArguments
 from gvbsm_hf.record.engine import record_statistics
+
+
+# --smoke: the smallest run of the same code path (tests/test_benchmarks.py); explicit flags still win
+SMOKE = dict(teacher="convnet32", batch_size=16, num_batches=2, syn_batch_size=8, iterations=1, repeats=1, warmup=0,
+             output=None)
 
 
 def build_teacher(name: str, num_classes: int, in_chans: int, image_size: int) -> tuple[nn.Module, str]:
@@ -74,7 +81,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "statistics_throughput.json"))
+    p.add_argument("--smoke", action="store_true",
+                   help=f"seconds-long check of the code path ({SMOKE}, unless given); writes no file")
     args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +115,8 @@ def main() -> None:
                 teacher(spec.normalize(images))
 
     def record() -> None:
-        record_statistics(teacher, batches, spec, patch_size=args.patch_size, conv_target=args.conv_target)
+        record_statistics(teacher, batches, spec, StatisticsArguments(stats_patch_size=args.patch_size,
+                                                                      stats_conv_target=args.conv_target))
 
     for _ in range(args.warmup):
         plain()
@@ -193,12 +206,13 @@ def main() -> None:
         "command": "python benchmarks/statistics_throughput.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
             for k, v in vars(args).items()
-            if k != "output" and v is not None and v is not False
+            if k not in ("output", "smoke") and v is not None and v is not False
         ),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.output:  # --smoke: printed only
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -42,9 +42,12 @@ def main() -> None:
     p.add_argument("--extra", nargs="*", default=[], help="More recipe overrides, quoted.")
     args = p.parse_args()
 
-    from gvbsm_hf.export.engine import export_distilled_dataset, export_sizes
+    from gvbsm_hf.export.engine import export_distilled_dataset
+    from gvbsm_hf.export.layout import export_sizes
     from gvbsm_hf.pipeline import dataclasses_replace, parse_recipe, run_pipeline
-    from gvbsm_hf.relabel.engine import StoredSoftLabels, relabel_stored
+    from gvbsm_hf.relabel.engine import relabel_stored
+    from gvbsm_hf.relabel.store import StoredSoftLabels
+    from gvbsm_hf.relabel.views import ViewSampling
     from gvbsm_hf.stages import STAGE_REGISTRY
     from gvbsm_hf.stage_cache import StageCache
     from gvbsm_hf.stage import StageContext
@@ -75,9 +78,11 @@ def main() -> None:
                        cache=StageCache(out_dir, []), dataset=None, spec=spec, logger=None)
     STAGE_REGISTRY["squeeze"].load(ctx)
     STAGE_REGISTRY["relabel"]._ensemble(ctx)
-    compact = relabel_stored(images, ctx.ensemble, num_views=args.compact_views, out_size=spec.image_size,
-                             crop_scale=tuple(recipe.training.student_crop_scale), seed=recipe.relabel.relabel_seed,
-                             topk=args.compact_topk, cutmix_prob=float(recipe.training.cutmix_prob))
+    compact = relabel_stored(
+        images, ctx.ensemble,
+        dataclasses_replace(recipe.relabel, relabel_num_views=args.compact_views, relabel_topk=args.compact_topk),
+        ViewSampling(spec.image_size, crop_scale=tuple(recipe.training.student_crop_scale),
+                     cutmix_prob=float(recipe.training.cutmix_prob)))
     from gvbsm_hf.data import load_image_dataset, to_uint8_tensors
 
     d = recipe.data

@@ -12,12 +12,18 @@ that add one component at a time:
 Each is timed over ``--iterations`` steps, ``--repeats`` times interleaved (median). The FLOPs of
 one teacher forward+backward are counted with ``torch.utils.flop_counter`` and divided by the
 ``ce_only`` time to give the achieved rate, compared with a float32 matmul measured here.
-Statistics targets come from a record pass over random pixels (cost does not depend on content).
+Statistics targets come from a record pass over random pixels (cost does not depend on content),
+recorded as the synthesis expects them (``check_statistics_fit``): with the recording augmentation
+family and patch mode of the synthesis protocol (``--syn-protocol``, default: the package's,
+``SynthesisArguments.syn_protocol``), once per distinct (augmentation, crop scale, patch mode) of the
+four settings.
 
     python benchmarks/synthesis_breakdown.py                    # convnet128, Fashion-MNIST shape
     python benchmarks/synthesis_breakdown.py --backbone resnet18_cifar --iterations 5
+    python benchmarks/synthesis_breakdown.py --syn-protocol gvbsm_hf_v0   # gvbsm-hf 0.1's protocol
+    python benchmarks/synthesis_breakdown.py --smoke            # seconds: convnet32, 1 step, no file written
 
-Writes ``benchmarks/results/synthesis_breakdown.json``.
+Writes ``benchmarks/results/synthesis_breakdown.json`` (``--smoke``: nothing).
 """
 
 from __future__ import annotations
@@ -35,18 +41,20 @@ import torch.nn.functional as F
 
 from gvbsm_hf.backbones import create_backbone
 from gvbsm_hf.record.config import StatisticsArguments
-from gvbsm_hf.recover.config import SynthesisArguments
+from gvbsm_hf.recover.config import PROTOCOLS, SynthesisArguments
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.record.engine import record_statistics
 from gvbsm_hf.methods import method_config
-from gvbsm_hf.recover.engine import _JobRunner, _TeacherSlot, plan_jobs
+from gvbsm_hf.recover.engine import _JobRunner, _TeacherSlot, plan_jobs, stats_augment_kind, stats_patch_mode
 
-VARIANTS = {
-    "ce_only": dict(syn_method="gvbsm", syn_r_bn=0.0, syn_r_conv=0.0, syn_dd=False, syn_alpha=0.0),
-    "sre2l": dict(syn_method="sre2l"),
-    "sre2l+conv": dict(syn_method="gvbsm", syn_dd=False, syn_alpha=0.0),
-    "gvbsm": dict(syn_method="gvbsm"),
+VARIANTS = {  # name: (method, its options; unset: the method's defaults)
+    "ce_only": ("gvbsm", dict(syn_r_bn=0.0, syn_r_conv=0.0, syn_dd=False, syn_alpha=0.0)),
+    "sre2l": ("sre2l", {}),
+    "sre2l+conv": ("gvbsm", dict(syn_dd=False, syn_alpha=0.0)),
+    "gvbsm": ("gvbsm", {}),
 }
+# --smoke: the smallest run of the same code path (tests/test_benchmarks.py); explicit flags still win
+SMOKE = dict(backbone="convnet32", classes=4, ipc=2, iterations=1, repeats=1, warmup=0, matmul_size=256, output=None)
 
 
 def sync(device: torch.device) -> None:
@@ -89,8 +97,16 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--syn-protocol", default=None, choices=sorted(PROTOCOLS),
+                   help="synthesis protocol of every setting (default: the package's default)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul peak measurement")
     p.add_argument("--output", default=str(Path(__file__).parent / "results" / "synthesis_breakdown.json"))
+    p.add_argument("--smoke", action="store_true",
+                   help=f"seconds-long check of the code path ({SMOKE}, unless given); writes no file")
     args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -100,16 +116,27 @@ def main() -> None:
     teacher = create_backbone(args.backbone, args.classes, args.channels, args.image_size).to(device).eval()
     stats_args = StatisticsArguments(stats_patch_size=args.patch_size, stats_conv_target="input")
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, 256, (128, args.channels, args.image_size, args.image_size), generator=g,
-                              dtype=torch.uint8), torch.zeros(128, dtype=torch.long)) for _ in range(4)]
-    stats = record_statistics(teacher, batches, spec, patch_size=args.patch_size, conv_target="input")
+    n_stats = 16 if args.smoke else 128
+    batches = [(torch.randint(0, 256, (n_stats, args.channels, args.image_size, args.image_size), generator=g,
+                              dtype=torch.uint8), torch.zeros(n_stats, dtype=torch.long)) for _ in range(4)]
+    protocol = {} if args.syn_protocol is None else {"syn_protocol": args.syn_protocol}
+    recorded: dict[tuple, object] = {}  # (augmentation family, crop scale, patch mode) -> statistics
 
     runners: dict[str, _JobRunner] = {}
     stack = ExitStack()
-    for name, kw in VARIANTS.items():
-        syn = method_config(kw["syn_method"], SynthesisArguments(
-            ipc=args.ipc, syn_iterations=10**6, syn_mixed_precision=args.mixed_precision,
-            syn_channels_last=args.channels_last, **kw))
+    for name, (method, options) in VARIANTS.items():
+        syn = method_config(method, SynthesisArguments(
+            syn_method=method, ipc=args.ipc, syn_iterations=10**6, syn_mixed_precision=args.mixed_precision,
+            syn_channels_last=args.channels_last, **protocol), **options)
+        # the statistics this synthesis accepts (recover.engine.check_statistics_fit): recorded with its
+        # protocol's augmentation family (random crops of `syn_crop_scale`) and patch mode
+        key = (stats_augment_kind(stats_args, syn.syn_augment), tuple(syn.syn_crop_scale),
+               stats_patch_mode(stats_args, syn))
+        if key not in recorded:
+            recorded[key] = record_statistics(teacher, batches, spec, StatisticsArguments(
+                stats_patch_size=args.patch_size, stats_conv_target="input", stats_augment=key[0],
+                stats_patch_mode=key[2]), crop_scale=key[1])
+        stats = recorded[key]
         slot = _TeacherSlot(teacher, stats, syn, stats_args, device, stack)
         slot.hooks.enabled = False
         job = plan_jobs(args.classes, args.ipc, None, None)[0]
@@ -133,7 +160,7 @@ def main() -> None:
     x = torch.randn(batch, args.channels, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.classes, (batch,), device=device)
     flops = teacher_flops(teacher, x, y)
-    peak = matmul_gflops(device)
+    peak = matmul_gflops(device, n=args.matmul_size)
     achieved = flops / (ms["ce_only"] / 1e3) / 1e9
     result = {
         "backbone": args.backbone,
@@ -145,6 +172,8 @@ def main() -> None:
         "torch": torch.__version__,
         "mixed_precision": args.mixed_precision,
         "channels_last": args.channels_last,
+        "syn_protocol": syn.syn_protocol,
+        "statistics_recorded_with": [{"augment": a, "crop_scale": list(c), "patch_mode": m} for a, c, m in recorded],
         "ms_per_iteration": {k: round(v, 2) for k, v in ms.items()},
         "breakdown_ms": {
             "forward_backward_adam": round(ms["ce_only"], 2),
@@ -161,11 +190,13 @@ def main() -> None:
         "fraction_of_matmul_peak": round(achieved / peak, 3),
         "command": "python benchmarks/synthesis_breakdown.py " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-            for k, v in vars(args).items() if k != "output" and v is not None and v is not False),
+            for k, v in vars(args).items()
+            if k not in ("output", "smoke") and v is not None and v is not False),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.output:  # --smoke: printed only
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -26,10 +26,11 @@ rate achieved on the FLOPs of a step (teacher forward + backward to the pixels,
 
     python benchmarks/synthesis_imagenet_scale.py                       # CPU (--steps 2), + CUDA if present
     python benchmarks/synthesis_imagenet_scale.py --batch 4 --image-size 64 --steps 1   # quick check
+    python benchmarks/synthesis_imagenet_scale.py --smoke   # seconds: fp32, ShuffleNet-V2 only, 128 px, no file
 
 Writes ``benchmarks/results/synthesis_imagenet_scale.json``: ``{"command", "batch", "image_size",
 "teachers", "cpu": {"<variant>": {"s_per_image", "peak_mem_mb"}}, "cpu_matmul_peak_gflops",
-"gpu": null or {"device", "<variant>": {...}}}``.
+"gpu": null or {"device", "<variant>": {...}}}`` (``--smoke``: nothing).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ VARIANTS = {
     "compile": dict(syn_mixed_precision="no", syn_channels_last=False, compile=True),
 }
 NUM_CLASSES = 1000
+# --smoke: the smallest run of the same code path (tests/test_benchmarks.py), on the CPU, one variant process with
+# the recipe's cheapest teacher at the ImageNet-scale threshold (128 px); explicit flags still win
+SMOKE = dict(batch=2, image_size=128, steps=1, gpu_steps=1, variants=["fp32"], teachers=["tv:shufflenet_v2_x0_5"],
+             devices=["cpu"], warmup=1, variant_timeout=300, matmul_size=256, output=None)
 
 
 from synthesis_breakdown import matmul_gflops, sync  # noqa: E402  (the same helpers as the breakdown benchmark)
@@ -116,10 +121,9 @@ def worker(device_name: str, variant: str, batch: int, image_size: int, steps: i
         with FlopCounterMode(display=False) as counter:
             F.cross_entropy(model(x), torch.zeros(2, dtype=torch.long, device=device)).backward()
         flops.append(counter.get_total_flops() / 2 * batch)
-    stats = [record_statistics(t, stats_batches, spec, patch_size=stats_args.stats_patch_size,
-                               conv_target=stats_args.stats_conv_target,
-                               augment=stats_augment_kind(stats_args, config.syn_augment),
-                               crop_scale=tuple(config.syn_crop_scale), patch_mode=stats_patch_mode(stats_args, config))
+    recording = dataclasses.replace(stats_args, stats_augment=stats_augment_kind(stats_args, config.syn_augment),
+                                    stats_patch_mode=stats_patch_mode(stats_args, config))
+    stats = [record_statistics(t, stats_batches, spec, recording, crop_scale=tuple(config.syn_crop_scale))
              for t in teachers]
     stack = ExitStack()
     slots = [_TeacherSlot(t, s, config, stats_args, device, stack) for t, s in zip(teachers, stats)]
@@ -205,13 +209,19 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None,
                    help="warm-up steps per teacher (default 1; 2 for compile, which compiles twice)")
     p.add_argument("--variant-timeout", type=int, default=3600, help="seconds per variant process (then: skipped)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n float32 matmul peak measurement")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "synthesis_imagenet_scale.json"))
+    p.add_argument("--smoke", action="store_true",
+                   help=f"seconds-long check of the code path ({SMOKE}, unless given); writes no file")
     p.add_argument("--keep", action="store_true",
                    help="keep the variants already in --output (same batch, size, teachers) that this run does not redo")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.device, args.variant, args.batch, args.image_size, args.steps, args.threads,
                                 args.teachers, args.warmup)))
@@ -233,11 +243,11 @@ def main() -> None:
         "image_size": args.image_size,
         "teachers": teachers,
         "cpu": None,
-        "cpu_matmul_peak_gflops": round(matmul_gflops(torch.device("cpu")), 1),
+        "cpu_matmul_peak_gflops": round(matmul_gflops(torch.device("cpu"), n=args.matmul_size), 1),
         "gpu": None,
     }
-    out = Path(args.output)
-    if args.keep and out.exists():  # a run completed piecewise (e.g. the slow compile variant later)
+    out = Path(args.output) if args.output else None  # --smoke: printed only
+    if args.keep and out is not None and out.exists():  # a run completed piecewise (e.g. the slow compile variant later)
         old = json.loads(out.read_text())
         if (old["batch"], old["image_size"], old["teachers"]) != (args.batch, args.image_size, teachers):
             raise SystemExit(f"--keep: {out} was measured with another batch, image size or teacher set")
@@ -255,6 +265,8 @@ def main() -> None:
             if row.get("skipped"):
                 section[variant]["skipped"] = row["skipped"]
                 print(f"{device:>6} {variant:>19} skipped: {row['skipped']}", flush=True)
+                if args.smoke:  # a smoke run checks the code path: a failed variant is a failure
+                    raise SystemExit(f"--smoke: {device} {variant} failed: {row['skipped']}")
                 continue
             rate = row["teacher_fwd_bwd_gflop_per_step"] / row["s_per_step"]
             frac = f"{rate / peak_cpu:7.2f}" if device == "cpu" else "      -"
@@ -265,8 +277,9 @@ def main() -> None:
         result["cpu" if device == "cpu" else "gpu"] = section
     result["cpu"] = result["cpu"] or {}
     print(f"cpu float32 matmul: {peak_cpu} GFLOP/s; {platform.processor() or platform.machine()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -7,6 +7,7 @@ import torch
 
 from gvbsm_hf.backbones import create_backbone
 from gvbsm_hf.record.config import StatisticsArguments
+from gvbsm_hf.methods import PROTOCOL_FIELDS
 from gvbsm_hf.recover.config import SynthesisArguments
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.record.engine import record_statistics
@@ -54,8 +55,9 @@ def make_statistics(teachers, patch_size: int = 4, augment: str = "authors", pat
     images, labels = digits_uint8()
     batches = list(zip(images[:512].split(128), labels[:512].split(128)))
     return [
-        record_statistics(t, batches, SPEC, patch_size=patch_size, conv_target="input", teacher_name=f"t{i}",
-                          augment=augment, patch_mode=patch_mode)
+        record_statistics(t, batches, SPEC, StatisticsArguments(stats_patch_size=patch_size, stats_conv_target="input",
+                                                                stats_augment=augment, stats_patch_mode=patch_mode),
+                          teacher_name=f"t{i}")
         for i, t in enumerate(teachers)
     ]
 
@@ -66,7 +68,12 @@ def small_args(**kw) -> SynthesisArguments:
         syn_checkpoint_every=4, syn_crop_scale=[0.5, 1.0], syn_seed=3,
     )
     base.update(kw)
-    return SynthesisArguments(**base)
+    protocol = {k: v for k, v in base.items() if k in PROTOCOL_FIELDS or k in ("syn_method", "method_args")}
+    options = {k: v for k, v in base.items() if k not in protocol}
+    if options:  # a method's own options: grouped under the method, as in a recipe
+        method = protocol.get("syn_method", "gvbsm")
+        protocol["method_args"] = {**protocol.get("method_args", {}), method: options}
+    return SynthesisArguments(**protocol)
 
 
 STATS_ARGS = StatisticsArguments(stats_patch_size=4, stats_conv_target="input")

@@ -32,7 +32,9 @@ from gvbsm_hf.methods.rded import (  # noqa: E402
     combine_features, kmeans, select_boundary, select_clustered, select_facility_location, select_kcenter,
     teacher_features)
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
-from gvbsm_hf.record.engine import load_statistics, record_statistics, save_statistics  # noqa: E402
+from gvbsm_hf.record.config import StatisticsArguments  # noqa: E402
+from gvbsm_hf.record.engine import record_statistics  # noqa: E402
+from gvbsm_hf.record.statistics_file import load_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.recover.engine import _TeacherSlot, recover  # noqa: E402
 from gvbsm_hf.evaluate.trainer import GVBSMTrainer, RealImageDataset, SyntheticImageDataset  # noqa: E402
 
@@ -402,9 +404,9 @@ def test_per_class_statistics_equal_a_float64_computation(tmp_path, mode):
     images, labels = images[:160], labels[:160]
     net = _tiny_net()
     batches = [(images[a:b], labels[a:b]) for a, b in ((0, 50), (50, 120), (120, 160))]
-    kw = dict(patch_size=3, conv_target="input", augment="none", patch_mode=mode)
-    got = record_statistics(net, batches, SPEC, per_class=True, **kw)
-    plain = record_statistics(net, batches, SPEC, **kw)
+    kw = dict(stats_patch_size=3, stats_conv_target="input", stats_augment="none", stats_patch_mode=mode)
+    got = record_statistics(net, batches, SPEC, StatisticsArguments(stats_per_class=True, **kw))
+    plain = record_statistics(net, batches, SPEC, StatisticsArguments(**kw))
     assert got.per_class and not plain.per_class
     for name in plain.layers:
         for key, value in plain.layers[name].items():
@@ -455,7 +457,8 @@ def test_per_class_statistics_of_two_processes_equal_one(tmp_path):
     images, labels = digits_uint8()
     net = _tiny_net()
     batches = [(images[a:b], labels[a:b]) for a, b in ((0, 30), (30, 100), (100, 130), (130, 220))]
-    kw = dict(patch_size=3, conv_target="input", augment="none", patch_mode="partial", per_class=True)
+    kw = dict(args=StatisticsArguments(stats_patch_size=3, stats_conv_target="input", stats_augment="none",
+                                       stats_patch_mode="partial", stats_per_class=True))
     one = record_statistics(net, batches, SPEC, **kw)
     shared = {"barrier": threading.Barrier(2, timeout=60), "slots": [None, None]}
     results = [None, None]
@@ -487,8 +490,9 @@ def class_setup():
     images, labels = digits_uint8()
     teachers = make_teachers(2, epochs=1)
     batches = list(zip(images[:400].split(100), labels[:400].split(100)))
-    stats = [record_statistics(t, batches, SPEC, patch_size=4, conv_target="input", augment="authors",
-                               patch_mode="resize", per_class=True) for t in teachers]
+    stats = [record_statistics(t, batches, SPEC, StatisticsArguments(
+        stats_patch_size=4, stats_conv_target="input", stats_augment="authors", stats_patch_mode="resize",
+        stats_per_class=True)) for t in teachers]
     return teachers, stats
 
 

@@ -22,7 +22,8 @@ from gvbsm_hf.errors import StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.hooks import conv_statistics  # noqa: E402
 from gvbsm_hf.losses import conv_matching_loss, data_densification_loss, sds_matching_loss  # noqa: E402
 from gvbsm_hf.methods import method_config  # noqa: E402
-from gvbsm_hf.record.engine import load_statistics, record_statistics, save_statistics  # noqa: E402
+from gvbsm_hf.record.engine import record_statistics  # noqa: E402
+from gvbsm_hf.record.statistics_file import load_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.recover.engine import recover  # noqa: E402
 
 
@@ -252,7 +253,8 @@ def test_the_evaluate_stage_trains_on_the_exported_uint8_images(tmp_path, monkey
     import numpy as np
 
     import gvbsm_hf.evaluate.trainer as trainer_mod
-    from gvbsm_hf.export.engine import export_distilled_dataset, load_distilled_dataset
+    from gvbsm_hf.export.engine import export_distilled_dataset
+    from gvbsm_hf.export.loading import load_distilled_dataset
     from gvbsm_hf.synthetic_set import SyntheticSet
 
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Publish (hub.py): export round trips through `datasets`, the dataset card, offline-safe push."""
+"""Export (gvbsm_hf.export): export round trips through `datasets`, the dataset card, offline-safe push."""
 
 import hashlib
 import json
@@ -17,11 +17,14 @@ from huggingface_hub.errors import OfflineModeIsEnabled
 from PIL import Image
 
 from gvbsm_hf import hub_utils
-from gvbsm_hf.export import engine as hub
+from gvbsm_hf.export import card as export_card
+from gvbsm_hf.export import push as export_push
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError, OfflineError
-from gvbsm_hf.export.engine import export_distilled_dataset, load_distilled_dataset, load_distilled_spec, load_stored_soft_labels, push_distilled_dataset, push_teacher, to_tensors
-from gvbsm_hf.relabel.engine import StoredSoftLabels
+from gvbsm_hf.export.engine import export_distilled_dataset
+from gvbsm_hf.export.loading import load_distilled_dataset, load_distilled_spec, load_stored_soft_labels, to_tensors
+from gvbsm_hf.export.push import push_distilled_dataset, push_teacher
+from gvbsm_hf.relabel.store import StoredSoftLabels
 
 K = 5
 CLASS_NAMES = ("zero", "one", "two", "three", "four")
@@ -258,13 +261,14 @@ def test_dataset_card(tmp_path, grid_file):
     assert 'load_teacher(t) for t in ["me/toy-convnet32", "me/toy-wrn_16_2"]' in code
 
 
-def test_card_cites_docs_method_not_spec(tmp_path):
+def test_card_cites_the_paper_not_spec(tmp_path):
     images, labels, logits = make_inputs(3, n=5)
     folder = export_distilled_dataset(tmp_path / "ex", images=images, labels=labels, spec=make_spec(3),
                                       soft_logits=logits, method=METHOD)
     text = (folder / "README.md").read_text()
     assert "SPEC" not in text
-    assert "[docs/method.md](https://github.com/gvbsm-hf/gvbsm-hf/blob/main/docs/method.md) Eq. 1, 6, 9, 10" in text
+    assert "[the paper](https://arxiv.org/abs/2311.17950) Eq. 1, 6, 9, 10" in text
+    assert "github.com" not in text
 
 
 def _local_fragments(*paths: Path) -> list[str]:
@@ -327,7 +331,7 @@ def test_card_with_unpublished_teachers_names_no_local_path(tmp_path, monkeypatc
     assert "teacher_repo_prefix: <org>/<name>" in body and "--config gvbsm_config.json" in body
     assert "To train a student without any teacher, use the `views` config (stored soft labels" in body
     code = _snippet(body)
-    assert f'StoredViews("{hub.LOCAL_FOLDER_PLACEHOLDER}")' in code
+    assert f'StoredViews("{export_card.LOCAL_FOLDER_PLACEHOLDER}")' in code
     assert "load_teacher" not in body and "GVBSMTrainer" not in code
     assert "a local dataset (`real_images`)" in body
     # provenance for machines: the ids/names, not the folders
@@ -399,7 +403,7 @@ def test_card_training_snippet_runs(tmp_path, monkeypatch):
     assert "from gvbsm_hf import StoredViews" in code and str(tmp_path) not in code
     imports = {line.split()[1] for line in code.splitlines() if line.startswith(("import ", "from "))}
     assert imports == {"torch", "torch.nn.functional", "gvbsm_hf"}  # StoredViews + torch only
-    placeholder = f'StoredViews("{hub.LOCAL_FOLDER_PLACEHOLDER}")'
+    placeholder = f'StoredViews("{export_card.LOCAL_FOLDER_PLACEHOLDER}")'
     assert placeholder in code  # no repo_id: a placeholder, never this machine's path
     assert "Size: images" in card and "stored views" in card
     code = code.replace(placeholder, f'StoredViews("{folder.resolve()}")')
@@ -450,7 +454,7 @@ def test_push_offline_env(exported, teacher_folder, monkeypatch, kind):
     folder = exported if kind == "dataset" else teacher_folder
     push = push_distilled_dataset if kind == "dataset" else push_teacher
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hub, "HfApi", ForbiddenApi)
+    monkeypatch.setattr(export_push, "HfApi", ForbiddenApi)
     before = folder_hashes(folder)
     with pytest.raises(OfflineError) as e:
         push(folder, "me/toy")
@@ -468,7 +472,7 @@ def test_push_unreachable_endpoint_fails_before_any_request(exported, monkeypatc
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(hub, "HfApi", ForbiddenApi)
+    monkeypatch.setattr(export_push, "HfApi", ForbiddenApi)
     before = folder_hashes(exported)
     with pytest.raises(OfflineError, match="not reachable"):
         push_distilled_dataset(exported, "me/toy", private=True)
@@ -506,7 +510,7 @@ def test_push_connection_error_becomes_offline_error(exported, teacher_folder, m
     push = push_distilled_dataset if kind == "dataset" else push_teacher
     _online(monkeypatch)
     monkeypatch.setattr(hub_utils, "hub_reachable", lambda timeout=3.0, url=None: True)
-    monkeypatch.setattr(hub, "HfApi", _failing_api(where, error))
+    monkeypatch.setattr(export_push, "HfApi", _failing_api(where, error))
     before = folder_hashes(folder)
     with pytest.raises(OfflineError) as e:
         push(folder, "me/toy", private=True)
@@ -547,7 +551,7 @@ def test_push_one_commit_with_card_and_data(exported, monkeypatch):
 
     _online(monkeypatch)
     monkeypatch.setattr(hub_utils, "hub_reachable", lambda timeout=3.0, url=None: True)
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(export_push, "HfApi", RecordingApi)
     url = push_distilled_dataset(exported, "me/toy", token="tok", commit_message="v1")
     assert url == "https://huggingface.co/datasets/me/toy"
     assert calls[0] == ("init", "tok")

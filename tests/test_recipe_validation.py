@@ -14,11 +14,14 @@ import pytest
 from gvbsm_hf.validation import RecipeError
 from gvbsm_hf.errors import GVBSMError, UnknownBackboneError
 from gvbsm_hf.fingerprint import NON_RESULT_FIELDS
-from gvbsm_hf.recipe import config_to_dict, parse_recipe, recipe_to_dict
+from gvbsm_hf.fingerprint import config_to_dict
+from gvbsm_hf.methods import get_method, method_config
+from gvbsm_hf.recipe import parse_recipe, recipe_to_dict
 from gvbsm_hf.stages import stage_fingerprints
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "digits" / "smoke.yaml"
+DEFAULT = REPO / "recipes" / "fashion_mnist" / "gvbsm_ipc10_cpu.yaml"
 DISTILL = REPO / "recipes" / "distill.py"
 
 
@@ -32,7 +35,7 @@ def _parse(*extra: str):
     (["--baselines", "sre2l_dd"], "baselines"),
     (["--loss_type", "mse"], "loss_type"),
     (["--stats_conv_target", "out"], "stats_conv_target"),
-    (["--syn_backbone_choice", "roundrobin"], "syn_backbone_choice"),
+    (["--method_args", '{"gvbsm": {"syn_backbone_choice": "roundrobin"}}'], "syn_backbone_choice"),
     (["--stages", "squeeze", "recovr"], "stages"),
 ])
 def test_bad_choices_fail_at_parse_time(flags, field):
@@ -59,7 +62,7 @@ def test_bad_choices_in_the_yaml_fail_at_parse_time(tmp_path, field, value):
     (["--ipc", "0"], "ipc"),
     (["--syn_lr", "nan"], "syn_lr"),
     (["--syn_adam_betas", "0.5", "1.5"], "syn_adam_betas"),
-    (["--syn_alpha", "1.0"], "syn_alpha"),
+    (["--method_args", '{"gvbsm": {"syn_alpha": 1.0}}'], r"syn_alpha=1.0 is out of range"),
     (["--syn_crop_scale", "0.9", "0.1"], "syn_crop_scale"),
     (["--cutmix_prob", "2"], "cutmix_prob"),
     (["--push_dataset", "true"], "dataset_repo_id"),
@@ -80,8 +83,60 @@ def test_wrong_type_in_the_yaml_names_the_file(tmp_path):
 
 
 def test_a_method_field_the_method_does_not_have_is_refused():
-    with pytest.raises(GVBSMError, match="syn_alpha is not an option of synthesis method 'random_real'"):
-        _parse("--syn_method", "random_real", "--syn_alpha", "0.5")
+    with pytest.raises(RecipeError, match=r"'syn_alpha' is not an option of synthesis method 'random_real'.*"
+                                          r"it is an option of \['gvbsm'"):
+        _parse("--syn_method", "random_real", "--method_args", '{"random_real": {"syn_alpha": 0.5}}')
+
+
+def test_a_flat_method_flag_on_the_command_line_names_method_args():
+    with pytest.raises(GVBSMError, match=r"syn_alpha is an option of .*--method_args '\{\"gvbsm\": \{\"syn_alpha\""):
+        _parse("--syn_alpha", "0.5")
+
+
+@pytest.mark.parametrize("method", ["random_real", "sre2l", "rded"])
+def test_default_recipe_runs_any_method_from_the_command_line(method):
+    """The README default recipe groups gvbsm's options under method_args.gvbsm: another method just works,
+    built from its own defaults, and gvbsm's group is kept (unused)."""
+    r = parse_recipe(["--config", str(DEFAULT), "--syn_method", method])
+    config = method_config(method, r.synthesis)
+    assert config.syn_method == method and "gvbsm" in r.synthesis.method_args
+    defaults = get_method(method).config_class()
+    assert all(getattr(config, o) == getattr(defaults, o) for o in config.options())
+
+
+def test_method_args_from_the_command_line_merge_into_the_recipe():
+    r = parse_recipe(["--config", str(DEFAULT), "--method_args", '{"gvbsm": {"syn_alpha": 0.5}, "rded": {"syn_rded_factor": 1}}'])
+    assert r.synthesis.method_args["gvbsm"]["syn_alpha"] == 0.5
+    assert r.synthesis.method_args["gvbsm"]["syn_r_bn"] == 0.01  # the recipe's other options are kept
+    assert method_config("gvbsm", r.synthesis).syn_alpha == 0.5
+    assert method_config("rded", r.synthesis, baseline=True).syn_rded_factor == 2  # baselines: own defaults
+
+
+@pytest.mark.parametrize("method_args, match", [
+    ('{"rded": {"syn_rded_factor": 0}}', r"syn_rded_factor=0 is out of range"),
+    ('{"gvbsm": {"syn_alpha": 1.5}}', r"syn_alpha=1.5 is out of range"),
+    ('{"gvbms": {}}', r"method_args.gvbms='gvbms' is not one of .*did you mean 'gvbsm'"),
+    ('[1, 2]', r"must map method names to their options"),
+    ('{"gvbsm": ', r"not valid JSON"),
+])
+def test_every_method_group_is_checked_at_parse_time(method_args, match):
+    with pytest.raises(RecipeError, match=match):
+        _parse("--method_args", method_args)
+
+
+def test_an_old_flat_recipe_still_works_and_says_how_to_convert(tmp_path, caplog):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(SMOKE.read_text().replace("method_args:\n  gvbsm:\n    syn_dd_pool_size: 32\n", "syn_dd_pool_size: 16\n"))
+    assert "method_args" not in flat.read_text()
+    with caplog.at_level("WARNING"):
+        r = parse_recipe(["--config", str(flat)])
+    assert r.synthesis.method_args == {"gvbsm": {"syn_dd_pool_size": 16}}
+    assert "method_args: {gvbsm: {...}}" in caplog.text
+    other = tmp_path / "other.yaml"
+    other.write_text(flat.read_text() + "syn_fr_ridge: 0.1\n")
+    with pytest.raises(RecipeError, match=r"\['syn_fr_ridge'\] are not options of syn_method 'gvbsm'.*"
+                                          r"method_args: \{feature_regression: \{syn_fr_ridge: ...\}\}"):
+        parse_recipe(["--config", str(other)])
 
 
 @pytest.mark.parametrize("flags", [["--relabel_mode", "stord"], ["--syn_method", "gvbms"]])
@@ -112,7 +167,7 @@ def test_fields_that_change_nothing_keep_the_cache():
     base = stage_fingerprints(_parse())
     assert stage_fingerprints(_parse("--output_dir", "elsewhere", "--logging_steps", "7", "--save_strategy", "epoch",
                                      "--dataloader_workers", "1")) == base
-    assert stage_fingerprints(_parse("--syn_alpha", "0.5"))["recover"] != base["recover"]
+    assert stage_fingerprints(_parse("--method_args", '{"gvbsm": {"syn_alpha": 0.5}}'))["recover"] != base["recover"]
     assert stage_fingerprints(_parse("--teacher_epochs", "3"))["squeeze"] != base["squeeze"]
 
 

@@ -288,7 +288,7 @@ def test_exported_folder_replays_the_evaluated_views_bitwise(smoke_run):
     from gvbsm_hf import StoredViews
     from gvbsm_hf.augment import apply_crop_flip, paste_boxes
     from gvbsm_hf.data import DatasetSpec
-    from gvbsm_hf.relabel.engine import StoredSoftLabels
+    from gvbsm_hf.relabel.store import StoredSoftLabels
     from gvbsm_hf.synthetic_set import SyntheticSet
 
     out, summary = smoke_run["out"], smoke_run["summary"]
@@ -515,20 +515,20 @@ def test_syn_teachers_restricts_the_synthesis_backbones(smoke_run, tmp_path):
 
 @pytest.mark.slow
 def test_stored_relabel_resumes_and_feeds_later_stages(smoke_run, tmp_path):
-    from gvbsm_hf.relabel.engine import STORED_LABELS_FILE, STORED_META_FILE, StoredSoftLabels
+    from gvbsm_hf.relabel.store import STORED_LABELS_FILE, StoredSoftLabels
 
     out = _copy_of(smoke_run, tmp_path / "stored")
     stored = ["--relabel_mode", "stored", "--relabel_num_views", "2"]
     relabel_only = ["--stages", "squeeze", "record", "recover", "relabel"]
     _run(out, *stored, *relabel_only)
     folder = out / "relabel" / "gvbsm"
-    meta, table = folder / STORED_META_FILE, folder / STORED_LABELS_FILE
-    assert meta.is_file() and table.is_file()
+    table = folder / STORED_LABELS_FILE
+    assert table.is_file()
     assert _stages(out)["relabel"]["done"] and _stages(out)["relabel"]["mode"] == "stored"
     first = StoredSoftLabels.load(folder)
     assert first.logits is not None and first.logits.shape[:2] == (IPC * 10, 2)
 
-    meta.unlink()  # as if killed between the table and its metadata: recomputed, not loaded
+    table.unlink()  # as if killed before the (atomic) write: recomputed
     _run(out, *stored, *relabel_only)
     again = StoredSoftLabels.load(folder)
     assert torch.equal(again.logits, first.logits) and torch.equal(again.boxes, first.boxes)

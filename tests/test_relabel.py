@@ -19,10 +19,13 @@ from torch import nn
 
 from gvbsm_hf.augment import apply_crop_flip
 from gvbsm_hf.data import DatasetSpec
-from gvbsm_hf.errors import DataValidationError, GVBSMError
-from gvbsm_hf.relabel import engine as relabel
-from gvbsm_hf.relabel.engine import STORED_LABELS_FILE, STORED_META_FILE, StoredSoftLabels, derive_seed, relabel_stored, sample_image_views, sample_view_cutmix
 from gvbsm_hf.ensemble import TeacherEnsemble
+from gvbsm_hf.errors import DataValidationError, GVBSMError
+from gvbsm_hf.relabel.config import RelabelArguments
+from gvbsm_hf.relabel.engine import relabel_stored
+from gvbsm_hf.relabel.store import LEGACY_FILES, STORED_LABELS_FILE, StoredSoftLabels
+from gvbsm_hf.relabel.views import ViewSampling, sample_image_views, sample_view_cutmix
+from gvbsm_hf.utils import derive_seed
 
 SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
 
@@ -49,6 +52,13 @@ def tiny_teacher(seed: int, width: int = 8) -> nn.Module:
         nn.Flatten(),
         nn.Linear(16 * width, 10),
     ).eval()
+
+
+def run_relabel(images, ensemble, *, num_views, out_size, seed=0, topk=None, clean_view=False, cutmix_prob=0.0, **kw):
+    """relabel_stored with its config objects built from the loose options of these tests."""
+    args = RelabelArguments(relabel_num_views=num_views, relabel_seed=seed, relabel_topk=topk)
+    return relabel_stored(images, ensemble, args, ViewSampling(out_size, clean_view=clean_view, cutmix_prob=cutmix_prob),
+                          **kw)
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +134,9 @@ def test_ensemble_rejects_empty_and_mismatched_teachers() -> None:
 
 
 def test_view_params_are_per_image_and_independent_of_batching(images, ensemble) -> None:
-    a = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=5, batch_size=4, show_progress=False)
-    b = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=5, batch_size=7, show_progress=False)
-    sub = relabel_stored(images[:9], ensemble, num_views=3, out_size=16, seed=5, batch_size=100, show_progress=False)
+    a = run_relabel(images, ensemble, num_views=3, out_size=16, seed=5, batch_size=4, show_progress=False)
+    b = run_relabel(images, ensemble, num_views=3, out_size=16, seed=5, batch_size=7, show_progress=False)
+    sub = run_relabel(images[:9], ensemble, num_views=3, out_size=16, seed=5, batch_size=100, show_progress=False)
     assert torch.equal(a.boxes, b.boxes) and torch.equal(a.flip, b.flip)
     assert torch.equal(a.boxes[:9], sub.boxes) and torch.equal(a.flip[:9], sub.flip)
     torch.testing.assert_close(a.logits.float(), b.logits.float(), atol=2e-3, rtol=2e-3)
@@ -135,14 +145,14 @@ def test_view_params_are_per_image_and_independent_of_batching(images, ensemble)
     p7 = sample_image_views(7, 3, 16, 16, seed=5)
     assert torch.equal(a.boxes[7], p7.boxes) and torch.equal(a.flip[7], p7.flip)
     assert not torch.equal(a.boxes[0], a.boxes[1])
-    c = relabel_stored(images[:4], ensemble, num_views=3, out_size=16, seed=6, show_progress=False)
+    c = run_relabel(images[:4], ensemble, num_views=3, out_size=16, seed=6, show_progress=False)
     assert not torch.equal(a.boxes[:4], c.boxes)
     assert a.logits.dtype == torch.float16 and a.logits.shape == (24, 3, 10)
     assert derive_seed(0, 1) != derive_seed(1, 0)
 
 
 def test_stored_logits_are_the_ensemble_of_each_view(images, ensemble) -> None:
-    st = relabel_stored(images, ensemble, num_views=4, out_size=12, seed=1, batch_size=5, show_progress=False)
+    st = run_relabel(images, ensemble, num_views=4, out_size=12, seed=1, batch_size=5, show_progress=False)
     assert st.out_size == 12 and st.image_size == (16, 16)
     for i in (0, 3, 17):
         for v in range(4):
@@ -154,8 +164,8 @@ def test_stored_logits_are_the_ensemble_of_each_view(images, ensemble) -> None:
 
 
 def test_clean_view_is_identity_and_keeps_other_views(images, ensemble) -> None:
-    plain = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=2, show_progress=False)
-    clean = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=2, clean_view=True, show_progress=False)
+    plain = run_relabel(images, ensemble, num_views=3, out_size=16, seed=2, show_progress=False)
+    clean = run_relabel(images, ensemble, num_views=3, out_size=16, seed=2, clean_view=True, show_progress=False)
     assert torch.equal(plain.boxes[:, 1:], clean.boxes[:, 1:]) and torch.equal(plain.flip[:, 1:], clean.flip[:, 1:])
     assert not clean.flip[:, 0].any()
     # identity crop: the view is the image itself and the stored logits are the ensemble of the image
@@ -171,11 +181,11 @@ def test_relabel_forwards_a_bounded_number_of_crops(images, num_views, batch_siz
     seen: list[int] = []
     teacher = tiny_teacher(3)
     teacher.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    st = relabel_stored(images, TeacherEnsemble([teacher]), num_views=num_views, out_size=16, batch_size=batch_size,
-                        cutmix_prob=0.5, show_progress=False)
+    st = run_relabel(images, TeacherEnsemble([teacher]), num_views=num_views, out_size=16, batch_size=batch_size,
+                     cutmix_prob=0.5, show_progress=False)
     assert max(seen) == most and sum(seen) == len(images) * num_views
-    ref = relabel_stored(images, TeacherEnsemble([teacher]), num_views=num_views, out_size=16, batch_size=10_000,
-                         cutmix_prob=0.5, show_progress=False)
+    ref = run_relabel(images, TeacherEnsemble([teacher]), num_views=num_views, out_size=16, batch_size=10_000,
+                      cutmix_prob=0.5, show_progress=False)
     torch.testing.assert_close(st.logits.float(), ref.logits.float(), atol=2e-3, rtol=2e-3)
 
 
@@ -218,8 +228,8 @@ def test_view_cutmix_draws_follow_the_cutmix_rule() -> None:
 
 @pytest.mark.parametrize("prob", [1.0, 0.5])
 def test_stored_cutmix_logits_are_the_ensemble_of_the_mixed_view(images, ensemble, prob) -> None:
-    st = relabel_stored(images, ensemble, num_views=3, out_size=12, seed=2, batch_size=7, cutmix_prob=prob,
-                        show_progress=False)
+    st = run_relabel(images, ensemble, num_views=3, out_size=12, seed=2, batch_size=7, cutmix_prob=prob,
+                     show_progress=False)
     assert st.has_mix and st.cutmix_prob == prob
     mixed_any = False
     for i in (0, 5, 23):
@@ -243,7 +253,7 @@ def test_stored_cutmix_logits_are_the_ensemble_of_the_mixed_view(images, ensembl
             torch.testing.assert_close(st.logits[i, v].float(), ensemble(expected)[0].half().float(),
                                        atol=1e-3, rtol=1e-3)
     assert mixed_any
-    unmixed_labels = relabel_stored(images, ensemble, num_views=3, out_size=12, seed=2, show_progress=False)
+    unmixed_labels = run_relabel(images, ensemble, num_views=3, out_size=12, seed=2, show_progress=False)
     assert torch.equal(unmixed_labels.boxes, st.boxes)  # same crops; only the pasting differs
     assert not torch.allclose(unmixed_labels.logits.float(), st.logits.float(), atol=1e-2)
     with pytest.raises(GVBSMError, match="partner_images"):
@@ -251,7 +261,7 @@ def test_stored_cutmix_logits_are_the_ensemble_of_the_mixed_view(images, ensembl
 
 
 def test_stored_cutmix_survives_tables_and_files(images, ensemble, tmp_path) -> None:
-    st = relabel_stored(images, ensemble, num_views=2, out_size=16, seed=3, cutmix_prob=0.5, show_progress=False)
+    st = run_relabel(images, ensemble, num_views=2, out_size=16, seed=3, cutmix_prob=0.5, show_progress=False)
     for back in (StoredSoftLabels.from_rows(st.to_dataset()), StoredSoftLabels.load(st.save(tmp_path / "s"))):
         assert torch.equal(back.mix_partner, st.mix_partner) and torch.equal(back.mix_boxes, st.mix_boxes)
         assert back.mix_partner.dtype == torch.int32 and back.mix_boxes.dtype == torch.int16
@@ -269,8 +279,8 @@ def test_stored_cutmix_survives_tables_and_files(images, ensemble, tmp_path) -> 
 
 
 def test_topk_keeps_the_topk_exact(images, ensemble) -> None:
-    dense = relabel_stored(images, ensemble, num_views=2, out_size=16, seed=3, show_progress=False)
-    top = relabel_stored(images, ensemble, num_views=2, out_size=16, seed=3, topk=3, show_progress=False)
+    dense = run_relabel(images, ensemble, num_views=2, out_size=16, seed=3, show_progress=False)
+    top = run_relabel(images, ensemble, num_views=2, out_size=16, seed=3, topk=3, show_progress=False)
     assert top.logits is None and top.topk == 3
     assert top.topk_indices.dtype == torch.int16 and top.topk_values.dtype == torch.float16
     for v in range(2):
@@ -287,7 +297,7 @@ def test_topk_keeps_the_topk_exact(images, ensemble) -> None:
         expected_fill = (kept_min - top.fill_margin).expand_as(rec)
         torch.testing.assert_close(rec[mask], expected_fill[mask])
     with pytest.raises(GVBSMError, match="topk"):
-        relabel_stored(images[:2], ensemble, num_views=1, out_size=16, topk=11, show_progress=False)
+        run_relabel(images[:2], ensemble, num_views=1, out_size=16, topk=11, show_progress=False)
 
 
 # ---- tables ------------------------------------------------------------------------------
@@ -306,7 +316,7 @@ def _assert_same(a: StoredSoftLabels, b: StoredSoftLabels) -> None:
 
 @pytest.mark.parametrize("topk", [None, 4])
 def test_rows_round_trip_exact(images, ensemble, tmp_path, topk) -> None:
-    st = relabel_stored(images, ensemble, num_views=3, out_size=16, seed=4, topk=topk, show_progress=False)
+    st = run_relabel(images, ensemble, num_views=3, out_size=16, seed=4, topk=topk, show_progress=False)
     rows = st.to_rows()
     assert len(rows["views_boxes"]) == len(images)
     assert set(rows) == ({"views_boxes", "views_flip", "soft_logits"} if topk is None
@@ -374,40 +384,54 @@ def _tricky_stored(kind: str, n: int = 23, v: int = 3) -> StoredSoftLabels:
 
 
 @pytest.mark.parametrize("kind", ["dense", "topk_int16", "topk_int32"])
-def test_save_load_round_trip_is_bit_exact(tmp_path, monkeypatch, kind) -> None:
+def test_save_load_round_trip_is_bit_exact(tmp_path, kind) -> None:
     st = _tricky_stored(kind)
     folder = st.save(tmp_path / "stored")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([STORED_LABELS_FILE, STORED_META_FILE])
-    assert json.loads((folder / STORED_META_FILE).read_text()) == st.metadata()
+    assert [p.name for p in folder.iterdir()] == [STORED_LABELS_FILE]  # one file, metadata in its header
     _assert_bit_exact(st, StoredSoftLabels.load(folder))
-    monkeypatch.setattr(relabel, "_BATCH_VALUES", 1)  # one row per row group and per read batch
-    st.save(tmp_path / "stored")
-    assert pq.ParquetFile(folder / STORED_LABELS_FILE).metadata.num_row_groups == len(st)
+    st.save(tmp_path / "stored")  # overwriting is atomic too
     _assert_bit_exact(st, StoredSoftLabels.load(folder))
-    # the same file through datasets' own parquet reader, and the in-memory table
-    ds = datasets.Dataset.from_parquet(str(folder / STORED_LABELS_FILE), cache_dir=str(tmp_path / "cache"))
+    # the export's parquet, through datasets' own parquet reader, and the in-memory table
+    path = tmp_path / "views.parquet"
+    st.to_dataset().to_parquet(str(path), batch_size=1)  # one row per row group
+    assert pq.ParquetFile(path).metadata.num_row_groups == len(st)
+    ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(tmp_path / "cache"))
     _assert_bit_exact(st, StoredSoftLabels.from_rows(ds, st.metadata()))
     _assert_bit_exact(st, StoredSoftLabels.from_rows(st.to_dataset()))
     _assert_bit_exact(st, StoredSoftLabels.from_rows(st.to_arrays(), st.metadata()))
 
 
 def test_tables_keep_the_list_built_schema(tmp_path) -> None:
-    """Same columns, features and parquet schema as a table built from Python lists, whose files
-    (as written before the tables went through Arrow buffers) still load."""
+    """Same columns, features and parquet schema as a table built from Python lists, whose parquet
+    files (as exported before the tables went through Arrow buffers) still load."""
     for kind in ("dense", "topk_int16"):
         st = _tricky_stored(kind)
         listed = datasets.Dataset.from_dict(st.to_rows(), features=st.features())
         ds = st.to_dataset()
         assert ds.column_names == listed.column_names and ds.features == listed.features
         assert ds.data.schema.equals(listed.data.schema, check_metadata=True)
-        old = tmp_path / f"old_{kind}"
-        old.mkdir()
-        listed.to_parquet(str(old / STORED_LABELS_FILE))
-        (old / STORED_META_FILE).write_text(json.dumps(st.metadata()))
-        new = st.save(tmp_path / f"new_{kind}")
-        assert pq.read_schema(new / STORED_LABELS_FILE).equals(pq.read_schema(old / STORED_LABELS_FILE),
-                                                               check_metadata=True)
-        _assert_bit_exact(st, StoredSoftLabels.load(old))
+        old, new = tmp_path / f"old_{kind}.parquet", tmp_path / f"new_{kind}.parquet"
+        listed.to_parquet(str(old))
+        ds.to_parquet(str(new))
+        assert pq.read_schema(new).equals(pq.read_schema(old), check_metadata=True)
+        back = datasets.Dataset.from_parquet(str(old), cache_dir=str(tmp_path / "cache"))
+        _assert_bit_exact(st, StoredSoftLabels.from_rows(back, st.metadata()))
+
+
+def test_run_folder_of_the_parquet_format_names_the_redo(tmp_path) -> None:
+    """A run folder written before the safetensors file (soft_labels.parquet + its JSON) is not read:
+    the error says to recompute it with `--redo relabel`; saving there removes the old files."""
+    st = _tricky_stored("dense")
+    folder = tmp_path / "relabel" / "gvbsm"
+    folder.mkdir(parents=True)
+    st.to_dataset().to_parquet(str(folder / LEGACY_FILES[0]))
+    (folder / LEGACY_FILES[1]).write_text(json.dumps(st.metadata()))
+    with pytest.raises(GVBSMError, match="--redo relabel") as err:
+        StoredSoftLabels.load(folder)
+    assert "soft_labels.parquet" in str(err.value)
+    st.save(folder)
+    assert [p.name for p in folder.iterdir()] == [STORED_LABELS_FILE]
+    _assert_bit_exact(st, StoredSoftLabels.load(folder))
 
 
 @pytest.mark.parametrize("kind", ["dense", "topk_int16"])
@@ -477,8 +501,8 @@ def test_bfloat16_logits_name_the_fix() -> None:
 def test_bad_inputs_name_the_fix(images, ensemble, tmp_path) -> None:
     raw, _ = digits_uint8(4)
     with pytest.raises(DataValidationError, match="normalize"):
-        relabel_stored(raw, ensemble, num_views=1, out_size=16)
-    st = relabel_stored(images[:3], ensemble, num_views=2, out_size=16, show_progress=False)
+        run_relabel(raw, ensemble, num_views=1, out_size=16)
+    st = run_relabel(images[:3], ensemble, num_views=2, out_size=16, show_progress=False)
     meta = st.metadata()
     del meta["out_size"]
     with pytest.raises(DataValidationError, match="metadata"):
@@ -500,7 +524,9 @@ TWO_PROC_SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     from accelerate import Accelerator
     from gvbsm_hf.ensemble import TeacherEnsemble
+    from gvbsm_hf.relabel.config import RelabelArguments
     from gvbsm_hf.relabel.engine import relabel_stored
+    from gvbsm_hf.relabel.views import ViewSampling
 
     def teacher():
         torch.manual_seed(1)
@@ -510,8 +536,8 @@ TWO_PROC_SCRIPT = textwrap.dedent(
     acc = Accelerator(cpu=True)
     assert acc.num_processes == int(sys.argv[2]), acc.num_processes
     x = torch.randn(11, 1, 16, 16, generator=torch.Generator().manual_seed(3))
-    st = relabel_stored(x, TeacherEnsemble([teacher()]), num_views=2, out_size=16, batch_size=3, accelerator=acc,
-                        show_progress=False)
+    st = relabel_stored(x, TeacherEnsemble([teacher()]), RelabelArguments(relabel_num_views=2), ViewSampling(16),
+                        batch_size=3, accelerator=acc, show_progress=False)
     st.save(sys.argv[1] + f"/rank{acc.process_index}")
     """
 )

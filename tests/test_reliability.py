@@ -97,7 +97,7 @@ def test_a_torn_artefact_names_the_file_and_the_redo(tmp_path, stage, make):
         path = syn.save(tmp_path)
         load = lambda: SyntheticSet.load(tmp_path)  # noqa: E731
     elif make == "statistics":
-        from gvbsm_hf.record.engine import TeacherStatistics, load_statistics, save_statistics
+        from gvbsm_hf.record.statistics_file import TeacherStatistics, load_statistics, save_statistics
 
         layer = {k: torch.rand(3) for k in ("channel_mean", "channel_var", "patch_mean", "patch_var")}
         path = save_statistics(TeacherStatistics(layers={"c": layer}, provenance={"patch_size": 4}),

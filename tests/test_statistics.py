@@ -17,11 +17,16 @@ from torch import nn
 
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, StatisticsMismatchError
-from gvbsm_hf.record.engine import TeacherStatistics, load_statistics, record_statistics, save_statistics, statistics_from_dataset, statistics_to_dataset
+from gvbsm_hf.record.config import StatisticsArguments
+from gvbsm_hf.record.engine import record_statistics
+from gvbsm_hf.record.statistics_file import (
+    TeacherStatistics, load_statistics, save_statistics, statistics_from_dataset, statistics_to_dataset,
+)
 from gvbsm_hf.utils import model_fingerprint
 
 STATS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
 SPEC = DatasetSpec(name="toy", num_classes=3, image_size=9, channels=1, mean=(0.4,), std=(0.3,))
+RRC = StatisticsArguments(stats_patch_size=4, stats_augment="per_image_rrc")
 
 # Shared by the test process and the torchrun script: the teacher and, until gvbsm_hf.augment
 # exists, a stand-in with the same contract (random_resized_crop_flip(x, *, scale, out_size, generator)).
@@ -142,10 +147,9 @@ def test_record_equals_float64_weighted_mean_of_batch_stats(monkeypatch, augment
     teacher = make_teacher().train()  # record must switch to eval and restore
     rm_before = teacher[1].running_mean.clone()
     batches = make_batches([4, 4, 3])
-    stats = record_statistics(
-        teacher, batches, SPEC, patch_size=4, conv_target=target, augment=augment, crop_scale=(0.25, 1.0),
-        teacher_name="toy-net",
-    )
+    args = StatisticsArguments(stats_patch_size=4, stats_conv_target=target,
+                               stats_augment="per_image_rrc" if augment else "none")
+    stats = record_statistics(teacher, batches, SPEC, args, crop_scale=(0.25, 1.0), teacher_name="toy-net")
     assert teacher.training and torch.equal(teacher[1].running_mean, rm_before)
     inputs = seen if augment else [SPEC.normalize(b[0]) for b in batches]
     assert len(inputs) == 3
@@ -166,7 +170,7 @@ def test_record_equals_float64_weighted_mean_of_batch_stats(monkeypatch, augment
     if augment:
         assert json.loads(prov["crop_scale"]) == [0.25, 1.0]
     # the augmentation is seeded by (seed, batch index): the same call gives the same statistics
-    again = record_statistics(teacher, batches, SPEC, augment=augment, conv_target=target, crop_scale=(0.25, 1.0))
+    again = record_statistics(teacher, batches, SPEC, args, crop_scale=(0.25, 1.0))
     for name in ref:
         for k in STATS:
             assert torch.equal(again.layers[name][k], stats.layers[name][k])
@@ -189,15 +193,17 @@ def test_one_and_two_processes_agree(tmp_path):
             from shared import make_teacher, ensure_augment
             ensure_augment()
             from gvbsm_hf.data import DatasetSpec
-            from gvbsm_hf.record.engine import record_statistics, save_statistics
+            from gvbsm_hf.record.config import StatisticsArguments
+            from gvbsm_hf.record.engine import record_statistics
+            from gvbsm_hf.record.statistics_file import save_statistics
             spec = DatasetSpec(**{SPEC.to_dict()!r})
             acc = Accelerator(cpu=True)
             assert acc.num_processes == 2, acc.num_processes
             batches = torch.load({str(tmp_path / "batches.pt")!r})
             for tag, bs in (("all", batches), ("one", batches[:1])):  # "one": process 1 has no batch
                 shard = bs[acc.process_index :: acc.num_processes]
-                stats = record_statistics(make_teacher(), shard, spec, accelerator=acc, augment=True, seed=3,
-                                          patch_size=4, total_batches=len(bs))
+                stats = record_statistics(make_teacher(), shard, spec, StatisticsArguments(stats_augment="per_image_rrc"),
+                                          accelerator=acc, seed=3, total_batches=len(bs))
                 save_statistics(stats, {str(tmp_path)!r} + f"/{{tag}}-rank{{acc.process_index}}.safetensors")
             acc.wait_for_everyone()
             torch.distributed.destroy_process_group()
@@ -210,7 +216,7 @@ def test_one_and_two_processes_agree(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     for tag, bs in (("all", batches), ("one", batches[:1])):
-        single = record_statistics(make_teacher(), bs, SPEC, augment=True, seed=3, patch_size=4)
+        single = record_statistics(make_teacher(), bs, SPEC, RRC, seed=3)
         for rank in (0, 1):
             multi = load_statistics(tmp_path / f"{tag}-rank{rank}.safetensors")
             assert multi.provenance["num_images"] == single.provenance["num_images"] == sum(b[0].shape[0] for b in bs)
@@ -219,8 +225,8 @@ def test_one_and_two_processes_agree(tmp_path):
                 for k in STATS:
                     torch.testing.assert_close(multi.layers[name][k], single.layers[name][k], rtol=1e-5, atol=1e-6)
     # a different seed gives other crops, hence other statistics (the seed is really used)
-    other = record_statistics(make_teacher(), batches, SPEC, augment=True, seed=4, patch_size=4)
-    base = record_statistics(make_teacher(), batches, SPEC, augment=True, seed=3, patch_size=4)
+    other = record_statistics(make_teacher(), batches, SPEC, RRC, seed=4)
+    base = record_statistics(make_teacher(), batches, SPEC, RRC, seed=3)
     assert not torch.equal(other.layers["0"]["channel_var"], base.layers["0"]["channel_var"])
 
 

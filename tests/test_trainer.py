@@ -18,7 +18,9 @@ from gvbsm_hf.evaluate.config import GVBSMTrainingArguments
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, GVBSMError, UnknownBackboneError
 from gvbsm_hf.ensemble import TeacherEnsemble
+from gvbsm_hf.relabel.config import RelabelArguments
 from gvbsm_hf.relabel.engine import relabel_stored
+from gvbsm_hf.relabel.views import ViewSampling
 from gvbsm_hf.evaluate.trainer import GVBSMTrainer, RealImageDataset, SyntheticImageDataset, evaluate_students
 
 SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
@@ -214,7 +216,8 @@ def test_hard_label_mode_uses_ce(tmp_path, data):
 def test_stored_and_on_the_fly_give_same_soft_labels_for_same_view(tmp_path, data, teachers, monkeypatch):
     ens = TeacherEnsemble(teachers)
     ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
-    stored = relabel_stored(ds.images, ens, num_views=3, out_size=16, seed=7, batch_size=16, show_progress=False)
+    stored = relabel_stored(ds.images, ens, RelabelArguments(relabel_num_views=3, relabel_seed=7), ViewSampling(16),
+                            batch_size=16, show_progress=False)
     args = make_args(tmp_path)
     batch = a_batch(ds)
 
@@ -246,7 +249,8 @@ def test_stored_cutmix_views_are_replayed_with_their_partner(tmp_path, data, tea
     unmixed logits; the GT term takes the original or the lambda-mixed label."""
     ens = TeacherEnsemble(teachers)
     ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
-    stored = relabel_stored(ds.images, ens, num_views=3, out_size=16, seed=7, cutmix_prob=1.0, show_progress=False)
+    stored = relabel_stored(ds.images, ens, RelabelArguments(relabel_num_views=3, relabel_seed=7),
+                            ViewSampling(16, cutmix_prob=1.0), show_progress=False)
     tr = GVBSMTrainer(mlp_student(), make_args(tmp_path, cutmix_prob=1.0, cutmix_ce_label=ce_label), ds, spec=SPEC,
                       stored_labels=stored)
     tr.state.epoch = 2.0  # view 2
@@ -273,7 +277,7 @@ def test_stored_cutmix_views_are_replayed_with_their_partner(tmp_path, data, tea
 def test_stored_labels_count_mismatch_names_the_fix(tmp_path, data, teachers):
     ens = TeacherEnsemble(teachers)
     ds = SyntheticImageDataset(*data["distilled"], spec=SPEC)
-    stored = relabel_stored(ds.images[:10], ens, num_views=1, out_size=16, show_progress=False)
+    stored = relabel_stored(ds.images[:10], ens, RelabelArguments(relabel_num_views=1), ViewSampling(16), show_progress=False)
     with pytest.raises(DataValidationError, match="re-run relabel_stored") as e:
         GVBSMTrainer(mlp_student(), make_args(tmp_path), ds, spec=SPEC, stored_labels=stored)
     assert "10" in str(e.value) and str(len(ds)) in str(e.value)
@@ -288,7 +292,7 @@ def test_bad_arguments(tmp_path, data, teachers):
         GVBSMTrainer(mlp_student(), make_args(tmp_path, loss_type="mse"), ds, spec=SPEC)
     with pytest.raises(GVBSMError, match="not both"):
         ens = TeacherEnsemble(teachers)
-        st = relabel_stored(ds.images, ens, num_views=1, out_size=16, show_progress=False)
+        st = relabel_stored(ds.images, ens, RelabelArguments(relabel_num_views=1), ViewSampling(16), show_progress=False)
         GVBSMTrainer(mlp_student(), make_args(tmp_path), ds, spec=SPEC, soft_labeler=ens, stored_labels=st)
     with pytest.raises(GVBSMError, match="classes"):
         other = DatasetSpec(name="x", num_classes=7, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
@@ -333,7 +337,8 @@ def test_short_run_lowers_loss_and_reports_last_epoch(tmp_path, data, teachers):
 def test_evaluate_students_two_seeds_mean_std_and_determinism(tmp_path, data, teachers):
     ens = TeacherEnsemble(teachers)
     xs, ys = data["distilled"]
-    stored = relabel_stored(SPEC.normalize(xs), ens, num_views=2, out_size=16, seed=0, show_progress=False)
+    stored = relabel_stored(SPEC.normalize(xs), ens, RelabelArguments(relabel_num_views=2), ViewSampling(16),
+                            show_progress=False)
     args = make_args(tmp_path, num_train_epochs=2, student="convnet")
     res = evaluate_students(xs, ys, data["val"], SPEC, args, stored=stored, seeds=[0, 1],
                             backbone_kwargs=STUDENT_KW)

@@ -23,6 +23,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.errors import OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from .errors import OfflineError
 
 PROBE_TIMEOUT_S = 3.0
@@ -62,12 +66,10 @@ def offline_reason(*, datasets: bool = False) -> str | None:
                 if flag:
                     return f"offline mode is enabled: {name} is set"
                 break
-    from huggingface_hub import constants
-
     if constants.is_offline_mode():
         return "offline mode is enabled: HF_HUB_OFFLINE was set when huggingface_hub was imported"
     if datasets:
-        import datasets as hf_datasets
+        import datasets as hf_datasets  # heavy (~1 s); backbones/teacher import hub_utils without it
 
         if hf_datasets.config.HF_HUB_OFFLINE:
             return "offline mode is enabled: HF_DATASETS_OFFLINE was set when datasets was imported"
@@ -84,8 +86,6 @@ def is_offline(*, datasets: bool = False) -> bool:
 
 def hub_endpoint() -> str:
     """The Hub endpoint ``huggingface_hub`` talks to (``HF_ENDPOINT``, default huggingface.co)."""
-    from huggingface_hub import constants
-
     return str(constants.ENDPOINT or _DEFAULT_ENDPOINT)
 
 
@@ -106,12 +106,10 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S, *, url: str | None = None) -
 
 def network_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean "the Hub cannot be reached" (not "the Hub said no")."""
-    from huggingface_hub.errors import OfflineModeIsEnabled
-
     errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError, socket.gaierror]
     for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
                           ("requests.exceptions", ("ConnectionError", "Timeout"))):
-        try:
+        try:  # optional: whichever HTTP client huggingface_hub / this environment has
             mod = __import__(module, fromlist=list(names))
         except ImportError:
             continue
@@ -162,8 +160,6 @@ def is_hub_repo_id(name: str | os.PathLike, *, require_namespace: bool = True) -
     Prefixed names (``hf-hub:``, ``tv:``, ``timm:``), absolute or ``./`` paths and anything with
     more than one ``/`` are not repo ids.
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(name, str) or not name:
         return False
     if require_namespace and name.count("/") != 1:
@@ -200,8 +196,6 @@ def public_name(name: str | None) -> str | None:
 
 def hub_file_cached(repo_id: str, filenames: Iterable[str], *, repo_type: str = "model") -> bool:
     """True if any of ``filenames`` of ``repo_id`` is in the local Hub cache."""
-    from huggingface_hub import try_to_load_from_cache
-
     for filename in filenames:
         try:
             path = try_to_load_from_cache(repo_id, filename, repo_type=repo_type)
@@ -214,8 +208,7 @@ def hub_file_cached(repo_id: str, filenames: Iterable[str], *, repo_type: str = 
 
 def dataset_cached(repo_id: str) -> bool:
     """True if a Hub dataset has been downloaded before (Hub cache or ``datasets`` cache)."""
-    import datasets
-    from huggingface_hub import constants
+    import datasets  # heavy (~1 s); backbones/teacher import hub_utils without it
 
     return (Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}").exists() or (
         Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___")

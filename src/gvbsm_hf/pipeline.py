@@ -23,12 +23,20 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
+from filelock import FileLock, Timeout
+
+from .data import get_dataset_spec, load_image_dataset
+from .errors import GVBSMError
 from .pipeline_config import STAGES
 from .recipe import Recipe, load_recipe_yaml, parse_recipe, recipe_parser, recipe_to_dict
-from .stages import STAGE_REGISTRY, stage_configs, stage_fingerprints
-from .stage_cache import StageCache
 from .stage import StageContext
-from .utils import write_json_atomic
+from .stage_cache import StageCache
+from .stages import STAGE_REGISTRY, stage_configs, stage_fingerprints
+from .utils import runtime_provenance, seed_everything, write_json_atomic
 
 __all__ = [
     "STAGES", "Recipe", "StageCache", "format_results_table", "load_recipe_yaml", "parse_recipe", "recipe_parser",
@@ -45,14 +53,6 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     locked (a second run on it stops at once, naming the holder's pid), and the launched process
     count is checked against ``num_processes``. A full disk inside a stage stops with a message
     naming the stage; every finished artefact is kept (files are written atomically)."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.logging import get_logger
-    from accelerate.state import AcceleratorState
-
-    from .data import get_dataset_spec, load_image_dataset
-    from .utils import runtime_provenance, seed_everything
-
     logger = get_logger("gvbsm_hf.pipeline")
     r = recipe
     if r.pipeline.num_threads:
@@ -72,6 +72,10 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
         cache = StageCache(out, r.pipeline.redo, recipe)
         if cache.changed:
             logger.warning(cache.describe_changes())
+        unused = sorted(set(r.synthesis.method_args) - {r.synthesis.syn_method})
+        if unused:
+            logger.info(f"method_args of {unused} kept and unused: syn_method is {r.synthesis.syn_method!r} and "
+                        "baselines use their own defaults")
         seed_everything(r.training.seed)
         if accelerator.is_main_process:
             write_json_atomic(out / "recipe.json", recipe_to_dict(r) | {"runtime": runtime_provenance(accelerator.num_processes)})
@@ -119,8 +123,6 @@ LOCK_FILE = ".gvbsm.lock"
 
 def check_output_dir(out: Path) -> None:
     """The output folder must be a creatable, writable folder; say which path and what to do."""
-    from .errors import GVBSMError
-
     if out.exists() and not out.is_dir():
         raise GVBSMError(f"output_dir {out} is a file, not a folder: set `output_dir:` (or --output_dir) to a folder.")
     try:
@@ -137,10 +139,6 @@ def check_output_dir(out: Path) -> None:
 def output_dir_lock(out: Path, is_main_process: bool):
     """One run per output folder: the main process holds ``<output_dir>/.gvbsm.lock`` (``filelock``)
     for the whole run; a second run fails at once, naming the holder's pid."""
-    from filelock import FileLock, Timeout
-
-    from .errors import GVBSMError
-
     if not is_main_process:
         yield
         return
@@ -163,8 +161,6 @@ def output_dir_lock(out: Path, is_main_process: bool):
 def check_process_count(launched: int, expected: int | None, logger) -> None:
     """``num_processes`` set and different from what was launched: stop. ``accelerate launch --cpu
     --num_processes N`` starts ONE process (it sets MASTER_ADDR but no WORLD_SIZE): say how to get N."""
-    from .errors import GVBSMError
-
     hint = ("On CPU, `accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml ...` (or "
             "`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...`, or `torchrun "
             "--nproc_per_node 2 ...`) starts two.")
@@ -180,8 +176,6 @@ def is_disk_full(err: BaseException) -> bool:
 
 
 def disk_full_error(stage: str, out: Path, err: BaseException):
-    from .errors import GVBSMError
-
     return GVBSMError(f"The disk filled up during the {stage} stage ({err}). Nothing computed so far is lost: finished "
                       f"stages and checkpoints are in {out} (stages.json lists them; files are written atomically). "
                       "Free some space and rerun the same command: it resumes where it stopped.")

@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import sys
 import typing
 from dataclasses import dataclass
@@ -24,11 +26,11 @@ from .data.config import DataArguments
 from .evaluate.config import GVBSMTrainingArguments
 from .export.config import PublishArguments
 from .fingerprint import SECRET_FIELDS, config_to_dict
-from .methods import method_config
+from .methods import get_method, list_methods, method_config
 from .backbones import is_backbone_name, unknown_backbone_message
 from .pipeline_config import PipelineArguments
 from .record.config import StatisticsArguments
-from .recover.config import PROTOCOLS, SynthesisArguments
+from .recover.config import PROTOCOLS, SynthesisArguments, parse_method_args
 from .relabel.config import RelabelArguments
 from .squeeze.config import SqueezeArguments, is_teacher_reference, teacher_starts_pretrained, untrained_teachers_message
 from .validation import RecipeError, ValidatedArguments, check_value
@@ -45,6 +47,8 @@ RECIPE_CLASSES = (
     PipelineArguments,
 )
 """The recipe's dataclasses, in stage order (one ``HfArgumentParser`` fills them all)."""
+
+logger = logging.getLogger(__name__)  # recipes are parsed before accelerate's state exists
 
 @dataclass
 class Recipe:
@@ -74,8 +78,27 @@ def recipe_to_dict(recipe: Recipe, deny: Iterable[str] = SECRET_FIELDS) -> dict[
 # ------------------------------------------------------------------------------ parsing
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the epilog (each method's options) kept as written."""
+
+
+def method_options_help() -> str:
+    """Each registered method's options with their defaults and help (the ``--help`` epilog)."""
+    lines = ["Method options (`method_args: {METHOD: {OPTION: VALUE}}`; --method_args '{\"METHOD\": {...}}'):"]
+    for name in list_methods():
+        entry = get_method(name)
+        lines.append(f"  {name}: {entry.description}")
+        for f in dataclasses.fields(entry.config_class):
+            if f.name in entry.config_class.options():
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                help_ = next((g.metadata["help"] for c in entry.config_class.__mro__ if dataclasses.is_dataclass(c)
+                              for g in dataclasses.fields(c) if g.name == f.name and "help" in g.metadata), "")
+                lines.append(f"    {f.name} = {default!r}  {help_}".rstrip())
+    return "\n".join(lines)
+
+
 def recipe_parser() -> HfArgumentParser:
-    return HfArgumentParser(RECIPE_CLASSES)  # type: ignore[arg-type]
+    return HfArgumentParser(RECIPE_CLASSES, epilog=method_options_help(), formatter_class=_HelpFormatter)  # type: ignore[arg-type]
 
 
 def _field_types() -> dict[str, tuple[type, Any]]:
@@ -108,6 +131,7 @@ def load_recipe_yaml(path: str | Path) -> dict[str, Any]:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise GVBSMError(f"Recipe {path} must be a mapping of field: value.")
+    data = group_method_options(data, path)
     types_ = _field_types()
     unknown = [k for k in data if k not in types_]
     if unknown:
@@ -123,23 +147,83 @@ def load_recipe_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def method_options() -> dict[str, list[str]]:
+    """Option name -> the registered methods that declare it."""
+    owners: dict[str, list[str]] = {}
+    for name in list_methods():
+        for option in get_method(name).config_class.options():
+            owners.setdefault(option, []).append(name)
+    return owners
+
+
+def group_method_options(data: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """A recipe written before methods owned their options (flat ``syn_r_bn: 0.01``) still works: its
+    method options move under ``method_args[<its syn_method>]``, with a warning saying how to convert it."""
+    owners = method_options()
+    flat = [k for k in data if k in owners]
+    if not flat:
+        return data
+    method = data.get("syn_method", SynthesisArguments.syn_method)
+    options = get_method(method).config_class.options() if method in list_methods() else []
+    foreign = [k for k in flat if k not in options]
+    if foreign:
+        raise RecipeError(f"In recipe {path}: {foreign} are not options of syn_method {method!r} (they belong to "
+                          f"{ {k: owners[k] for k in foreign} }). Group each method's options under its name, e.g. "
+                          f"`method_args: {{{owners[foreign[0]][0]}: {{{foreign[0]}: ...}}}}`.")
+    data = dict(data)
+    group = {k: data.pop(k) for k in flat}
+    method_args = parse_method_args(data.get("method_args"))
+    method_args[method] = {**group, **method_args.get(method, {})}
+    data["method_args"] = method_args
+    logger.warning(f"Recipe {path} sets method options at the top level ({', '.join(flat)}); they are read as "
+                   f"`method_args: {{{method}: {{...}}}}`. Write them that way to silence this warning.")
+    return data
+
+
+def merge_method_args(base: Any, override: Any) -> dict[str, dict[str, Any]]:
+    """``method_args`` of the recipe updated per method by ``override`` (the command line's)."""
+    merged = parse_method_args(base)
+    for name, options in parse_method_args(override).items():
+        merged[name] = {**merged.get(name, {}), **options}
+    return merged
+
+
+def _pop_flag(argv: list[str], flag: str) -> str | None:
+    """Remove ``flag VALUE`` or ``flag=VALUE`` from ``argv``; return VALUE (the last one given)."""
+    value = None
+    i = 0
+    while i < len(argv):
+        if argv[i] == flag:
+            if i + 1 >= len(argv):
+                raise GVBSMError(f"{flag} needs a value.")
+            value = argv[i + 1]
+            del argv[i : i + 2]
+        elif argv[i].startswith(flag + "="):
+            value = argv[i].split("=", 1)[1]
+            del argv[i]
+        else:
+            i += 1
+    return value
+
+
 def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     """``--config recipe.yaml`` plus command-line overrides (flags win over the YAML), validated."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = recipe_parser()
-    config_path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise GVBSMError("--config needs a path to a recipe YAML.")
-        config_path = argv[i + 1]
-        del argv[i : i + 2]
-    if config_path:
-        parser.set_defaults(**load_recipe_yaml(config_path))
+    config_path = _pop_flag(argv, "--config")
+    cli_method_args = _pop_flag(argv, "--method_args")
+    data = load_recipe_yaml(config_path) if config_path else {}
+    if cli_method_args is not None:
+        data["method_args"] = merge_method_args(data.get("method_args"), cli_method_args)
+    parser.set_defaults(**data)
     parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     *objs, remaining = parsed
     if remaining:
-        raise GVBSMError(f"Unknown command-line argument(s) {remaining}; see `python recipes/distill.py --help`.")
+        owners = method_options()
+        flags = [a.lstrip("-").split("=")[0] for a in remaining if a.startswith("--")]
+        hint = "".join(f" {f} is an option of {owners[f]}: pass it as --method_args '{{\"{owners[f][0]}\": "
+                       f"{{\"{f}\": VALUE}}}}'." for f in flags if f in owners)
+        raise GVBSMError(f"Unknown command-line argument(s) {remaining}; see `python recipes/distill.py --help`.{hint}")
     recipe = Recipe(*objs)  # type: ignore[arg-type]
     validate_recipe(recipe)
     return recipe

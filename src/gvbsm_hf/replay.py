@@ -39,7 +39,7 @@ class StoredViews(Dataset):
     """
 
     def __init__(self, folder_or_repo: str | Path, epoch: int = 0) -> None:
-        from .export.engine import load_distilled_dataset, load_distilled_spec, load_stored_soft_labels, to_tensors
+        from .export.loading import load_distilled_dataset, load_distilled_spec, load_stored_soft_labels, to_tensors
 
         self.spec = load_distilled_spec(folder_or_repo)
         images, labels, _ = to_tensors(load_distilled_dataset(folder_or_repo), self.spec)

@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from .data import DatasetSpec
-    from .stage_cache import StageCache
 
 
 @dataclass
@@ -27,7 +26,7 @@ class StageContext:
     recipe: Recipe
     accelerator: "Accelerator"
     output_dir: Path
-    cache: "StageCache"
+    cache: Any  # gvbsm_hf.stage_cache.StageCache (which imports the stages, so not imported here)
     dataset: "datasets.DatasetDict"
     spec: "DatasetSpec"
     logger: Any
@@ -107,3 +106,8 @@ class Stage:
             else:
                 out.update(d)
         return out
+
+
+def teacher_subset(names, subset) -> list[int]:
+    """Indices of the teachers named in ``subset`` (``syn_teachers`` / ``relabel_teachers``); None: all."""
+    return [i for i, n in enumerate(names) if not subset or n in set(subset)]

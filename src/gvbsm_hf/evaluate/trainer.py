@@ -46,7 +46,8 @@ from .config import GVBSMTrainingArguments
 from ..data import DatasetSpec
 from ..errors import DataValidationError, GVBSMError
 from ..losses import cross_entropy_loss, kl_soft_label_loss, mse_gt_loss
-from ..relabel.engine import StoredSoftLabels, derive_seed
+from ..relabel.store import StoredSoftLabels
+from ..utils import derive_seed
 from ..ensemble import TeacherEnsemble
 
 logger = get_logger(__name__)

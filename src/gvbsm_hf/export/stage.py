@@ -3,12 +3,18 @@ dataset card + grid) in ``export/<name>/``, optionally pushed with the teachers 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import GVBSMError
 from ..recipe import recipe_to_dict
 from ..stage import Stage, StageContext, method_folder
+from .engine import export_distilled_dataset
+from .layout import CARD_FILE
+from .push import push_distilled_dataset, push_teacher
 
 
 def dataset_name(ctx: StageContext) -> str:
@@ -31,27 +37,20 @@ class ExportStage(Stage):
         return ctx.output_dir / "export" / dataset_name(ctx).split("/")[-1]
 
     def outputs(self, ctx: StageContext) -> list[Path]:
-        return [self.folder(ctx) / "README.md"]
+        return [self.folder(ctx) / CARD_FILE]
 
     def load(self, ctx: StageContext) -> None:
         folder = self.folder(ctx)
-        if (folder / "README.md").exists():
-            ctx.summary.update(dataset_folder=str(folder), card=str(folder / "README.md"))
+        if (folder / CARD_FILE).exists():
+            ctx.summary.update(dataset_folder=str(folder), card=str(folder / CARD_FILE))
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        import torch
-
-        from .engine import export_distilled_dataset, push_distilled_dataset, push_teacher
-        from ..record.engine import statistics_to_dataset
-
         r, acc = ctx.recipe, ctx.accelerator
         main = ctx.synthetic.get(ctx.main_method)
         if main is None:
             raise GVBSMError(f"export needs the {ctx.main_method!r} synthetic set: add `recover` to `stages`.")
         folder = self.folder(ctx)
         if acc.is_main_process:  # temporary folders of an export that was killed half-way
-            import shutil
-
             for stale in folder.parent.glob(f".{folder.name}.tmp-*") if folder.parent.exists() else []:
                 shutil.rmtree(stale, ignore_errors=True)
         grid = ctx.output_dir / "recover" / method_folder(ctx.main_method) / "grid.png"
@@ -65,14 +64,14 @@ class ExportStage(Stage):
             export_distilled_dataset(
                 folder, images=main.uint8_images(ctx.spec), labels=main.labels, spec=ctx.spec, soft_logits=soft,
                 slot_metadata={"slot": main.slots.tolist(), "job": main.jobs.tolist()}, stored_views=views,
-                statistics=statistics_to_dataset(present) if present else None, method=recipe_to_dict(r),
+                statistics=present or None, method=recipe_to_dict(r),
                 results=list(ctx.rows), teacher_repos=repos or None,
                 teacher_names=[p.name for p in ctx.teacher_dirs],
                 grid_path=grid if grid.exists() else None, repo_id=r.publish.dataset_repo_id,
                 source_dataset=ctx.spec.source or ctx.spec.name, license=r.publish.dataset_license or ctx.spec.license,
                 health=ctx.health.get(ctx.main_method),
             )
-            ctx.summary.update(dataset_folder=str(folder), card=str(folder / "README.md"), grid=str(grid))
+            ctx.summary.update(dataset_folder=str(folder), card=str(folder / CARD_FILE), grid=str(grid))
             if r.publish.push_dataset:
                 ctx.summary["dataset_url"] = push_distilled_dataset(folder, r.publish.dataset_repo_id)
             if r.publish.teacher_repo_prefix:

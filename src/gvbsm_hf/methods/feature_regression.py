@@ -37,18 +37,22 @@ checkpointed with the pixels and a resumed job continues to the same images.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ..backbones import create_backbone, is_backbone_name
 from ..errors import GVBSMError
 from ..losses import ensemble_logits
 from .rded import last_linear
+from ..validation import RecipeError, check_range
 from .registry import SynthesisConfig, SynthesisStep, register_method
+
+FRTargets = Literal["teacher", "ensemble"]
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -60,15 +64,36 @@ class FeatureRegressionConfig(SynthesisConfig):
     predict the teachers on real images (Eq. 12)."""
 
     syn_init: str = "real"
-    syn_fr_backbone: str = "convnet128"
-    syn_fr_pool_size: int = 4
-    syn_fr_online_steps: int = 100
-    syn_fr_model_lr: float = 1e-3
-    syn_fr_real_batch: int = 256
-    syn_fr_ridge: float = 1e-3
-    syn_fr_label_grad: bool = True
-    syn_fr_targets: str = "teacher"
-    syn_fr_stagger: bool = False
+    syn_fr_backbone: str = field(
+        default="convnet128", metadata={"help": "Backbone of the pool of student networks whose features the ridge "
+                                        "regression uses (Eq. 12); the evaluation student's architecture."})
+    syn_fr_pool_size: int = field(default=4, metadata={"help": "Networks in the pool, used in turn."})
+    syn_fr_online_steps: int = field(
+        default=100, metadata={"help": "Training steps of a pool network on the synthetic views before it is re-initialised."})
+    syn_fr_model_lr: float = field(default=1e-3, metadata={"help": "Adam lr of the pool networks."})
+    syn_fr_real_batch: int = field(
+        default=256, metadata={"help": "Real train images per iteration (class-balanced over the job's classes) on "
+                               "which the regression is scored."})
+    syn_fr_ridge: float = field(default=1e-3, metadata={"help": "Ridge rho, lambda = rho * tr(K_SS) / N (Eq. 12)."})
+    syn_fr_label_grad: bool = field(
+        default=True, metadata={"help": "Differentiate through the teacher's logits of the synthetic views (the labels "
+                                "move with the images)."})
+    syn_fr_targets: FRTargets = field(
+        default="teacher", metadata={"help": "The regression targets T_S, T_R are the iteration's teacher ('teacher', "
+                                     "GBM) or the mean logits of all synthesis teachers ('ensemble', Eq. 8 without LN)."})
+    syn_fr_stagger: bool = field(
+        default=False, metadata={"help": "Stagger the pool's first lifetimes (network m is first re-drawn after "
+                                 "(m+1)/P * syn_fr_online_steps steps) so the pool always holds networks of several ages."})
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("syn_fr_pool_size", "syn_fr_online_steps", "syn_fr_real_batch"):
+            check_range(name, getattr(self, name), 1)
+        check_range("syn_fr_model_lr", self.syn_fr_model_lr, 0, low_open=True)
+        check_range("syn_fr_ridge", self.syn_fr_ridge, 0, low_open=True)
+        if not is_backbone_name(self.syn_fr_backbone):
+            raise RecipeError(f"syn_fr_backbone={self.syn_fr_backbone!r} is not a known backbone: use a zoo name "
+                              "(gvbsm_hf.backbones.list_backbones()), 'tv:<name>', 'timm:<name>' or 'hf-hub:<repo>'.")
 
     def real_batch_size(self) -> int:
         return int(self.syn_fr_real_batch)
@@ -100,8 +125,6 @@ class StudentPool:
 
     def __init__(self, config: FeatureRegressionConfig, num_classes: int, channels: int, size: int,
                  device: torch.device) -> None:
-        from ..backbones import create_backbone
-
         self.config, self.num_classes, self.channels, self.size, self.device = config, num_classes, channels, size, device
         key = (config.syn_fr_backbone, num_classes, channels, size, str(device))
         if key not in self._templates:
@@ -116,8 +139,6 @@ class StudentPool:
 
     def fresh_parameters(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """A new seeded initialisation of the backbone (its own ``reset_parameters``)."""
-        from ..backbones import create_backbone
-
         seed = int(torch.randint(2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -19,12 +19,14 @@ with ``beta_dr`` by their own draws (after the global ones, in the same ``syn_be
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import StatisticsMismatchError
 from ..losses import bn_matching_loss, conv_matching_loss, data_densification_loss
+from ..validation import check_range
 from .registry import SynthesisConfig, SynthesisStep, register_method
 
 
@@ -32,17 +34,29 @@ from .registry import SynthesisConfig, SynthesisStep, register_method
 class GVBSMConfig(SynthesisConfig):
     """G-VBSM's defaults (small-dataset settings of the authors' code, docs/method.md)."""
 
-    syn_ce_weight: float = 1.0
-    syn_r_bn: float = 0.01
-    syn_r_conv: float = 0.01
-    syn_first_layer_multiplier: float = 10.0
-    syn_alpha: float = 0.8
-    syn_beta_dr: float = 0.4
-    syn_dd: bool = True
-    syn_dd_weight: float = 1.0
-    syn_dd_tau: float = 4.0
-    syn_dd_pool_size: int = 32
-    syn_class_weight: float = 1.0
+    syn_ce_weight: float = field(default=1.0, metadata={"help": "CE weight (Eq. 2)."})
+    syn_r_bn: float = field(default=0.01, metadata={"help": "BN matching weight r_BN (Eq. 6)."})
+    syn_r_conv: float = field(default=0.01, metadata={"help": "Conv matching weight r_Conv (Eq. 10; 0 disables GSM)."})
+    syn_first_layer_multiplier: float = field(default=10.0, metadata={"help": "Weight of the first layer's terms."})
+    syn_alpha: float = field(default=0.8, metadata={"help": "SDS EMA factor alpha (0 = plain Eq. 1)."})
+    syn_beta_dr: float = field(default=0.4, metadata={"help": "Drop probability beta_dr of each Conv statistic (Eq. 10)."})
+    syn_dd: bool = field(default=True, metadata={"help": "Data densification (Eq. 5)."})
+    syn_dd_weight: float = field(default=1.0, metadata={"help": "DD weight."})
+    syn_dd_tau: float = field(default=4.0, metadata={"help": "DD temperature tau (Eq. 5)."})
+    syn_dd_pool_size: int = field(default=32, metadata={"help": "DD pooling side."})
+    syn_class_weight: float = field(
+        default=1.0, metadata={"help": "w of soft category-aware matching (EDC): w * global + (1 - w) * per-class "
+                               "BN/Conv matching; 1 = global only (needs stats_per_class: true when < 1)."})
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("syn_ce_weight", "syn_r_bn", "syn_r_conv", "syn_first_layer_multiplier", "syn_dd_weight"):
+            check_range(name, getattr(self, name), 0)
+        check_range("syn_alpha", self.syn_alpha, 0, 1, high_open=True)
+        check_range("syn_beta_dr", self.syn_beta_dr, 0, 1)
+        check_range("syn_dd_tau", self.syn_dd_tau, 0, low_open=True)
+        check_range("syn_dd_pool_size", self.syn_dd_pool_size, 1)
+        check_range("syn_class_weight", self.syn_class_weight, 0, 1)
 
     def uses_bn(self) -> bool:
         return self.syn_r_bn > 0
@@ -85,8 +99,6 @@ def class_sds_loss(current: torch.Tensor, target: torch.Tensor, ema: torch.Tenso
     ``(1 - alpha) sg(current)`` for ``ema_init="zero"``) and the loss is the MEAN over rows of
     ``||target_k - (new_ema_k + current_k - sg(current_k))||_2``. Returns ``(loss, new_ema)``."""
     if current.shape != target.shape:
-        from ..errors import StatisticsMismatchError
-
         raise StatisticsMismatchError(
             f"per-class statistic of shape {tuple(current.shape)} matched against a target of shape "
             f"{tuple(target.shape)}; the per-class statistics belong to another teacher: record them again.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..data import DatasetSpec, class_balanced_indices
+from ..synthetic_set import SyntheticSet
 from .registry import SynthesisConfig, register_method
 
 
@@ -14,8 +15,6 @@ from .registry import SynthesisConfig, register_method
 def random_real_subset(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, config: SynthesisConfig):
     """``config.ipc`` real images per class (``class_balanced_indices(labels, n_per_class=ipc, seed=syn_seed)``),
     class-major, as a :class:`~gvbsm_hf.synthetic_set.SyntheticSet`."""
-    from ..synthetic_set import SyntheticSet
-
     images, labels = real
     idx = torch.tensor(class_balanced_indices(labels.tolist(), n_per_class=config.ipc, seed=config.syn_seed),
                        dtype=torch.long)

@@ -60,7 +60,8 @@ from ..data import DatasetSpec, class_balanced_indices
 from ..errors import GVBSMError
 from ..losses import ensemble_logits
 from ..utils import seeded_generator
-from .registry import SynthesisConfig, register_method
+from ..synthetic_set import SyntheticSet
+from .registry import SynthesisConfig, register_init, register_method
 
 FEATURE_SELECTIONS = ("kcenter", "facility_location")
 """``syn_rded_selection`` rules that read the teachers' penultimate features (:class:`LastLinearInputs`)."""
@@ -413,6 +414,7 @@ def rded_class_images(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec
     return {int(c): cache[int(c)] for c in classes}
 
 
+@register_init("rded", needs_real=True, uses_teachers=True)
 def rded_init_images(job, real, spec: DatasetSpec, config: SynthesisConfig, teachers: Sequence[nn.Module],
                      device=None, cache: Optional[dict] = None) -> torch.Tensor:
     """``syn_init="rded"``: the start images of ``job`` (class-major, slot order), normalised: slot ``s`` of
@@ -428,8 +430,6 @@ def rded_select(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, conf
                 teachers: Sequence[nn.Module] | None = None, device=None):
     """The ``rded`` set (module docstring): ``ipc`` images per class, class-major, as a
     :class:`~gvbsm_hf.synthetic_set.SyntheticSet`."""
-    from ..synthetic_set import SyntheticSet
-
     classes = list(range(spec.num_classes))
     per_class = rded_class_images(real, spec, config, teachers or [], classes, device)
     ipc = int(config.ipc)

@@ -16,57 +16,66 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from difflib import get_close_matches
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Mapping, Optional
 
 from ..errors import GVBSMError
+from ..validation import RecipeError, check_choice, check_crop_scale, check_range
+from .protocol import PROTOCOL_FIELDS, SynthesisProtocol
 
 if TYPE_CHECKING:
     import torch
 
-    from ..recover.config import SynthesisArguments
+
+METHOD_OPTION_HELP = " (docs/method.md \"Baselines and ablations\")"
+
+BackboneChoice = Literal["uniform", "round_robin"]
+RDEDSelection = Literal["lowest_ce", "cluster_lowest_ce", "cluster_centroid", "boundary", "kcenter", "facility_location"]
 
 
 @dataclass
-class SynthesisConfig:
-    """Fields every synthesis method has. The *protocol* fields (:attr:`PROTOCOL_FIELDS`) come
-    from the recipe for the main method AND every baseline (same IPC, iterations, optimiser,
-    augmentation, seed); every other field is the method's own, with the subclass's default."""
+class SynthesisConfig(SynthesisProtocol):
+    """A method's config: the protocol (:class:`~gvbsm_hf.methods.protocol.SynthesisProtocol`, from
+    the recipe for the main method AND every baseline) plus the method's own options, declared once
+    in the method's config class with their defaults, help and checks (``validate``). The fields
+    below are the options every method has; a subclass adds its own."""
 
     syn_method: str = ""
-    ipc: int = 10
-    syn_iterations: int = 1000
-    syn_lr: float = 0.05
-    syn_adam_betas: list = field(default_factory=lambda: [0.5, 0.9])
-    syn_classes_per_batch: Optional[int] = None
-    syn_slots_per_batch: Optional[int] = None
-    syn_teachers: Optional[list] = None
-    syn_protocol: str = "authors"
-    syn_augment: str = "authors"
-    syn_crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
-    syn_first_layer: str = "first_conv"
-    syn_beta_dr_unit: str = "layer"
-    syn_ema_init: str = "zero"
-    syn_dd_pool: str = "always"
-    syn_mixed_precision: str = "no"
-    syn_channels_last: bool = False
-    syn_checkpoint_every: int = 100
-    syn_seed: int = 0
-    # method fields common to optimised methods
-    syn_init: str = "noise"
-    syn_backbone_choice: str = "uniform"
-    syn_single_teacher: bool = False
+    syn_init: str = field(default="noise", metadata={"help": "Start images: a registered initialisation ('noise', "
+                          "'real' random real images, 'rded' the crops the rded method selects; list_inits())."})
+    syn_backbone_choice: BackboneChoice = field(
+        default="uniform", metadata={"help": "'uniform' sampling (paper, Eq. 7) or 'round_robin' (authors' code)."})
+    syn_single_teacher: bool = field(default=False, metadata={"help": "Use only the first teacher (SRe2L)."})
     # real-crop selection (the ``rded`` method, and ``syn_init="rded"``; :mod:`gvbsm_hf.methods.rded`)
-    syn_rded_candidates: Optional[int] = None
-    syn_rded_crop_scale: list = field(default_factory=lambda: [0.08, 1.0])
-    syn_rded_factor: int = 2
-    syn_rded_selection: str = "lowest_ce"
+    syn_rded_candidates: Optional[int] = field(
+        default=None, metadata={"help": "rded / syn_init rded: random crops scored per class (lowest ensemble CE "
+                                "wins); unset: 5 x ipc x syn_rded_factor^2."})
+    syn_rded_crop_scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0], metadata={"help": "rded: area fraction [min, max] of the square candidate crops."})
+    syn_rded_factor: int = field(
+        default=2, metadata={"help": "rded: stitch factor x factor selected crops into one image (1: no stitching)."})
+    syn_rded_selection: RDEDSelection = field(
+        default="lowest_ce", metadata={"help": "rded: which candidates are kept: 'lowest_ce' (RDED), or k-means of the "
+                                       "candidates' teacher logits into k clusters and per cluster the lowest-CE member "
+                                       "('cluster_lowest_ce') or the member nearest its centre ('cluster_centroid'), or "
+                                       "'boundary': the highest-CE candidates the ensemble still classifies correctly, or "
+                                       "'kcenter': greedy farthest-point coverage of the teachers' penultimate features, "
+                                       "or 'facility_location': greedy k-medoids-style average coverage of the same features."})
 
-    PROTOCOL_FIELDS: ClassVar[tuple[str, ...]] = (
-        "ipc", "syn_iterations", "syn_lr", "syn_adam_betas", "syn_classes_per_batch", "syn_slots_per_batch",
-        "syn_teachers", "syn_protocol", "syn_augment", "syn_crop_scale", "syn_first_layer", "syn_beta_dr_unit",
-        "syn_ema_init", "syn_dd_pool", "syn_mixed_precision", "syn_channels_last", "syn_checkpoint_every", "syn_seed",
-    )
+    PROTOCOL_FIELDS: ClassVar[tuple[str, ...]] = PROTOCOL_FIELDS
     """Fields shared by the main method and every baseline (the harness and its fidelity options)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("syn_init", self.syn_init, list_inits())
+        check_range("syn_rded_candidates", self.syn_rded_candidates, 1, allow_none=True)
+        check_crop_scale("syn_rded_crop_scale", self.syn_rded_crop_scale)
+        check_range("syn_rded_factor", self.syn_rded_factor, 1)
+
+    @classmethod
+    def options(cls) -> list[str]:
+        """The method's own option names (every field but the protocol and ``syn_method``)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in PROTOCOL_FIELDS and f.name != "syn_method"]
 
     def uses_bn(self) -> bool:
         """Whether the teachers' BN inputs are hooked (BN matching)."""
@@ -86,7 +95,9 @@ class SynthesisConfig:
         return 0
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field as plain values, ``syn_method`` first."""
+        d = dataclasses.asdict(self)
+        return {"syn_method": d.pop("syn_method"), **d}
 
 
 @dataclass
@@ -141,7 +152,7 @@ class SynthesisMethod:
 
     def needs_real(self, config: SynthesisConfig) -> bool:
         """Whether the real train split is needed (selection, or real-image initialisation)."""
-        return self.select is not None or config.syn_init in ("real", "rded") or config.real_batch_size() > 0
+        return self.select is not None or get_init(config.syn_init).needs_real or config.real_batch_size() > 0
 
 
 _METHODS: dict[str, SynthesisMethod] = {}
@@ -189,42 +200,90 @@ def list_methods() -> list[str]:
 
 def get_method(name: str) -> SynthesisMethod:
     if name not in _METHODS:
-        from difflib import get_close_matches
-
         close = get_close_matches(name, list(_METHODS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise GVBSMError(f"Unknown synthesis method {name!r}{hint}; registered: {list(_METHODS)}.")
     return _METHODS[name]
 
 
-def method_config(name: str, args: "SynthesisArguments | None" = None, *, baseline: bool = False,
+def method_config(name: str, args: SynthesisProtocol | None = None, *, baseline: bool = False,
                   **overrides: Any) -> SynthesisConfig:
-    """The config of method ``name`` for a run.
+    """The config of method ``name`` for a run (checked when built: a bad option raises ``RecipeError``).
 
-    Protocol fields always come from ``args`` (the recipe). Method fields come from ``args`` only
-    for the main method (``baseline=False``) and only where the recipe set them (not ``None``);
-    a baseline uses its own defaults throughout, so a recipe's ``syn_alpha`` never leaks into
-    ``sre2l``. A method field set in the recipe that ``name``'s config does not have is an error.
+    Protocol fields come from ``args`` (the recipe's ``SynthesisArguments``) for every method. The
+    method's options come from ``args.method_args[name]`` for the main method only
+    (``baseline=False``); a baseline uses its own defaults throughout, so a recipe's options for
+    ``gvbsm`` never leak into ``sre2l``. ``overrides`` set fields directly.
     """
     method = get_method(name)
     cls = method.config_class
-    own = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     if args is not None:
-        for f in dataclasses.fields(args):
-            value = getattr(args, f.name)
-            if f.name == "syn_method":
-                continue
-            if f.name in SynthesisConfig.PROTOCOL_FIELDS:
-                kwargs[f.name] = list(value) if isinstance(value, (list, tuple)) else value
-            elif not baseline and value is not None:
-                if f.name not in own:
-                    raise GVBSMError(f"{f.name} is not an option of synthesis method {name!r} (its options: "
-                                     f"{sorted(own - set(SynthesisConfig.PROTOCOL_FIELDS) - {'syn_method'})}); "
-                                     f"remove it from the recipe.")
-                kwargs[f.name] = value
-    unknown = set(overrides) - own
+        for f in PROTOCOL_FIELDS:
+            value = getattr(args, f)
+            kwargs[f] = list(value) if isinstance(value, (list, tuple)) else value
+        if not baseline:
+            options = dict((getattr(args, "method_args", None) or {}).get(name) or {})
+            check_method_options(name, options)
+            kwargs.update(options)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise GVBSMError(f"{sorted(unknown)} are not fields of {cls.__name__} (method {name!r}).")
     kwargs.update(overrides)
     return cls(syn_method=name, **kwargs)
+
+
+def check_method_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`RecipeError` naming the method's options when ``options`` has one it lacks."""
+    own = get_method(name).config_class.options()
+    for key in options:
+        if key not in own:
+            close = get_close_matches(key, own, n=1)
+            owners = [m for m in _METHODS if key in _METHODS[m].config_class.options()]
+            hint = (f" (did you mean {close[0]!r}?)" if close else "") + (
+                f"; it is an option of {owners}" if owners else "")
+            raise RecipeError(f"method_args.{name}.{key}: {key!r} is not an option of synthesis method {name!r}{hint}. "
+                              f"Its options: {own}.")
+
+
+# ------------------------------------------------------------------------------ initialisations
+
+InitFn = Callable[..., "Optional[torch.Tensor]"]
+
+
+@dataclass(frozen=True)
+class InitStrategy:
+    """A registered initialisation (``syn_init``): ``fn(job, real, spec, config, teachers, device, cache)``
+    returns a job's normalised start images, or ``None`` for Gaussian noise."""
+
+    name: str
+    fn: InitFn
+    needs_real: bool
+    uses_teachers: bool = False
+    description: str = ""
+
+
+_INITS: dict[str, InitStrategy] = {}
+
+
+def register_init(name: str, *, needs_real: bool, uses_teachers: bool = False) -> Callable[[InitFn], InitFn]:
+    """Decorator registering an initialisation strategy under ``name`` (``syn_init: name``)."""
+
+    def decorator(fn: InitFn) -> InitFn:
+        if name in _INITS:
+            raise GVBSMError(f"An initialisation named {name!r} is already registered; pick another name.")
+        _INITS[name] = InitStrategy(name, fn, needs_real, uses_teachers, (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return decorator
+
+
+def list_inits() -> list[str]:
+    """Names of the registered initialisations."""
+    return list(_INITS)
+
+
+def get_init(name: str) -> InitStrategy:
+    if name not in _INITS:
+        raise GVBSMError(f"Unknown initialisation {name!r}; registered: {list(_INITS)}.")
+    return _INITS[name]

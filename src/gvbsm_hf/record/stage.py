@@ -3,21 +3,28 @@ statistics (docs/method.md Eq. 9) as ``statistics/<teacher>.safetensors`` with p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
+import datasets
+
+from ..data import class_balanced_indices, image_batches
+from ..errors import StatisticsMismatchError
+from ..fingerprint import config_fingerprint
 from ..methods import get_method, method_config
 from ..stage import Stage, StageContext
+from ..teacher import TeacherModel
+from ..utils import runtime_provenance
+from .config import stats_augment_kind
+from .engine import record_statistics
+from .statistics_file import TeacherStatistics, load_statistics, save_statistics
 
 
 def subset(split, max_samples: int | None, seed: int):
     """A seeded class-balanced subset of a ``datasets`` split (``None``: the whole split); for a
     streaming split, the first ``max_samples`` rows after a seeded shuffle."""
-    import datasets
-
-    from ..data import class_balanced_indices
-
     if max_samples is None:
         return split
     if isinstance(split, datasets.IterableDataset):
@@ -51,14 +58,37 @@ class RecordStage(Stage):
         self._statistics(ctx, compute=True)
         return {"files": sorted(str(p) for p in self.outputs(ctx))}
 
-    def _statistics(self, ctx: StageContext, compute: bool) -> None:
-        from ..data import image_batches
-        from ..errors import StatisticsMismatchError
-        from ..fingerprint import config_fingerprint
-        from .engine import load_statistics, record_statistics, save_statistics
-        from ..recover.engine import stats_augment_kind
-        from ..utils import runtime_provenance
+    def _cached(self, ctx: StageContext, teacher: TeacherModel, path: Path, augment: str) -> TeacherStatistics:
+        """The file at ``path`` if recorded for this very teacher (weights fingerprint) with these
+        settings; raises :class:`StatisticsMismatchError` otherwise."""
+        s = ctx.recipe.stats
+        return load_statistics(
+            path, expect_fingerprint=teacher.fingerprint, expect_patch_size=s.stats_patch_size,
+            expect_conv_target=s.stats_conv_target, expect_augment=augment,
+            expect_patch_mode=s.stats_patch_mode, expect_per_class=s.stats_per_class,
+        )
 
+    def _record(self, ctx: StageContext, teacher: TeacherModel, folder: Path, split, augment: str) -> TeacherStatistics:
+        """One recording pass of ``teacher`` over ``split`` (this process's shard)."""
+        r, acc = ctx.recipe, ctx.accelerator
+        # ImageNet scale, authors' train transform: RandomResizedCrop of the ORIGINAL image in the loader
+        # workers (docs/differences.md row 2); otherwise the decoded batch is augmented on the device
+        loader_view = augment == "authors" and getattr(ctx.spec, "train_view", None) == "random_resized_crop"
+        crop_scale = tuple(r.synthesis.syn_crop_scale)
+        batches = image_batches(split, ctx.spec, r.stats.stats_batch_size, process_index=acc.process_index,
+                                num_processes=acc.num_processes, num_workers=r.data.dataloader_workers,
+                                **(dict(view="train", seed=r.training.seed, crop_scale=crop_scale) if loader_view else {}))
+        stats = record_statistics(
+            teacher, batches, ctx.spec, dataclasses.replace(r.stats, stats_augment="none" if loader_view else augment),
+            accelerator=acc, seed=r.training.seed, crop_scale=crop_scale, teacher_name=folder.name,
+            total_batches=None if r.data.streaming else -(-len(split) // r.stats.stats_batch_size),
+        )
+        if loader_view:  # the family the synthesis checks against (the pixels were cropped in the loader)
+            stats.provenance.update(augment=augment, train_view="random_resized_crop",
+                                    crop_scale=json.dumps([float(c) for c in crop_scale]))
+        return stats
+
+    def _statistics(self, ctx: StageContext, compute: bool) -> None:
         r, acc = ctx.recipe, ctx.accelerator
         ctx.statistics = [None] * len(ctx.teachers)
         if not needs_statistics(ctx):
@@ -71,12 +101,8 @@ class RecordStage(Stage):
         for i, (teacher, folder) in enumerate(zip(ctx.teachers, ctx.teacher_dirs)):
             path = self.path(ctx, folder)
             if path.exists() and not explicit:
-                try:  # kept if recorded for this very teacher (weights fingerprint) with these settings
-                    stats = load_statistics(
-                        path, expect_fingerprint=teacher.fingerprint, expect_patch_size=r.stats.stats_patch_size,
-                        expect_conv_target=r.stats.stats_conv_target, expect_augment=augment,
-                        expect_patch_mode=r.stats.stats_patch_mode, expect_per_class=r.stats.stats_per_class,
-                    )
+                try:
+                    stats = self._cached(ctx, teacher, path, augment)
                     if not redo or stats.provenance.get("record_fingerprint") == record_fp:
                         ctx.statistics[i] = stats
                         continue
@@ -85,25 +111,7 @@ class RecordStage(Stage):
                         raise
             if split is None:  # not selected: recover says what is missing
                 continue
-            # ImageNet scale, authors' train transform: RandomResizedCrop of the ORIGINAL image in the loader
-            # workers (docs/differences.md row 2); otherwise the decoded batch is augmented on the device
-            loader_view = augment == "authors" and getattr(ctx.spec, "train_view", None) == "random_resized_crop"
-            batches = image_batches(split, ctx.spec, r.stats.stats_batch_size, process_index=acc.process_index,
-                                    num_processes=acc.num_processes, num_workers=r.data.dataloader_workers,
-                                    **(dict(view="train", seed=r.training.seed,
-                                            crop_scale=tuple(r.synthesis.syn_crop_scale)) if loader_view else {}))
-            ctx.statistics[i] = record_statistics(
-                teacher, batches, ctx.spec, accelerator=acc, patch_size=r.stats.stats_patch_size,
-                conv_target=r.stats.stats_conv_target, augment="none" if loader_view else augment,
-                patch_mode=r.stats.stats_patch_mode,
-                crop_scale=tuple(r.synthesis.syn_crop_scale), seed=r.training.seed, teacher_name=folder.name,
-                dataset_name=ctx.spec.name,
-                total_batches=None if r.data.streaming else -(-len(split) // r.stats.stats_batch_size),
-                per_class=r.stats.stats_per_class,
-            )
-            if loader_view:  # the family the synthesis checks against (the pixels were cropped in the loader)
-                ctx.statistics[i].provenance.update(augment=augment, train_view="random_resized_crop",
-                                                    crop_scale=json.dumps([float(c) for c in r.synthesis.syn_crop_scale]))
+            ctx.statistics[i] = self._record(ctx, teacher, folder, split, augment)
             ctx.statistics[i].provenance.update(record_fingerprint=record_fp, **runtime_provenance(acc.num_processes))
             if acc.is_main_process:
                 save_statistics(ctx.statistics[i], path)

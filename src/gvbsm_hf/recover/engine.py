@@ -17,7 +17,7 @@ restarted run continues from there to the same result.
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import json
 import math
 import time
@@ -33,16 +33,15 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..record.statistics_file import augment_kind
 from ..augment import synthesis_augment
-from .config import PROTOCOLS
 from ..record.config import StatisticsArguments
-from .config import SynthesisArguments
 from ..data import DatasetSpec
 from ..errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError
 from ..hooks import StatisticsHooks
 from ..losses import first_layer_weights
-from ..methods import SynthesisConfig, SynthesisStep, get_method, method_config
-from ..record.engine import TeacherStatistics
+from ..methods import PROTOCOLS, SynthesisConfig, SynthesisProtocol, SynthesisStep, get_init, get_method, method_config
+from ..record.statistics_file import TeacherStatistics
 from ..synthetic_set import SyntheticSet
 from ..utils import load_safetensors, save_safetensors, seeded_generator
 
@@ -69,7 +68,7 @@ class SynthesisJob:
         return len(self.classes) * len(self.slots)
 
 
-def as_method_config(args: SynthesisArguments | SynthesisConfig) -> SynthesisConfig:
+def as_method_config(args: SynthesisProtocol) -> SynthesisConfig:
     """The registered method's config: ``args`` itself, or built from recipe arguments
     (:func:`gvbsm_hf.methods.method_config` of ``args.syn_method``, as the main method)."""
     if isinstance(args, SynthesisConfig):
@@ -110,8 +109,6 @@ def stats_augment_kind(stats_args: StatisticsArguments, syn_augment: str) -> str
 def check_statistics_fit(stats: TeacherStatistics, stats_args: StatisticsArguments, args: SynthesisConfig) -> None:
     """Recorded statistics must come from the recording augmentation family and patch mode this
     synthesis expects (docs/differences.md rows 2 and 6); raise :class:`StatisticsMismatchError`."""
-    from ..record.engine import augment_kind
-
     name = stats.provenance.get("teacher_name") or "a teacher"
     found = augment_kind(stats.provenance.get("augment", False))
     expected = stats_augment_kind(stats_args, args.syn_augment)
@@ -452,60 +449,30 @@ class _JobRunner:
         return comps
 
 
-def _init_from_real(
-    job: SynthesisJob, real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, seed: int
-) -> torch.Tensor:
-    """The job's initial images: for each (class, slot) a seeded real image of that class, normalised.
-
-    Only those ``len(job)`` rows are read, in one indexing request, so ``real`` may be a split
-    decoded on access (:class:`gvbsm_hf.data.DecodedImages`, ImageNet scale): real initialisation
-    never decodes the train split, only the job's images."""
-    images, labels = real
-    labels = torch.as_tensor(labels)
-    picks = []
-    for c in job.classes:
-        idx = (labels == c).nonzero().flatten()
-        if len(idx) == 0:
-            raise GVBSMError(f"syn_init='real' needs real images of class {c}, found none.")
-        g = seeded_generator(seed, "init", c)
-        perm = idx[torch.randperm(len(idx), generator=g)]
-        picks.extend(perm[s % len(perm)] for s in job.slots)
-    return spec.normalize(images[torch.stack(picks)])
-
-
 def _initial_images(method, job: SynthesisJob, real_train, spec: DatasetSpec, args: SynthesisConfig,
                     device: torch.device, slots: Sequence[_TeacherSlot] = (), cache: dict | None = None
                     ) -> torch.Tensor | None:
-    """The method's ``init`` if it has one, else real images (``syn_init='real'``), the crops the ``rded``
-    method selects with the synthesis teachers (``syn_init='rded'``, :mod:`gvbsm_hf.methods.rded`;
-    ``cache`` keeps each class's selection across jobs) or None (noise)."""
+    """The method's ``init`` if it has one, else the registered initialisation ``args.syn_init``
+    (:func:`gvbsm_hf.methods.get_init`; ``cache`` is its per-process memo across jobs); ``None``: noise."""
     if method.init is not None:
         x = method.init(job, real_train, spec, args)
         return None if x is None else x.to(device)
-    if args.syn_init == "real":
-        return _init_from_real(job, real_train, spec, args.syn_seed).to(device)
-    if args.syn_init == "rded":
-        from ..methods.rded import rded_init_images
-
-        for slot in slots:  # scoring forwards compute no statistics (step() re-enables the hooks it uses)
+    strategy = get_init(args.syn_init)
+    if strategy.uses_teachers:  # scoring forwards compute no statistics (step() re-enables the hooks it uses)
+        for slot in slots:
             slot.hooks.enabled = False
-        x = rded_init_images(job, real_train, spec, args, [slot.model for slot in slots], device, cache)
+    x = strategy.fn(job, real_train, spec, args, [slot.model for slot in slots], device, cache)
+    if strategy.uses_teachers:
         for slot in slots:
             slot.hooks.clear()
-        return x.to(device)
-    return None
-
-
-def random_real_subset(real: tuple[torch.Tensor, torch.Tensor], spec: DatasetSpec, ipc: int, seed: int) -> SyntheticSet:
-    """The "random real subset" baseline: ``ipc`` real images per class, class-balanced, seeded."""
-    return get_method("random_real").select(real, spec, method_config("random_real", ipc=ipc, syn_seed=seed))
+    return None if x is None else x.to(device)
 
 
 def recover(
     teachers: Sequence[nn.Module],
     statistics: Sequence[TeacherStatistics | None],
     spec: DatasetSpec,
-    args: SynthesisArguments | SynthesisConfig,
+    args: SynthesisProtocol,
     *,
     stats_args: StatisticsArguments | None = None,
     accelerator: Accelerator | None = None,
@@ -536,8 +503,6 @@ def recover(
     if not method.optimised:
         if real_train is None:
             raise GVBSMError(f"syn_method={args.syn_method!r} selects real images and needs the real train split (real_train).")
-        import inspect
-
         accepts = inspect.signature(method.select).parameters
         extra = {k: v for k, v in (("teachers", list(teachers)), ("device", accelerator.device)) if k in accepts}
         return method.select(real_train, spec, args, **extra)
@@ -545,7 +510,7 @@ def recover(
         raise GVBSMError("recover needs at least one teacher.")
     if len(statistics) != len(teachers):
         raise StatisticsMismatchError(f"Got {len(teachers)} teachers but {len(statistics)} statistics entries.")
-    if args.syn_init in ("real", "rded") and real_train is None:
+    if get_init(args.syn_init).needs_real and real_train is None:
         raise GVBSMError(f"syn_init={args.syn_init!r} needs the real train split (real_train).")
     if args.real_batch_size() > 0 and real_train is None:
         raise GVBSMError(f"syn_method={args.syn_method!r} draws real batches every iteration and needs the real "
@@ -558,7 +523,7 @@ def recover(
     device = accelerator.device
     jobs = plan_jobs(spec.num_classes, args.ipc, args.syn_classes_per_batch, args.syn_slots_per_batch)
     my_jobs = [j for j in jobs if j.index % accelerator.num_processes == accelerator.process_index]
-    config = dataclasses.asdict(args) | {"num_teachers": len(pairs), "num_jobs": len(jobs)}
+    config = args.to_dict() | {"num_teachers": len(pairs), "num_jobs": len(jobs)}
     (folder / "jobs").mkdir(exist_ok=True)
     stopped_early = False
     init_cache: dict = {}  # syn_init='rded': each class's selection, computed once per process

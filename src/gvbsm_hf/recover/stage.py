@@ -9,16 +9,25 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from ..data import class_balanced_indices, to_uint8_tensors
+from ..ensemble import TeacherEnsemble
+from ..errors import GVBSMError
+from ..fingerprint import config_fingerprint
 from ..methods import get_method, method_config
-from ..stage import Stage, StageContext, method_folder
+from ..stage import Stage, StageContext, method_folder, teacher_subset
+from ..synthetic_set import SyntheticSet
+from ..utils import write_json_atomic
+from ..visualize import save_class_grid
+from .engine import recover
 
 
 def random_real_rows(split, ipc: int, seed: int, spec):
     """Only the train rows a selection of ``ipc`` per class keeps (``class_balanced_indices(labels,
     n_per_class=ipc, seed)``), decoded in index order: selecting on them returns the same images in
     the same order as on the whole split, without decoding the whole split."""
-    from ..data import class_balanced_indices, to_uint8_tensors
-
     return to_uint8_tensors(split.select(class_balanced_indices(split["label"], n_per_class=ipc, seed=seed)), spec)
 
 
@@ -28,11 +37,6 @@ METHOD_FINGERPRINT_FILE = "gvbsm_recover.json"
 def synthesis_health(syn, teachers, spec, device) -> dict[str, Any]:
     """The teacher ensemble on the shipped images (no augmentation): top-1 and cross-entropy, against
     chance (``ln K``). A set the teachers classify worse than chance has diverged (e.g. a huge syn_lr)."""
-    import torch
-    import torch.nn.functional as F
-
-    from ..ensemble import TeacherEnsemble
-
     ensemble = TeacherEnsemble(list(teachers)).to(device).eval()
     with torch.no_grad():
         logits = torch.cat([ensemble(b.to(device)).float().cpu() for b in syn.shipped_images(spec).split(256)])
@@ -42,11 +46,6 @@ def synthesis_health(syn, teachers, spec, device) -> dict[str, Any]:
     healthy = math.isfinite(ce) and ce < chance and top1 > 100.0 / spec.num_classes
     return {"ensemble_top1": round(top1, 2), "ensemble_ce": round(ce, 4), "chance_ce": round(chance, 4),
             "num_classes": spec.num_classes, "healthy": healthy}
-
-
-def teacher_subset(names, subset) -> list[int]:
-    """Indices of the teachers named in ``subset`` (``syn_teachers`` / ``relabel_teachers``); None: all."""
-    return [i for i, n in enumerate(names) if not subset or n in set(subset)]
 
 
 class RecoverStage(Stage):
@@ -60,8 +59,6 @@ class RecoverStage(Stage):
         return [self.folder(ctx, m) / "synthetic.safetensors" for m in ctx.methods]
 
     def load(self, ctx: StageContext) -> None:
-        from ..synthetic_set import SyntheticSet
-
         for method in ctx.methods:
             path = self.folder(ctx, method) / "synthetic.safetensors"
             if path.exists():
@@ -70,13 +67,6 @@ class RecoverStage(Stage):
                 ctx.health[method] = json.loads((path.parent / "health.json").read_text())
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from ..synthetic_set import SyntheticSet
-        from .engine import recover
-        from ..visualize import save_class_grid
-
-        from ..fingerprint import config_fingerprint
-        from ..utils import write_json_atomic
-
         r, acc, spec = ctx.recipe, ctx.accelerator, ctx.spec
         redo = ctx.cache.redo_requested(self.name)
         explicit = self.name in r.pipeline.redo
@@ -124,16 +114,12 @@ class RecoverStage(Stage):
         """Health check (``recover/<method>/health.json``): warn, and stop unless
         ``accept_unhealthy_synthesis``, when the teachers find the set worse than chance. The images are
         kept on disk either way, so accepting it later costs nothing."""
-        from ..errors import GVBSMError
-
         path = self.folder(ctx, method) / "health.json"
         if path.exists():
             health = json.loads(path.read_text())
         else:
             health = synthesis_health(ctx.synthetic[method], teachers, ctx.spec, ctx.accelerator.device)
             if ctx.accelerator.is_main_process:
-                from ..utils import write_json_atomic
-
                 write_json_atomic(path, health)
         ctx.health[method] = health
         if health["healthy"] or not get_method(method).optimised:

@@ -1,13 +1,16 @@
 """Relabel stage: the teacher ensemble (docs/method.md Eq. 8), and in ``relabel_mode: stored`` the
-stored views + soft labels of every synthetic set (``relabel/<method>/``)."""
+stored views + soft labels of every synthetic set (``relabel/<method>/soft_labels.safetensors``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from ..stage import Stage, StageContext, method_folder
-from ..recover.stage import teacher_subset
+from .engine import build_ensemble, relabel_stored, stored_view_count
+from .store import LEGACY_FILES, STORED_LABELS_FILE, StoredSoftLabels
+from .views import ViewSampling
 
 
 class RelabelStage(Stage):
@@ -18,17 +21,12 @@ class RelabelStage(Stage):
         return ctx.output_dir / "relabel" / method_folder(method)
 
     def outputs(self, ctx: StageContext) -> list[Path]:
-        from .engine import STORED_META_FILE
-
-        return [self.folder(ctx, m) / STORED_META_FILE for m in self.methods(ctx)]
+        return [self.folder(ctx, m) / STORED_LABELS_FILE for m in self.methods(ctx)]
 
     def _ensemble(self, ctx: StageContext) -> None:
-        from ..ensemble import TeacherEnsemble
-
         r = ctx.recipe
-        teachers = [ctx.teachers[i] for i in teacher_subset(r.squeeze.teachers, r.relabel.relabel_teachers)]
-        ctx.ensemble = TeacherEnsemble(teachers, logit_norm=r.relabel.relabel_logit_norm,
-                                       mixed_precision=r.synthesis.syn_mixed_precision)
+        ctx.ensemble = build_ensemble(ctx.teachers, r.squeeze.teachers, r.relabel,
+                                      mixed_precision=r.synthesis.syn_mixed_precision)
 
     def load(self, ctx: StageContext) -> None:
         self._labels(ctx, compute=False)
@@ -46,26 +44,22 @@ class RelabelStage(Stage):
         return [ctx.main_method] if r.relabel.relabel_export_views and ctx.main_method in ctx.synthetic else []
 
     def _labels(self, ctx: StageContext, compute: bool) -> None:
-        import math
-
-        from .engine import STORED_META_FILE, StoredSoftLabels, relabel_stored
-
         self._ensemble(ctx)
         r = ctx.recipe
-        num_views = r.relabel.relabel_num_views or max(1, math.ceil(float(r.training.num_train_epochs)))
+        args = dataclasses.replace(r.relabel, relabel_num_views=stored_view_count(r.relabel, r.training.num_train_epochs))
+        sampling = ViewSampling(out_size=ctx.spec.image_size, crop_scale=tuple(r.training.student_crop_scale),
+                                cutmix_prob=float(r.training.cutmix_prob))
         redo = compute and ctx.cache.redo_requested(self.name)
         for method in self.methods(ctx):
-            syn = ctx.synthetic[method]
             folder = self.folder(ctx, method)
-            if (folder / STORED_META_FILE).exists() and not redo:  # written last
+            # the file is written atomically: present means complete; an earlier version's parquet
+            # files are recomputed when the stage runs and named with `--redo relabel` when it is only loaded
+            if not redo and ((folder / STORED_LABELS_FILE).exists() or not compute and (folder / LEGACY_FILES[0]).exists()):
                 ctx.stored[method] = StoredSoftLabels.load(folder)
                 continue
             if not compute:
                 continue
-            ctx.stored[method] = relabel_stored(
-                syn.shipped_images(ctx.spec), ctx.ensemble, num_views=num_views, out_size=ctx.spec.image_size,
-                crop_scale=tuple(r.training.student_crop_scale), seed=r.relabel.relabel_seed,
-                topk=r.relabel.relabel_topk, cutmix_prob=float(r.training.cutmix_prob), accelerator=ctx.accelerator,
-            )
+            images = ctx.synthetic[method].shipped_images(ctx.spec)
+            ctx.stored[method] = relabel_stored(images, ctx.ensemble, args, sampling, accelerator=ctx.accelerator)
             if ctx.accelerator.is_main_process:
                 ctx.stored[method].save(folder)

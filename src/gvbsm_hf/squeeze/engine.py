@@ -26,6 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import SqueezeArguments
+import torch.distributed as dist
+
+from ..augment import pad_crop_flip
+from ..backbones.registry import has_pretrained_weights
 from ..utils import seeded_generator
 from ..data import DatasetSpec
 from ..errors import DataValidationError, GVBSMError, NonFiniteLossError
@@ -70,8 +74,6 @@ def _check_split(name: str, split: tuple[torch.Tensor, torch.Tensor], spec: Data
 
 def _augment(images01: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Pad-4 random crop + horizontal flip of a whole global batch (``gvbsm_hf.augment.pad_crop_flip``)."""
-    from ..augment import pad_crop_flip
-
     return pad_crop_flip(images01, padding=4, generator=generator)
 
 
@@ -80,8 +82,6 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        import torch.distributed as dist
-
         out = tensor.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out)
         return out
@@ -100,8 +100,6 @@ class _CrossProcessBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         all_reduce = _AllReduceSum.apply
@@ -212,8 +210,6 @@ def train_teacher(
     _check_split("train", train, spec)
     _check_split("validation", validation, spec)
     if pretrained is None:
-        from ..backbones.registry import has_pretrained_weights
-
         pretrained = bool(args.teacher_pretrained) and has_pretrained_weights(backbone)
     if args.teacher_epochs < 1 or args.teacher_batch_size < 1:
         raise GVBSMError("teacher_epochs and teacher_batch_size must be >= 1.")

@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import GVBSMError
+from ..fingerprint import NON_RESULT_FIELDS, config_fingerprint, config_to_dict
+from ..teacher import TeacherModel, load_teacher
+from ..utils import runtime_provenance, write_json_atomic
+from .engine import train_teacher
 from .config import is_teacher_reference, teacher_starts_pretrained, untrained_teachers_message
 from ..stage import Stage, StageContext
 
@@ -24,9 +28,6 @@ def teacher_fingerprint(ctx: StageContext, name: str) -> str:
     """What one trained teacher depends on: its backbone name, the data, the squeeze settings (not the
     list of the other teachers) and the seed. A teacher whose fingerprint is unchanged is kept when
     the recipe changes elsewhere (e.g. one teacher dropped from ``teachers``)."""
-    from ..fingerprint import NON_RESULT_FIELDS, config_fingerprint
-    from ..recipe import config_to_dict
-
     r = ctx.recipe
     squeeze = {k: v for k, v in config_to_dict(r.squeeze, NON_RESULT_FIELDS).items() if k != "teachers"}
     return config_fingerprint(name, config_to_dict(r.data, NON_RESULT_FIELDS), squeeze, r.training.seed)
@@ -56,9 +57,6 @@ class SqueezeStage(Stage):
     def _teachers(self, ctx: StageContext, train: bool) -> None:
         """Train (``train``) or load every teacher; the real splits are decoded only when a
         teacher is actually trained."""
-        from .engine import train_teacher
-        from ..teacher import TeacherModel, load_teacher
-
         r, acc = ctx.recipe, ctx.accelerator
         names = list(r.squeeze.teachers)
         if not names:
@@ -94,8 +92,6 @@ class SqueezeStage(Stage):
                 teacher = train_teacher(name, ctx.real("train"), ctx.real("validation"), ctx.spec, r.squeeze,
                                         accelerator=acc, output_dir=folder, pretrained=pretrained)
             if train and not is_teacher_reference(name) and acc.is_main_process:
-                from ..utils import runtime_provenance, write_json_atomic
-
                 write_json_atomic(marker, {"fingerprint": teacher_fingerprint(ctx, name),
                                            "runtime": runtime_provenance(acc.num_processes)})
             if hasattr(teacher, "check_spec"):

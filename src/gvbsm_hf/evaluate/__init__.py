@@ -1,0 +1,1 @@
+"""The evaluate stage: ``config`` (its options), ``engine`` (the work, usable without the pipeline), ``stage`` (caching and orchestration)."""

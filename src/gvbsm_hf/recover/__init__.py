@@ -1,0 +1,1 @@
+"""The recover stage: ``config`` (its options), ``engine`` (the work, usable without the pipeline), ``stage`` (caching and orchestration)."""
