@@ -17,6 +17,8 @@ Label and image sizes are the parquet files of an export of each.
     # the same under CutMix (every paper recipe): views relabelled on the mixed crop
     python benchmarks/stored_views_fashion_mnist.py --seeds 0 1 2 --epochs 300 --extra="--cutmix_prob 1.0" \
         --work-dir runs/stored_views_cutmix --out benchmarks/results/stored_views_fashion_mnist_cutmix.json
+    # seconds (tests/test_benchmarks.py): see SMOKE (scikit-learn digits); nothing kept
+    python benchmarks/stored_views_fashion_mnist.py --smoke
 """
 
 from __future__ import annotations
@@ -25,9 +27,16 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "fashion_mnist" / "gvbsm_ipc10_cpu.yaml"
+# --smoke: the same recipe on 200 scikit-learn digits, one ConvNet-32 teacher trained for one epoch, 2 synthesis
+# iterations, one student epoch and seed, 2 compact views; --work-dir and --out in a temporary folder (deleted)
+SMOKE = dict(seeds=[0], epochs=1, compact_views=2,
+             extra=["--dataset_name digits --teachers convnet32 --teacher_epochs 1 --max_train_samples 200 "
+                    "--max_eval_samples 100 --stats_max_samples 64 --syn_iterations 2 --syn_checkpoint_every 1 "
+                    "--student convnet32 --accept_unhealthy_synthesis true"])
 
 
 def main() -> None:
@@ -40,8 +49,18 @@ def main() -> None:
     p.add_argument("--work-dir", default="runs/stored_views_fashion_mnist")
     p.add_argument("--out", default="benchmarks/results/stored_views_fashion_mnist.json")
     p.add_argument("--extra", nargs="*", default=[], help="More recipe overrides, quoted.")
+    p.add_argument("--smoke", action="store_true", help=f"seconds-long check of the code path ({SMOKE}, unless "
+                   "given; --work-dir and --out in a temporary folder, deleted)")
     args = p.parse_args()
+    if not args.smoke:
+        stored_views(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="stored-views-smoke-") as tmp:
+        p.set_defaults(**SMOKE, work_dir=str(Path(tmp) / "runs"), out=str(Path(tmp) / "stored_views.json"))
+        stored_views(p.parse_args())
 
+
+def stored_views(args: argparse.Namespace) -> None:
     from gvbsm_hf.export.engine import export_distilled_dataset
     from gvbsm_hf.export.layout import export_sizes
     from gvbsm_hf.pipeline import dataclasses_replace, parse_recipe, run_pipeline
@@ -52,7 +71,7 @@ def main() -> None:
     from gvbsm_hf.stage_cache import StageCache
     from gvbsm_hf.stage import StageContext
     from gvbsm_hf.synthetic_set import SyntheticSet
-    from gvbsm_hf.evaluate.trainer import evaluate_students
+    from gvbsm_hf.evaluate.runs import evaluate_students
 
     work = Path(args.work_dir)
     recipe_file = Path(args.recipe).resolve()

@@ -45,7 +45,10 @@ from gvbsm_hf.recover.config import PROTOCOLS, SynthesisArguments
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.record.engine import record_statistics
 from gvbsm_hf.methods import method_config
-from gvbsm_hf.recover.engine import _JobRunner, _TeacherSlot, plan_jobs, stats_augment_kind, stats_patch_mode
+from gvbsm_hf.recover.job_runner import JobRunner
+from gvbsm_hf.recover.teacher_slot import TeacherSlot
+from gvbsm_hf.recover.jobs import plan_jobs
+from gvbsm_hf.record.compatibility import stats_augment_kind, stats_patch_mode
 
 VARIANTS = {  # name: (method, its options; unset: the method's defaults)
     "ce_only": ("gvbsm", dict(syn_r_bn=0.0, syn_r_conv=0.0, syn_dd=False, syn_alpha=0.0)),
@@ -122,7 +125,7 @@ def main() -> None:
     protocol = {} if args.syn_protocol is None else {"syn_protocol": args.syn_protocol}
     recorded: dict[tuple, object] = {}  # (augmentation family, crop scale, patch mode) -> statistics
 
-    runners: dict[str, _JobRunner] = {}
+    runners: dict[str, JobRunner] = {}
     stack = ExitStack()
     for name, (method, options) in VARIANTS.items():
         syn = method_config(method, SynthesisArguments(
@@ -137,10 +140,10 @@ def main() -> None:
                 stats_patch_size=args.patch_size, stats_conv_target="input", stats_augment=key[0],
                 stats_patch_mode=key[2]), crop_scale=key[1])
         stats = recorded[key]
-        slot = _TeacherSlot(teacher, stats, syn, stats_args, device, stack)
+        slot = TeacherSlot(teacher, stats, syn, stats_args, device, stack)
         slot.hooks.enabled = False
         job = plan_jobs(args.classes, args.ipc, None, None)[0]
-        runners[name] = _JobRunner(job, [slot], spec, syn, device, Path("/nonexistent"), None)
+        runners[name] = JobRunner(job, [slot], spec, syn, device, Path("/nonexistent"), None)
     samples: dict[str, list[float]] = {k: [] for k in runners}
     for r in range(args.warmup + args.repeats):
         for name, runner in runners.items():

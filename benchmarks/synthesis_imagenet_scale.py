@@ -3,7 +3,7 @@
 The batch of `recipes/imagenet1k/gvbsm_ipc10.yaml`: 100 images (50 classes x 2 slots) at 224 px,
 its four torchvision teachers (random weights: the cost does not depend on them), 1000 classes,
 round robin, the full G-VBSM loss of the recipe (CE + BN + Conv matching with patch 16, DD, SDS
-EMA; its syn_* values), through the package's recover engine (``gvbsm_hf.recover.engine._JobRunner``:
+EMA; its syn_* values), through the package's recover engine (``gvbsm_hf.recover.engine.JobRunner``:
 augmentation, teacher forward/backward, hooks, losses, Adam, clipping). Conv statistics come from
 a record pass over random pixels (the cost does not depend on them either).
 
@@ -87,7 +87,10 @@ def worker(device_name: str, variant: str, batch: int, image_size: int, steps: i
     from gvbsm_hf.data import IMAGENET_MEAN, IMAGENET_STD, DatasetSpec
     from gvbsm_hf.methods import method_config
     from gvbsm_hf.record.engine import record_statistics
-    from gvbsm_hf.recover.engine import _JobRunner, _TeacherSlot, plan_jobs, stats_augment_kind, stats_patch_mode
+    from gvbsm_hf.recover.job_runner import JobRunner
+    from gvbsm_hf.recover.teacher_slot import TeacherSlot
+    from gvbsm_hf.recover.jobs import plan_jobs
+    from gvbsm_hf.record.compatibility import stats_augment_kind, stats_patch_mode
 
     if threads:
         torch.set_num_threads(threads)
@@ -126,11 +129,11 @@ def worker(device_name: str, variant: str, batch: int, image_size: int, steps: i
     stats = [record_statistics(t, stats_batches, spec, recording, crop_scale=tuple(config.syn_crop_scale))
              for t in teachers]
     stack = ExitStack()
-    slots = [_TeacherSlot(t, s, config, stats_args, device, stack) for t, s in zip(teachers, stats)]
+    slots = [TeacherSlot(t, s, config, stats_args, device, stack) for t, s in zip(teachers, stats)]
     if opts["compile"]:
         for slot in slots:
             slot.model = torch.compile(slot.model)
-    runner = _JobRunner(job, slots, spec, config, device, Path("/nonexistent"), None)
+    runner = JobRunner(job, slots, spec, config, device, Path("/nonexistent"), None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -35,8 +35,10 @@ from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402
 from gvbsm_hf.record.config import StatisticsArguments  # noqa: E402
 from gvbsm_hf.record.engine import record_statistics  # noqa: E402
 from gvbsm_hf.record.statistics_file import load_statistics, save_statistics  # noqa: E402
-from gvbsm_hf.recover.engine import _TeacherSlot, recover  # noqa: E402
-from gvbsm_hf.evaluate.trainer import GVBSMTrainer, RealImageDataset, SyntheticImageDataset  # noqa: E402
+from gvbsm_hf.recover.teacher_slot import TeacherSlot  # noqa: E402
+from gvbsm_hf.recover.engine import recover
+from gvbsm_hf.evaluate.datasets import RealImageDataset, SyntheticImageDataset  # noqa: E402
+from gvbsm_hf.evaluate.trainer import GVBSMTrainer  # noqa: E402
 
 # ------------------------------------------------------------------------------------------ rded
 
@@ -517,7 +519,7 @@ def test_mixed_loss_with_w_1_is_the_global_loss_and_w_mixes_per_class_terms(clas
     base = method_config("gvbsm", small_args(syn_alpha=0.0, syn_beta_dr=0.0, syn_dd=False))
     mixed = dataclasses.replace(base, syn_class_weight=0.4)
     with ExitStack() as stack:
-        slot = _TeacherSlot(teachers[0], stats[0], mixed, STATS_ARGS, torch.device("cpu"), stack)
+        slot = TeacherSlot(teachers[0], stats[0], mixed, STATS_ARGS, torch.device("cpu"), stack)
         slot.set_job_classes(classes, spb)
         ref_loss, ref_c = matching_loss(_step(slot, base, x, labels))
         w1_loss, w1_c = matching_loss(_step(slot, dataclasses.replace(base, syn_class_weight=1.0), x, labels))

@@ -29,7 +29,9 @@ from gvbsm_hf.methods.feature_regression import (  # noqa: E402
     regression_targets,
 )
 from gvbsm_hf.methods.registry import SynthesisStep  # noqa: E402
-from gvbsm_hf.recover.engine import _JobRunner, plan_jobs, recover  # noqa: E402
+from gvbsm_hf.recover.job_runner import JobRunner  # noqa: E402
+from gvbsm_hf.recover.jobs import plan_jobs
+from gvbsm_hf.recover.engine import recover
 
 
 def _reference_loss(phi_s: np.ndarray, phi_r: np.ndarray, t_s: np.ndarray, t_r: np.ndarray, rho: float) -> float:
@@ -109,7 +111,7 @@ def test_real_batch_is_class_balanced_over_the_job_classes(teachers):
     real = digits_uint8()
     config = method_config("feature_regression", _fr_args())
     job = plan_jobs(10, config.ipc, config.syn_classes_per_batch, config.syn_slots_per_batch)[1]
-    runner = _JobRunner(job, [], SPEC, config, torch.device("cpu"), Path("/nonexistent"), None, real)
+    runner = JobRunner(job, [], SPEC, config, torch.device("cpu"), Path("/nonexistent"), None, real)
     x, labels = runner.real_batch()
     per_class = config.syn_fr_real_batch // len(job.classes)
     assert labels.tolist() == [c for c in job.classes for _ in range(per_class)]
@@ -162,7 +164,7 @@ def test_needs_real_train_and_validates_its_fields(teachers):
         _fr_args(syn_fr_ridge=0.0)
     with pytest.raises(RecipeError, match="syn_fr_targets"):
         _fr_args(syn_fr_targets="teachers")
-    with pytest.raises(GVBSMError, match="syn_fr_pool_size is not an option"):
+    with pytest.raises(GVBSMError, match="'syn_fr_pool_size' is not an option of synthesis method 'gvbsm'"):
         method_config("gvbsm", small_args(syn_fr_pool_size=2))
 
 

@@ -252,7 +252,7 @@ def test_dd_always_pools_to_32_like_the_authors():
 def test_the_evaluate_stage_trains_on_the_exported_uint8_images(tmp_path, monkeypatch):
     import numpy as np
 
-    import gvbsm_hf.evaluate.trainer as trainer_mod
+    import gvbsm_hf.evaluate.runs as trainer_mod
     from gvbsm_hf.export.engine import export_distilled_dataset
     from gvbsm_hf.export.loading import load_distilled_dataset
     from gvbsm_hf.synthetic_set import SyntheticSet

@@ -190,7 +190,8 @@ def _digits_split(n: int) -> tuple[datasets.Dataset, torch.Tensor, torch.Tensor]
 
 def test_validation_streams_with_a_bounded_number_of_decoded_images(tmp_path, monkeypatch):
     from gvbsm_hf.evaluate.config import GVBSMTrainingArguments
-    from gvbsm_hf.evaluate.trainer import GVBSMTrainer, evaluate_students
+    from gvbsm_hf.evaluate.runs import evaluate_students
+    from gvbsm_hf.evaluate.trainer import GVBSMTrainer
 
     n_val, bs = 96, 8
     split, _ = _digits_split(n_val)
@@ -231,7 +232,8 @@ def test_validation_streams_with_a_bounded_number_of_decoded_images(tmp_path, mo
 
 def test_stage_context_and_real_init_decode_only_the_rows_they_index(monkeypatch):
     from gvbsm_hf.stage import StageContext
-    from gvbsm_hf.recover.engine import _init_from_real, plan_jobs
+    from gvbsm_hf.methods.init import init_from_real
+    from gvbsm_hf.recover.jobs import plan_jobs
 
     split, labels = _digits_split(200)
     spec = DatasetSpec(name="digits-stream", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,),
@@ -251,9 +253,9 @@ def test_stage_context_and_real_init_decode_only_the_rows_they_index(monkeypatch
     assert images.shape == dense[0].shape and images.dtype == torch.uint8 and torch.equal(y, labels)
     assert ctx.real("train")[0] is images
     job = plan_jobs(10, 2, 5, 2)[1]  # 5 classes x 2 slots
-    got = _init_from_real(job, (images, y), spec, seed=7)
+    got = init_from_real(job, (images, y), spec, seed=7)
     assert budget.decoded == len(job) == 10  # the job's rows only
-    assert torch.equal(got, _init_from_real(job, dense, spec, seed=7))  # the same images as from the tensor
+    assert torch.equal(got, init_from_real(job, dense, spec, seed=7))  # the same images as from the tensor
     # long requests go through DataLoader workers, with the same pixels
     idx = torch.randperm(200, generator=torch.Generator().manual_seed(0))[:150]
     workers = DecodedImages(split, spec, num_workers=2, batch_size=32)
@@ -342,7 +344,7 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path, monkeypatch):
     # 5. N processes: the recover stage of the same folder relaunched on 2 CPU processes (torchrun, as on
     # N GPUs) recomputes the same synthetic images; the jobs (batches) are split between the processes
     from gvbsm_hf.synthetic_set import SyntheticSet
-    from gvbsm_hf.recover.engine import plan_jobs
+    from gvbsm_hf.recover.jobs import plan_jobs
 
     assert len(plan_jobs(folder["classes"], ipc, int(reh.SHRINK[reh.SHRINK.index("--syn_classes_per_batch") + 1]),
                          int(used["syn_slots_per_batch"]))) >= 2

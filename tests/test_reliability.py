@@ -32,10 +32,10 @@ def test_distill_prints_one_block_exits_3_and_keeps_the_traceback(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     proc = subprocess.run([sys.executable, str(DISTILL), "--config", str(SMOKE), "--output_dir", str(out),
-                           "--syn_method", "random_real", "--syn_alpha", "0.5"], capture_output=True, text=True,
+                           "--syn_method", "random_real", "--method_args", '{"random_real": {"syn_alpha": 0.5}}'], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 3, proc.stderr
-    assert "gvbsm-hf stopped" in proc.stderr and "syn_alpha is not an option" in proc.stderr
+    assert "gvbsm-hf stopped" in proc.stderr and "'syn_alpha' is not an option" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "Traceback" in (out / "error.log").read_text()
     debug = subprocess.run([sys.executable, str(DISTILL), "--config", str(SMOKE), "--output_dir", str(out),

@@ -11,9 +11,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+import gvbsm_hf.augment as aug
 
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, StatisticsMismatchError
@@ -28,13 +32,10 @@ STATS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
 SPEC = DatasetSpec(name="toy", num_classes=3, image_size=9, channels=1, mean=(0.4,), std=(0.3,))
 RRC = StatisticsArguments(stats_patch_size=4, stats_augment="per_image_rrc")
 
-# Shared by the test process and the torchrun script: the teacher and, until gvbsm_hf.augment
-# exists, a stand-in with the same contract (random_resized_crop_flip(x, *, scale, out_size, generator)).
+# Shared by the test process and the torchrun script.
 SHARED = textwrap.dedent(
     '''
-    import math, sys, types
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     def make_teacher():
@@ -49,34 +50,11 @@ SHARED = textwrap.dedent(
                 m.running_mean.normal_()
                 m.running_var.uniform_(0.5, 2.0)
         return model
-
-    def _stand_in(x, *, scale=(0.08, 1.0), out_size=None, generator=None):
-        n, c, h, w = x.shape
-        out = out_size or h
-        r = torch.rand(n, 4, generator=generator)
-        views = []
-        for i in range(n):
-            area = scale[0] + (scale[1] - scale[0]) * r[i, 0].item()
-            sh, sw = max(1, round(h * math.sqrt(area))), max(1, round(w * math.sqrt(area)))
-            top, left = int(r[i, 1].item() * (h - sh + 1)), int(r[i, 2].item() * (w - sw + 1))
-            v = F.interpolate(x[i : i + 1, :, top : top + sh, left : left + sw], size=(out, out), mode="bilinear")
-            views.append(v.flip(-1) if r[i, 3].item() < 0.5 else v)
-        return torch.cat(views)
-
-    def ensure_augment():
-        try:
-            import gvbsm_hf.augment  # noqa: F401
-        except ImportError:
-            mod = types.ModuleType("gvbsm_hf.augment")
-            mod.random_resized_crop_flip = _stand_in
-            sys.modules["gvbsm_hf.augment"] = mod
-            import gvbsm_hf
-            gvbsm_hf.augment = mod
     '''
 )
 _ns: dict = {}
 exec(SHARED, _ns)
-make_teacher, ensure_augment = _ns["make_teacher"], _ns["ensure_augment"]
+make_teacher = _ns["make_teacher"]
 
 
 def reference_conv_stats(x: torch.Tensor, p: int) -> dict[str, torch.Tensor]:
@@ -130,9 +108,6 @@ def weighted_reference(model: nn.Module, inputs: list[torch.Tensor], p: int, tar
 
 @pytest.mark.parametrize("augment,target", [(False, "input"), (True, "output")])
 def test_record_equals_float64_weighted_mean_of_batch_stats(monkeypatch, augment, target):
-    ensure_augment()
-    import gvbsm_hf.augment as aug
-
     seen: list[torch.Tensor] = []
     if augment:
         real = aug.random_resized_crop_flip
@@ -177,7 +152,6 @@ def test_record_equals_float64_weighted_mean_of_batch_stats(monkeypatch, augment
 
 
 def test_one_and_two_processes_agree(tmp_path):
-    ensure_augment()
     sizes = [5, 5, 5, 5, 5, 5, 2]
     batches = make_batches(sizes, seed=7)
     torch.save(batches, tmp_path / "batches.pt")
@@ -190,8 +164,7 @@ def test_one_and_two_processes_agree(tmp_path):
             sys.path.insert(0, {str(tmp_path)!r})
             import torch
             from accelerate import Accelerator
-            from shared import make_teacher, ensure_augment
-            ensure_augment()
+            from shared import make_teacher
             from gvbsm_hf.data import DatasetSpec
             from gvbsm_hf.record.config import StatisticsArguments
             from gvbsm_hf.record.engine import record_statistics
@@ -268,8 +241,6 @@ def test_load_mismatches_name_the_fix(tmp_path):
         assert "--redo record" in message, message
         for w in words:
             assert w in message, (w, message)
-    from safetensors.torch import save_file
-
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(StatisticsMismatchError, match="not a gvbsm-hf statistics file.*--redo record"):
         load_statistics(tmp_path / "other.safetensors")
@@ -278,8 +249,6 @@ def test_load_mismatches_name_the_fix(tmp_path):
 
 
 def test_statistics_dataset_round_trip(tmp_path):
-    import datasets
-
     a, b = _stats(0), _stats(1)
     b.provenance["teacher_name"] = "other"
     ds = statistics_to_dataset([a, b])

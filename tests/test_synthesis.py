@@ -20,7 +20,8 @@ from synthesis_setup import SPEC, STATS_ARGS, digits_uint8, make_statistics, mak
 from gvbsm_hf.errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SRe2LConfig, SynthesisConfig, method_config, register_method, unregister_method  # noqa: E402
 from gvbsm_hf.synthetic_set import SyntheticSet  # noqa: E402
-from gvbsm_hf.recover.engine import plan_jobs, recover
+from gvbsm_hf.recover.jobs import plan_jobs
+from gvbsm_hf.recover.engine import recover
 
 
 @pytest.fixture(scope="module")

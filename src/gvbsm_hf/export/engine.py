@@ -158,7 +158,9 @@ def _method_fields(method: Mapping[str, Any]) -> tuple[str, int | None, dict[str
     return str(name), (int(ipc) if ipc is not None else None), _jsonable(hyper)
 
 
-def _views_table(stored_views: Mapping[str, Sequence[Any]] | datasets.Dataset | StoredSoftLabels, n: int) -> tuple[datasets.Dataset, dict[str, Any] | None]:
+def _views_table(
+    stored_views: Mapping[str, Sequence[Any]] | datasets.Dataset | StoredSoftLabels, n: int
+) -> tuple[datasets.Dataset, dict[str, Any] | None]:
     """(table, StoredSoftLabels metadata) of a dict of lists, a ``Dataset`` or a ``StoredSoftLabels``."""
     meta: dict[str, Any] | None = None
     if hasattr(stored_views, "to_dataset") and hasattr(stored_views, "metadata"):

@@ -41,8 +41,3 @@ class StatisticsArguments(ValidatedArguments):
         check_range("stats_patch_size", self.stats_patch_size, 1)
         check_range("stats_batch_size", self.stats_batch_size, 1)
         check_range("stats_max_samples", self.stats_max_samples, 1, allow_none=True)
-
-
-def stats_augment_kind(stats_args: StatisticsArguments, syn_augment: str) -> str:
-    """The recording augmentation: ``stats_augment``, or the family of the synthesis augmentation when unset."""
-    return stats_args.stats_augment or syn_augment

@@ -252,7 +252,8 @@ def record_statistics(
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             x = spec.normalize(images.to(device, non_blocking=True))
             if augment != "none":
-                x = recording_augment(x, augment, crop_scale=tuple(crop_scale), generator=_batch_generator(seed, k * world + rank))
+                x = recording_augment(x, augment, crop_scale=tuple(crop_scale),
+                                      generator=_batch_generator(seed, k * world + rank))
             image_size = image_size or (int(x.shape[-2]), int(x.shape[-1]))
             hooks.clear()
             if class_moments is not None:

@@ -17,7 +17,7 @@ from ..methods import get_method, method_config
 from ..stage import Stage, StageContext
 from ..teacher import TeacherModel
 from ..utils import runtime_provenance
-from .config import stats_augment_kind
+from .compatibility import stats_augment_kind
 from .engine import record_statistics
 from .statistics_file import TeacherStatistics, load_statistics, save_statistics
 
@@ -75,9 +75,9 @@ class RecordStage(Stage):
         # workers (docs/differences.md row 2); otherwise the decoded batch is augmented on the device
         loader_view = augment == "authors" and getattr(ctx.spec, "train_view", None) == "random_resized_crop"
         crop_scale = tuple(r.synthesis.syn_crop_scale)
+        view = dict(view="train", seed=r.training.seed, crop_scale=crop_scale) if loader_view else {}
         batches = image_batches(split, ctx.spec, r.stats.stats_batch_size, process_index=acc.process_index,
-                                num_processes=acc.num_processes, num_workers=r.data.dataloader_workers,
-                                **(dict(view="train", seed=r.training.seed, crop_scale=crop_scale) if loader_view else {}))
+                                num_processes=acc.num_processes, num_workers=r.data.dataloader_workers, **view)
         stats = record_statistics(
             teacher, batches, ctx.spec, dataclasses.replace(r.stats, stats_augment="none" if loader_view else augment),
             accelerator=acc, seed=r.training.seed, crop_scale=crop_scale, teacher_name=folder.name,

@@ -212,7 +212,8 @@ def statistics_to_dataset(stats: Sequence[TeacherStatistics]) -> datasets.Datase
     Columns: teacher, teacher_fingerprint, layer, statistic, shape (list[int]), values (flattened
     float32) and provenance (JSON). :func:`statistics_from_dataset` inverts it.
     """
-    rows: dict[str, list] = {k: [] for k in ("teacher", "teacher_fingerprint", "layer", "statistic", "shape", "values", "provenance")}
+    columns = ("teacher", "teacher_fingerprint", "layer", "statistic", "shape", "values", "provenance")
+    rows: dict[str, list] = {k: [] for k in columns}
     for s in stats:
         prov = json.dumps(s.provenance, sort_keys=True)
         for name, layer_stats in s.layers.items():

@@ -1,0 +1,244 @@
+"""One synthesis job from its checkpoint to the end (docs/method.md "Recover"): per iteration one
+teacher (GBM, Eq. 7), the augmented batch, the method's loss, an Adam step on the pixels; every
+``syn_checkpoint_every`` iterations the pixels, Adam moments, method state and RNG are saved."""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..augment import synthesis_augment
+from ..data import DatasetSpec
+from ..errors import GVBSMError, NonFiniteLossError
+from ..methods import SynthesisConfig, SynthesisStep, get_method
+from ..utils import load_safetensors, seeded_generator
+from .jobs import SynthesisJob, cosine_lr
+from .teacher_slot import TeacherSlot
+
+
+def _flatten_state(prefix: str, value: object, out: dict[str, torch.Tensor]) -> None:
+    """Nested dicts / tuples of tensors -> ``{"prefix|key|#0": tensor}`` (checkpoint keys)."""
+    if isinstance(value, torch.Tensor):
+        out[prefix] = value.detach().contiguous()
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_state(f"{prefix}|{k}", v, out)
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _flatten_state(f"{prefix}|#{i}", v, out)
+    elif value is not None:
+        raise GVBSMError(f"Method state {prefix!r} holds a {type(value).__name__}; only tensors, dicts and tuples "
+                         "are checkpointed.")
+
+
+def _unflatten_state(tensors: dict[str, torch.Tensor], prefix: str, device: torch.device) -> dict:
+    """Inverse of :func:`_flatten_state` for the keys under ``prefix``."""
+    root: dict = {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix + "|"):
+            continue
+        parts = key[len(prefix) + 1:].split("|")
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = t.to(device)
+
+    def fix(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: fix(v) for k, v in node.items()}
+        if node and all(k.startswith("#") for k in node):
+            return tuple(node[f"#{i}"] for i in range(len(node)))
+        return node
+
+    return fix(root)
+
+
+class JobRunner:
+    """Runs one job from its checkpoint (if any) to the end."""
+
+    def __init__(
+        self,
+        job: SynthesisJob,
+        slots: list[TeacherSlot],
+        spec: DatasetSpec,
+        args: SynthesisConfig,
+        device: torch.device,
+        folder: Path,
+        init_images: torch.Tensor | None,
+        real_train: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.job, self.slots, self.spec, self.args, self.device = job, slots, spec, args, device
+        self.loss_fn = get_method(args.syn_method).loss
+        self.ckpt_path = folder / f"job_{job.index:05d}.ckpt.safetensors"
+        self.done_path = folder / f"job_{job.index:05d}.safetensors"
+        self.labels = job.labels.to(device)
+        self.low, self.high = (b.to(device) for b in spec.pixel_bounds(device))
+        self.generator = seeded_generator(args.syn_seed, "job", job.index)
+        if init_images is None:
+            x = torch.randn(len(job), spec.channels, spec.image_size, spec.image_size, generator=self.generator)
+        else:
+            x = init_images.clone()
+        self.x = x.to(device).clamp_(self.low, self.high).requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.x], lr=args.syn_lr, betas=tuple(args.syn_adam_betas))
+        if args.uses_class_stats():
+            for slot in slots:
+                slot.set_job_classes(job.classes, len(job.slots))
+        self.states: list[dict] = [{} for _ in slots]  # per teacher, owned by the method's loss
+        self.job_state: dict = {}  # the whole job's, owned by the method's loss
+        self.real_images, self.real_rows = None, []
+        if args.real_batch_size() > 0:
+            if real_train is None:
+                raise GVBSMError(f"syn_method={args.syn_method!r} regresses on real images every iteration and needs "
+                                 "the real train split (real_train).")
+            self.real_images = real_train[0]
+            labels = torch.as_tensor(real_train[1])
+            for c in job.classes:
+                rows = (labels == c).nonzero().flatten()
+                if len(rows) == 0:
+                    raise GVBSMError(f"syn_method={args.syn_method!r} needs real train images of class {c}, found none.")
+                self.real_rows.append(rows)
+        self.iteration = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.sums_count = 0
+        self.teachers_used: set[int] = set()
+        self.log_path = folder / f"job_{job.index:05d}.log.jsonl"
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = self.optimizer.state[self.x]
+        tensors = {"x": self.x.detach().contiguous(), "rng": self.generator.get_state()}
+        if state:
+            tensors["exp_avg"] = state["exp_avg"].contiguous()
+            tensors["exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+            tensors["adam_step"] = torch.as_tensor(state["step"]).reshape(1).float()
+        for i, state in enumerate(self.states):
+            _flatten_state(f"state|{i}", state, tensors)
+        _flatten_state("job_state", self.job_state, tensors)
+        tensors = {k: v.to("cpu") for k, v in tensors.items()}
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"iteration": str(self.iteration), "job": str(self.job.index)})
+        tmp.replace(self.ckpt_path)  # atomic: a kill never leaves a half-written checkpoint
+
+    def load_checkpoint(self) -> bool:
+        if not self.ckpt_path.exists():
+            return False
+        t, meta = load_safetensors(self.ckpt_path, "recover", with_metadata=True)
+        if t["x"].shape != self.x.shape:
+            raise GVBSMError(
+                f"Checkpoint {self.ckpt_path} holds images of shape {tuple(t['x'].shape)}, this run expects "
+                f"{tuple(self.x.shape)}: the recipe changed. Use another output_dir or `--redo recover`."
+            )
+        with torch.no_grad():
+            self.x.copy_(t["x"].to(self.device))
+        self.generator.set_state(t["rng"])
+        if "exp_avg" in t:
+            self.optimizer.state[self.x] = {
+                "step": torch.tensor(float(t["adam_step"].item())),
+                "exp_avg": t["exp_avg"].to(self.device),
+                "exp_avg_sq": t["exp_avg_sq"].to(self.device),
+            }
+        self.states = [_unflatten_state(t, f"state|{i}", self.device) for i in range(len(self.slots))]
+        self.job_state = _unflatten_state(t, "job_state", self.device)
+        self.iteration = int(meta["iteration"])
+        return True
+
+    # -- one iteration -------------------------------------------------------------------------
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """``real_batch_size() // C`` (at least 1) random real train images of each of the job's ``C``
+        classes (with replacement, the job's generator), normalised, class-major; ``(None, None)`` if the
+        method asks for none."""
+        if self.real_images is None:
+            return None, None
+        per_class = max(1, self.args.real_batch_size() // len(self.real_rows))
+        rows = torch.cat([r[torch.randint(len(r), (per_class,), generator=self.generator)] for r in self.real_rows])
+        labels = torch.tensor(self.job.classes, dtype=torch.long).repeat_interleave(per_class)
+        return self.spec.normalize(self.real_images[rows]).to(self.device), labels.to(self.device)
+
+    def choose_backbone(self) -> int:
+        k = len(self.slots)
+        if k == 1:
+            return 0
+        if self.args.syn_backbone_choice == "round_robin":
+            return self.iteration % k
+        return int(torch.randint(k, (1,), generator=self.generator))
+
+    def step(self) -> None:
+        args = self.args
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(args.syn_lr, self.iteration, args.syn_iterations)
+        k = self.choose_backbone()
+        self.teachers_used.add(k)
+        slot = self.slots[k]
+        x = self.x
+        x = synthesis_augment(x, args.syn_augment, crop_scale=args.syn_crop_scale, generator=self.generator)
+        if args.syn_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16 if args.syn_mixed_precision == "bf16" else torch.float16)
+            if args.syn_mixed_precision in ("bf16", "fp16")
+            else nullcontext()
+        )
+        for other in self.slots:
+            other.hooks.enabled = other is slot
+        with autocast:
+            logits = slot.model(x)
+        real_x, real_labels = self.real_batch()
+        step = SynthesisStep(config=args, x=x, logits=logits, labels=self.labels, teacher=slot,
+                             state=self.states[k], generator=self.generator, iteration=self.iteration,
+                             job_state=self.job_state, real_x=real_x, real_labels=real_labels,
+                             teachers=tuple(s.model for s in self.slots), teacher_index=k)
+        try:
+            loss, components = self.loss_fn(step)
+        except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
+            if bool(torch.isfinite(x).all()):
+                raise
+            raise self.non_finite_error("pixels, seen by the DD eigenvalues") from err
+        self.optimizer.zero_grad(set_to_none=True)
+        # only the pixels are optimised: a method's own differentiable tensors (e.g. feature_regression's
+        # pool parameters) get no .grad from this pass, which skips their weight gradients
+        loss.backward(inputs=[self.x])
+        self.optimizer.step()
+        with torch.no_grad():
+            self.x.clamp_(self.low, self.high)
+            for name, value in {"loss": loss, **components}.items():
+                value = value.detach().float()
+                self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.sums_count += 1
+        slot.hooks.clear()
+        self.iteration += 1
+
+    def non_finite_error(self, what: str) -> NonFiniteLossError:
+        where = (
+            f"the last good checkpoint {self.ckpt_path} (iteration of its metadata) is kept"
+            if self.ckpt_path.exists()
+            else "no checkpoint was written yet"
+        )
+        return NonFiniteLossError(
+            f"Synthesis job {self.job.index} hit a non-finite loss ({what}) before iteration {self.iteration}; "
+            f"{where}. Lower syn_lr (now {self.args.syn_lr}) or the loss weights, or disable syn_mixed_precision, "
+            "and rerun the same command: the changed recipe restarts recover from iteration 0 with the new values "
+            "(teachers and statistics are kept). Rerunning with the same values resumes from that checkpoint and "
+            "will diverge again."
+        )
+
+    def flush_components(self) -> dict[str, float]:
+        """Mean loss components since the last flush (one host sync). Raises on NaN/inf."""
+        names = list(self.sums)
+        values = (torch.stack([self.sums[n] for n in names]) / max(self.sums_count, 1)).tolist() if names else []
+        self.sums = {}
+        self.sums_count = 0
+        comps = dict(zip(names, values))
+        bad = [k for k, v in comps.items() if not math.isfinite(v)]
+        if bad or not bool(torch.isfinite(self.x).all()):
+            raise self.non_finite_error(", ".join(bad) or "pixels")
+        record = {"iteration": self.iteration, **comps, "teachers_used": sorted(self.teachers_used)}
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.teachers_used = set()
+        return comps
