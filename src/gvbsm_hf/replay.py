@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .errors import DataValidationError
+from .export.loading import load_distilled_dataset, load_distilled_spec, load_stored_soft_labels, to_tensors
+
 __all__ = ["StoredViews"]
 
 
@@ -39,16 +42,12 @@ class StoredViews(Dataset):
     """
 
     def __init__(self, folder_or_repo: str | Path, epoch: int = 0) -> None:
-        from .export.loading import load_distilled_dataset, load_distilled_spec, load_stored_soft_labels, to_tensors
-
         self.spec = load_distilled_spec(folder_or_repo)
         images, labels, _ = to_tensors(load_distilled_dataset(folder_or_repo), self.spec)
         self.images = self.spec.normalize(images)
         self.labels = labels
         self.stored = load_stored_soft_labels(folder_or_repo)
         if len(self.stored) != len(self.images):
-            from .errors import DataValidationError
-
             raise DataValidationError(f"{folder_or_repo}: {len(self.stored)} stored views rows for {len(self.images)} "
                                       "images; the views config belongs to another export: export again.")
         self.epoch = int(epoch)

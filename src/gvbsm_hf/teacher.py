@@ -8,6 +8,7 @@ targets of Eq. 1/6, their Conv statistics are recorded for Eq. 9, their logits m
 
 from __future__ import annotations
 
+import shutil
 import contextlib
 import io
 import json
@@ -21,11 +22,13 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHubMixin
 from torch import nn
 
+from huggingface_hub.errors import LocalEntryNotFoundError
+
 from . import __version__, hub_utils
 from .backbones import create_backbone
 from .data import DatasetSpec
 from .errors import GVBSMError
-from .utils import model_fingerprint
+from .utils import damaged_file_error, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +173,6 @@ class TeacherModel(
 
     def save_pretrained(self, save_directory: str | Path, *, config: dict | None = None, **kwargs: Any) -> str | None:
         """Write ``model.safetensors``, ``config.json`` and a fresh ``README.md`` model card."""
-        import shutil
-
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         # written into a temporary folder, then moved in file by file with model.safetensors LAST: it is
@@ -246,8 +247,6 @@ def load_teacher(name_or_path: str | Path, *, device: torch.device | str | None 
     Raises :class:`OfflineError` quickly when a Hub id is not in the local cache and the Hub is
     unreachable (or ``HF_HUB_OFFLINE`` is set).
     """
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     target = str(name_or_path)
     if os.path.isdir(target):
         missing = [f for f in ("config.json", "model.safetensors") if not os.path.exists(os.path.join(target, f))]
@@ -279,8 +278,6 @@ def load_teacher(name_or_path: str | Path, *, device: torch.device | str | None 
                                       str(e), _TEACHER_OFFLINE_FIX) from e
     except Exception as e:  # noqa: BLE001 - a torn file (safetensors' SafetensorError, a cut config.json)
         if type(e).__name__ == "SafetensorError" or "deserializ" in str(e) or isinstance(e, json.JSONDecodeError):
-            from .utils import damaged_file_error
-
             raise damaged_file_error(target, "squeeze", f"{type(e).__name__}: {e}") from None
         raise
     return teacher.eval()

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-if TYPE_CHECKING:
-    from .errors import GVBSMError
+from .errors import GVBSMError
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -71,15 +73,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_json_atomic(path: str | os.PathLike, value: object) -> None:
     """``json.dumps(value)`` written through :func:`atomic_path`."""
-    import json
-
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2))
 
 
-def damaged_file_error(path: str | os.PathLike, stage: str, cause: BaseException | str) -> "GVBSMError":
-    from .errors import GVBSMError
-
+def damaged_file_error(path: str | os.PathLike, stage: str, cause: BaseException | str) -> GVBSMError:
     return GVBSMError(
         f"{path} is damaged or incomplete ({cause}); it was probably cut short by a killed run or a full disk. "
         f"Delete it or rerun the same command with `--redo {stage}` to recompute it (earlier stages are kept).")
@@ -88,8 +86,6 @@ def damaged_file_error(path: str | os.PathLike, stage: str, cause: BaseException
 def load_safetensors(path: str | os.PathLike, stage: str, *, with_metadata: bool = False):
     """``safetensors`` tensors of ``path`` (and its metadata); a torn or foreign file raises an
     error naming the file and the ``--redo`` that recomputes it."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -103,8 +99,6 @@ def load_safetensors(path: str | os.PathLike, stage: str, *, with_metadata: bool
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """``safetensors.torch.save_file`` through :func:`atomic_path`."""
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)

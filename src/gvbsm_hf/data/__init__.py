@@ -25,8 +25,10 @@ from .builtin import (
     preprocessing_for,
 )
 from .decoding import DecodedImages, decoded_split, image_batches, random_resized_crop_params, to_uint8_tensors
-from .loading import class_balanced_indices, load_image_dataset
-from .spec import DatasetSpec, get_dataset_spec
+from .inference import get_dataset_spec
+from .loading import load_image_dataset
+from .sampling import class_balanced_indices, class_balanced_subset, stratified_split
+from .spec import DatasetSpec
 from .validation import validate_image_dataset
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "DecodedImages",
     "Preprocessing",
     "class_balanced_indices",
+    "class_balanced_subset",
     "decoded_split",
     "get_builtin_dataset",
     "get_dataset_spec",
@@ -50,6 +53,7 @@ __all__ = [
     "load_image_dataset",
     "preprocessing_for",
     "random_resized_crop_params",
+    "stratified_split",
     "to_uint8_tensors",
     "validate_image_dataset",
 ]

@@ -13,7 +13,9 @@ import datasets
 import numpy as np
 from PIL import Image as PILImage
 
+from ..augment import is_imagenet_scale
 from ..errors import DataValidationError, GVBSMError
+from .sampling import stratified_split
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,8 +75,6 @@ Resize(256) + CenterCrop(224) for evaluation; splits streamed."""
 def preprocessing_for(image_size: int) -> Preprocessing:
     """THE rule choosing a dataset's :class:`Preprocessing`: by working size
     (:func:`gvbsm_hf.augment.is_imagenet_scale`, the same threshold as the authors' protocol)."""
-    from ..augment import is_imagenet_scale
-
     return IMAGENET_PREPROCESSING if is_imagenet_scale(int(image_size)) else SMALL_PREPROCESSING
 
 
@@ -149,7 +149,7 @@ def _image_label_features(names: Sequence[str]) -> datasets.Features:
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn digits as uint8 ``(1797, 16, 16)`` (0..16 -> 0..255, bilinear 2x) and labels."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # optional: scikit-learn is only in the `test` extra
     except ImportError as e:
         raise GVBSMError("The 'digits' dataset ships with scikit-learn: pip install scikit-learn.") from e
 
@@ -160,10 +160,8 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_digits(seed: int) -> datasets.DatasetDict:
-    from .loading import _stratified_split  # loading imports this module
-
     images, labels = _digits_arrays()
-    train_idx, val_idx = _stratified_split(labels, 0.2, seed)  # deterministic stratified 80/20
+    train_idx, val_idx = stratified_split(labels, 0.2, seed)  # deterministic stratified 80/20
     features = _image_label_features([str(i) for i in range(10)])
     out = {}
     for split, idx in (("train", train_idx), ("validation", val_idx)):

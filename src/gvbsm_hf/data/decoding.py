@@ -12,49 +12,35 @@ device). The resize / crop kernels are ``torchvision.transforms.v2.functional``'
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image as PILImage
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from ..errors import DataValidationError, GVBSMError
 from ..utils import seeded_generator
+from .sampling import split_labels
+from .spec import DatasetSpec
 
-if TYPE_CHECKING:
-    from .spec import DatasetSpec
 
 
 def _is_main_process() -> bool:
     return os.environ.get("LOCAL_RANK", "0") in ("", "0")
 
 
-def _labels_array(labels: Any) -> np.ndarray:
-    """Labels as int64 numpy, fast for ``datasets`` columns (``Column`` / Arrow) too."""
-    if isinstance(labels, np.ndarray):
-        return labels.astype(np.int64, copy=False).reshape(-1)
-    if isinstance(labels, torch.Tensor):
-        return labels.detach().to("cpu", torch.int64).numpy().reshape(-1)
-    column_cls = getattr(datasets.arrow_dataset, "Column", None)
-    if column_cls is not None and isinstance(labels, column_cls) and isinstance(labels.source, datasets.Dataset):
-        return labels.source.with_format("arrow")[labels.column_name].to_numpy().astype(np.int64).reshape(-1)
-    if hasattr(labels, "to_numpy"):  # pyarrow arrays
-        return np.asarray(labels.to_numpy(), dtype=np.int64).reshape(-1)
-    return np.asarray(list(labels), dtype=np.int64).reshape(-1)
-
-
-def _split_labels(split: datasets.Dataset) -> np.ndarray:
-    return split.with_format("arrow")["label"].to_numpy().astype(np.int64)
-
-
-def _mode_channels(mode: str) -> int:
+def mode_channels(mode: str) -> int:
     """Channels an image of PIL ``mode`` has once converted: 1 for grey modes (L, LA, I, F, 1, I;16),
     3 for colour ones (RGB, RGBA, P, CMYK, YCbCr...)."""
     try:
@@ -63,7 +49,7 @@ def _mode_channels(mode: str) -> int:
         return 1 if mode.startswith(("I", "F", "L")) else 3
 
 
-def _open_image(value: Any) -> PILImage.Image:
+def open_image(value: Any) -> PILImage.Image:
     """Decode one ``Image(decode=False)`` value fully (``{'bytes', 'path'}`` or a PIL image)."""
     if isinstance(value, PILImage.Image):
         value.load()
@@ -104,7 +90,7 @@ def _as_hwc(img: PILImage.Image) -> np.ndarray:
 
 def _to_array(value: Any, mode: str, size: int) -> np.ndarray:
     """One decoded image -> uint8 ``(H, W, C)`` in ``mode`` at ``size x size`` (bilinear)."""
-    img = _convert(_open_image(value), mode)
+    img = _convert(open_image(value), mode)
     if img.size != (size, size):
         img = img.resize((size, size), PILImage.BILINEAR)
     return _as_hwc(img)
@@ -145,13 +131,10 @@ def _view_array(value: Any, spec: DatasetSpec, view: str, generator: torch.Gener
     mode, size = _target_mode(spec.channels), int(spec.image_size)
     if spec.eval_view == "resize" and (view == "eval" or spec.train_view == "pad_crop"):
         return _to_array(value, mode, size)  # the small-set path, unchanged
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
     if view == "train" and spec.train_view == "random_resized_crop":
         if generator is None:
             raise GVBSMError("The train view (RandomResizedCrop) needs a generator (image_batches(seed=...)).")
-        img = _convert(_open_image(value), mode)
+        img = _convert(open_image(value), mode)
         top, left, h, w = random_resized_crop_params(img.width, img.height, crop_scale, generator)
         img = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BILINEAR,
                               antialias=True)
@@ -159,7 +142,7 @@ def _view_array(value: Any, spec: DatasetSpec, view: str, generator: torch.Gener
             img = TF.horizontal_flip(img)
         return _as_hwc(img)
     if spec.eval_view == "resize_center_crop":
-        img = _convert(_open_image(value), mode)
+        img = _convert(open_image(value), mode)
         if img.size != (size, size):  # an image already at the working size is taken as is
             img = TF.resize(img, [spec.eval_resize_size], interpolation=InterpolationMode.BILINEAR, antialias=True)
             img = TF.center_crop(img, [size, size])
@@ -216,7 +199,7 @@ def to_uint8_tensors(
             return empty, torch.zeros(0, dtype=torch.int64)
         return torch.cat(xs), torch.cat(ys)
     n = len(split)
-    labels = torch.from_numpy(_split_labels(split))
+    labels = torch.from_numpy(split_labels(split))
     images = torch.empty(n, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     bs = 4096
     images_only = raw.select_columns(["image"])
@@ -344,7 +327,7 @@ class DecodedImages(torch.utils.data.Dataset):
         self.spec, self.num_workers, self.batch_size = spec, int(num_workers), int(batch_size)
         self._raw = split.cast_column("image", datasets.Image(decode=False)).select_columns(["image"])
         self._n = len(split)
-        self._labels = torch.from_numpy(_split_labels(split))
+        self._labels = torch.from_numpy(split_labels(split))
         self._split_fingerprint = getattr(split, "_fingerprint", None)
 
     # -- tensor-like ----------------------------------------------------------------------------
@@ -368,9 +351,6 @@ class DecodedImages(torch.utils.data.Dataset):
 
     @property
     def fingerprint(self) -> str:
-        import hashlib
-        import json
-
         s = self.spec
         key = [self._split_fingerprint, self._n, s.image_size, s.channels, s.eval_view, s.eval_crop_ratio]
         return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()

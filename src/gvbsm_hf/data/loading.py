@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from datasets.data_files import FILES_TO_IGNORE
 import numpy as np
 
 from .. import hub_utils
-from ..errors import DataValidationError, GVBSMError, OfflineError
+from ..errors import DataValidationError, OfflineError
 from .builtin import (
     BUILTIN_DATASETS,
     _fashion_mnist_dir,
@@ -23,75 +24,15 @@ from .builtin import (
     _load_fashion_mnist_idx,
     get_builtin_dataset,
 )
-from .decoding import _labels_array, _split_labels
-from .validation import _missing_column, recipe_hint, validate_image_dataset
+from .sampling import split_labels
+from .sampling import class_balanced_subset, stratified_split
+from .validation import missing_column, recipe_hint, validate_image_dataset
 
 logger = logging.getLogger(__name__)
 
 
 _VALIDATION_SPLIT_NAMES = ("validation", "valid", "val", "test")
 _LABEL_COLUMN_NAMES = ("label", "labels")
-
-
-def class_balanced_indices(
-    labels: Sequence[int], n_per_class: int | None = None, total: int | None = None, seed: int = 0
-) -> list[int]:
-    """Seeded class-balanced subset of row indices (sorted).
-
-    ``n_per_class``: up to that many rows of every class present. ``total``: that many rows in all,
-    spread as evenly as the class sizes allow (small classes give their share to the others; the
-    remainder goes to randomly chosen classes). Neither: every index. Used for ``max_*_samples``
-    and for the "random real subset" baseline.
-    """
-    if n_per_class is not None and total is not None:
-        raise GVBSMError("class_balanced_indices: give n_per_class or total, not both.")
-    y = _labels_array(labels)
-    if n_per_class is None and total is None:
-        return list(range(len(y)))
-    if (n_per_class is not None and n_per_class < 0) or (total is not None and total < 0):
-        raise GVBSMError(f"class_balanced_indices: n_per_class={n_per_class} / total={total} must be >= 0.")
-    rng = np.random.default_rng(seed)
-    order = np.argsort(y, kind="stable")
-    classes, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
-    members = [rng.permutation(order[s : s + c]) for s, c in zip(starts, counts)]
-    if n_per_class is not None:
-        quota = np.minimum(counts, n_per_class)
-    else:
-        quota = np.zeros(len(classes), dtype=np.int64)
-        remaining = min(int(total), len(y))
-        active = np.arange(len(classes))
-        while len(active):
-            q = remaining // len(active)
-            small = active[counts[active] <= q]
-            if len(small) == 0:
-                quota[active] = q
-                remaining -= q * len(active)
-                extra = rng.permutation(active)[:remaining]
-                quota[extra] += 1
-                break
-            quota[small] = counts[small]
-            remaining -= int(counts[small].sum())
-            active = active[counts[active] > q]
-    chosen = np.concatenate([m[:k] for m, k in zip(members, quota)]) if len(classes) else np.zeros(0, np.int64)
-    return sorted(int(i) for i in chosen)
-
-
-def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded stratified (train, held-out) index split; every class with >= 2 rows gives >= 1."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        k = int(round(fraction * len(idx)))
-        if len(idx) >= 2:
-            k = min(max(k, 1), len(idx) - 1)
-        else:
-            k = 0
-        held.append(idx[:k])
-    held_idx = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
-    mask = np.ones(len(labels), dtype=bool)
-    mask[held_idx] = False
-    return np.flatnonzero(mask).tolist(), held_idx.tolist()
 
 
 def _offline_error(repo_id: str, cause: str) -> OfflineError:
@@ -110,6 +51,7 @@ _FALLBACK_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", 
 def _image_extensions() -> frozenset[str]:
     """The file extensions ``datasets``' imagefolder builder reads as images."""
     try:
+        # the builder's own extension list (not re-exported by `datasets`), with a fallback if it moves
         from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
         return frozenset(e.lower() for e in ImageFolder.EXTENSIONS)
@@ -133,8 +75,6 @@ def _check_class_folders(root: Path) -> None:
     mostly non-image files (another builder reads them) are not checked."""
     if not root.is_dir():
         return
-    from datasets.data_files import FILES_TO_IGNORE
-
     exts = _image_extensions()
     image_dirs: set[Path] = set()
     n_images = n_other = 0
@@ -282,12 +222,12 @@ def _standardize(
         (c for c in ("image", "img") if c in columns), None
     )
     if img_col is None or img_col not in columns:
-        raise _missing_column(image_column or "image", "image", tr, columns)
+        raise missing_column(image_column or "image", "image", tr, columns)
     lab_col = label_column or _first_feature(features, datasets.ClassLabel) or next(
         (c for c in _LABEL_COLUMN_NAMES if c in columns), None
     )
     if lab_col is None or lab_col not in columns:
-        raise _missing_column(label_column or "label", "label", tr, columns)
+        raise missing_column(label_column or "label", "label", tr, columns)
     if features and not isinstance(features[img_col], datasets.Image):
         raise DataValidationError(
             f"Column {img_col!r} is {features[img_col]}, not an image. Set "
@@ -298,7 +238,7 @@ def _standardize(
         cols = list(ds.features.keys()) if ds.features else list(ds.column_names or [])
         for col, which in ((img_col, "image"), (lab_col, "label")):
             if cols and col not in cols:
-                raise _missing_column(col, which, split_name, cols)
+                raise missing_column(col, which, split_name, cols)
         ds = ds.select_columns([img_col, lab_col])
         if img_col != "image":
             ds = ds.rename_column(img_col, "image")
@@ -324,7 +264,7 @@ def _standardize(
         if dtype == "string" or dtype == "large_string":
             names = sorted({str(v) for p in parts for v in p.with_format("arrow")["label"].to_pylist()})
         elif dtype is not None and ("int" in dtype):
-            values = np.concatenate([_split_labels(p) for p in parts])
+            values = np.concatenate([split_labels(p) for p in parts])
             k = int(values.max()) + 1 if len(values) else 0
             names = [str(i) for i in range(k)]
         else:
@@ -353,22 +293,11 @@ def _standardize(
                 f"dataset is streamed, so none can be split off. Set {recipe_hint('validation_split', '<split>')}, "
                 f"or {recipe_hint('streaming', 'false')} to hold out a stratified 10 % of train."
             )
-        keep, held = _stratified_split(_split_labels(train), 0.1, seed)
+        keep, held = stratified_split(split_labels(train), 0.1, seed)
         logger.info(f"no validation split found: holding out a seeded stratified 10% of train ({len(held)} rows)")
         train, val = train.select(keep), train.select(held)
     cls = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
     return cls({"train": train, "validation": val})
-
-
-def _subset(split: Any, max_samples: int | None, seed: int) -> Any:
-    if max_samples is None:
-        return split
-    if isinstance(split, datasets.IterableDataset):
-        logger.warning("streaming: max_*_samples takes the first rows after a seeded shuffle (not class-balanced)")
-        return split.shuffle(seed=seed, buffer_size=10_000).take(max_samples)
-    if max_samples >= len(split):
-        return split
-    return split.select(class_balanced_indices(_split_labels(split), total=max_samples, seed=seed))
 
 
 def load_image_dataset(
@@ -433,8 +362,8 @@ def load_image_dataset(
         raw, image_column=image_column, label_column=label_column, train_split=train_split,
         validation_split=validation_split, seed=seed,
     )
-    dsd["train"] = _subset(dsd["train"], max_train_samples, seed)
-    dsd["validation"] = _subset(dsd["validation"], max_eval_samples, seed)
+    dsd["train"] = class_balanced_subset(dsd["train"], max_train_samples, seed)
+    dsd["validation"] = class_balanced_subset(dsd["validation"], max_eval_samples, seed)
     if validate:
         validate_image_dataset(
             dsd, image_size=image_size or (builtin.image_size if builtin else None),

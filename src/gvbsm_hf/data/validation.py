@@ -8,7 +8,8 @@ import datasets
 import numpy as np
 
 from ..errors import DataValidationError
-from .decoding import _mode_channels, _open_image, _split_labels
+from .decoding import mode_channels, open_image
+from .sampling import split_labels
 
 
 def recipe_hint(field: str, value: str) -> str:
@@ -16,7 +17,7 @@ def recipe_hint(field: str, value: str) -> str:
     return f"`{field}: {value}` in the recipe (--{field} {value})"
 
 
-def _missing_column(column: str, which: str, split: str, available: Sequence[str]) -> DataValidationError:
+def missing_column(column: str, which: str, split: str, available: Sequence[str]) -> DataValidationError:
     arg = f"{which}_column"
     return DataValidationError(
         f"Column {column!r} (the {which} column) is missing from split {split!r}; available columns: "
@@ -66,7 +67,7 @@ def validate_image_dataset(
             cols = list(features.keys())
         for col, which in (("image", "image"), ("label", "label")):
             if col not in cols:
-                raise _missing_column(col, which, split, cols)
+                raise missing_column(col, which, split, cols)
         if features is not None:
             if not isinstance(features["image"], datasets.Image):
                 raise DataValidationError(
@@ -93,7 +94,7 @@ def validate_image_dataset(
             labels = np.asarray([r["label"] for r in rows], dtype=np.int64)
             label_rows = np.arange(len(labels))
         else:
-            labels = _split_labels(ds)
+            labels = split_labels(ds)
             label_rows = np.arange(len(labels))
             n = len(ds)
             if sample_size is None or n <= sample_size:
@@ -134,7 +135,7 @@ def validate_image_dataset(
         # ---- images ------------------------------------------------------------------------
         for row, value in zip(row_ids, values):
             try:
-                img = _open_image(value)
+                img = open_image(value)
             except Exception as e:  # PIL raises many types on bad bytes
                 raise DataValidationError(
                     f"Image at row {row} of split {split!r}{_source_of(value)} cannot be decoded ({type(e).__name__}: "
@@ -142,7 +143,7 @@ def validate_image_dataset(
                     "file) or re-encode the file."
                 ) from e
             sizes.setdefault(img.size, (split, row))
-            modes.setdefault(_mode_channels(img.mode), (split, row, img.mode))
+            modes.setdefault(mode_channels(img.mode), (split, row, img.mode))
     if image_size is None:
         if len(sizes) > 1:
             (s1, (sp1, r1)), (s2, (sp2, r2)) = list(sizes.items())[:2]
@@ -175,7 +176,7 @@ def _check_validation_only_labels(
     features = None if isinstance(validation, datasets.IterableDataset) else validation.features
     if not features or "label" not in features:
         return
-    val_labels = _split_labels(validation)
+    val_labels = split_labels(validation)
     for i in empty:
         rows = np.flatnonzero(val_labels == i)
         if len(rows):

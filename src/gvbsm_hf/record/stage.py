@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import datasets
 
-from ..data import class_balanced_indices, image_batches
+from ..data import class_balanced_subset, image_batches
 from ..errors import StatisticsMismatchError
 from ..fingerprint import config_fingerprint
 from ..methods import get_method, method_config
@@ -20,18 +19,6 @@ from ..utils import runtime_provenance
 from .compatibility import stats_augment_kind
 from .engine import record_statistics
 from .statistics_file import TeacherStatistics, load_statistics, save_statistics
-
-
-def subset(split, max_samples: int | None, seed: int):
-    """A seeded class-balanced subset of a ``datasets`` split (``None``: the whole split); for a
-    streaming split, the first ``max_samples`` rows after a seeded shuffle."""
-    if max_samples is None:
-        return split
-    if isinstance(split, datasets.IterableDataset):
-        return split.shuffle(seed=seed, buffer_size=10_000).take(max_samples)
-    if max_samples >= len(split):
-        return split
-    return split.select(class_balanced_indices(split["label"], total=max_samples, seed=seed))
 
 
 def needs_statistics(ctx: StageContext) -> bool:
@@ -93,7 +80,7 @@ class RecordStage(Stage):
         ctx.statistics = [None] * len(ctx.teachers)
         if not needs_statistics(ctx):
             return
-        split = subset(ctx.dataset["train"], r.stats.stats_max_samples, r.training.seed) if compute else None
+        split = class_balanced_subset(ctx.dataset["train"], r.stats.stats_max_samples, r.training.seed) if compute else None
         redo = compute and ctx.cache.redo_requested(self.name)
         explicit = compute and self.name in r.pipeline.redo
         augment = stats_augment_kind(r.stats, r.synthesis.syn_augment)
