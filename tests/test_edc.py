@@ -28,7 +28,7 @@ from gvbsm_hf.data import DatasetSpec  # noqa: E402
 from gvbsm_hf.errors import GVBSMError, StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.methods import SynthesisStep, get_method, method_config  # noqa: E402
 from gvbsm_hf.methods.gvbsm import matching_loss  # noqa: E402
-from gvbsm_hf.methods.rded import (  # noqa: E402
+from gvbsm_hf.methods.selection import (  # noqa: E402
     combine_features, kmeans, select_boundary, select_clustered, select_facility_location, select_kcenter,
     teacher_features)
 from gvbsm_hf.scores import label_robust_score, scores  # noqa: E402

@@ -282,7 +282,6 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path, monkeypatch):
     """recipes/imagenet1k/gvbsm_ipc10.yaml end to end on a generated ImageNet-shaped folder (2-4
     minutes on 2 CPU cores): 224 px, the four torchvision teachers, patch 16, logit normalisation,
     tv:resnet18 student; only overrides that shrink it. No stage decodes a whole split."""
-    import gvbsm_hf.data as data_pkg
     from gvbsm_hf.pipeline import STAGES, parse_recipe, run_pipeline
 
     reh = _rehearsal_module()
@@ -298,8 +297,9 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path, monkeypatch):
         whole.append(len(split))
         return original(split, spec, *a, **k)
 
-    monkeypatch.setattr(decoding, "to_uint8_tensors", recorded)
-    monkeypatch.setattr(data_pkg, "to_uint8_tensors", recorded)
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("gvbsm_hf") and m is not None]:
+        if getattr(module, "to_uint8_tensors", None) is original:  # every module that imported it
+            monkeypatch.setattr(module, "to_uint8_tensors", recorded)
 
     out = tmp_path / "run"
     argv = reh.rehearsal_argv(folder["root"], out)

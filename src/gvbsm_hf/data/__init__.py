@@ -24,7 +24,8 @@ from .builtin import (
     get_builtin_dataset,
     preprocessing_for,
 )
-from .decoding import DecodedImages, decoded_split, image_batches, random_resized_crop_params, to_uint8_tensors
+from .decoded import DecodedImages, decoded_split
+from .decoding import image_batches, random_resized_crop_params, to_uint8_tensors
 from .inference import get_dataset_spec
 from .loading import load_image_dataset
 from .sampling import class_balanced_indices, class_balanced_subset, stratified_split
