@@ -19,7 +19,7 @@ from gvbsm_hf.augment import authors_batch_augment, recording_augment, synthesis
 from gvbsm_hf.recover.config import PROTOCOLS, SynthesisArguments  # noqa: E402
 from gvbsm_hf.record.config import StatisticsArguments
 from gvbsm_hf.errors import StatisticsMismatchError  # noqa: E402
-from gvbsm_hf.hooks import conv_statistics  # noqa: E402
+from gvbsm_hf.moments import conv_statistics  # noqa: E402
 from gvbsm_hf.losses import conv_matching_loss, data_densification_loss, sds_matching_loss  # noqa: E402
 from gvbsm_hf.methods import method_config  # noqa: E402
 from gvbsm_hf.record.engine import record_statistics  # noqa: E402

@@ -48,7 +48,7 @@ from torch.func import functional_call
 from ..backbones import create_backbone, is_backbone_name
 from ..errors import GVBSMError
 from ..losses import ensemble_logits
-from .rded import last_linear
+from .selection import last_linear
 from ..validation import RecipeError, check_range
 from .registry import SynthesisConfig, SynthesisStep, register_method
 

@@ -31,7 +31,8 @@ from .. import __version__
 from ..augment import recording_augment
 from ..data import DatasetSpec
 from ..errors import DataValidationError
-from ..hooks import CONV_STATISTICS, StatisticsHooks
+from ..hooks import StatisticsHooks
+from ..moments import CONV_STATISTICS
 from ..utils import model_fingerprint, seeded_generator
 from .config import StatisticsArguments
 from .statistics_file import TeacherStatistics, augment_kind

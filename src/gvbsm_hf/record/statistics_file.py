@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import DataValidationError, StatisticsMismatchError
-from ..hooks import CONV_STATISTICS
+from ..moments import CONV_STATISTICS
 from ..utils import damaged_file_error, save_safetensors
 
 FORMAT_NAME = "gvbsm_hf.statistics"
