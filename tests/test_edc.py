@@ -658,7 +658,7 @@ def test_student_ema_follows_the_formula_and_is_evaluated(tmp_path):
     for w in rec.states[1:]:
         ema = {k: (d * e + (1 - d) * w[k].double()) if w[k].is_floating_point() else w[k].double()
                for k, e in ema.items()}
-    shadow = trainer._student_ema.shadow
+    shadow = trainer.student_ema.shadow
     assert set(shadow) == set(ema) and "2.running_mean" in shadow and "2.num_batches_tracked" in shadow
     for k, v in ema.items():
         torch.testing.assert_close(shadow[k].double(), v, rtol=0, atol=1e-6, msg=k)
@@ -685,8 +685,8 @@ def test_student_ema_is_restored_when_resuming(tmp_path):
     assert (tmp_path / "ckpt" / "checkpoint-4" / "gvbsm_student_ema.safetensors").is_file()
     resumed = GVBSMTrainer(model=_student(), args=args, train_dataset=train, eval_dataset=val, spec=TSPEC)
     resumed.train(resume_from_checkpoint=str(tmp_path / "ckpt" / "checkpoint-4"))
-    for k, v in full._student_ema.shadow.items():
-        assert torch.equal(resumed._student_ema.shadow[k], v), k
+    for k, v in full.student_ema.shadow.items():
+        assert torch.equal(resumed.student_ema.shadow[k], v), k
 
 
 @pytest.mark.parametrize("zeta, warmup", [(2.0, 0), (3.0, 3), (1.0, 0)])
@@ -711,7 +711,7 @@ def test_smoothing_schedule_lr_equals_the_formula(tmp_path, zeta, warmup):
     plain = GVBSMTrainer(model=_student(), args=_targs(tmp_path / "p", student_ema_decay=None), train_dataset=train,
                          eval_dataset=val, spec=TSPEC)
     plain.create_optimizer_and_scheduler(num_training_steps=total)
-    assert plain._student_ema is None
+    assert plain.student_ema is None
     assert plain.lr_scheduler.get_last_lr()[0] == 5e-2  # lr_scheduler_type="constant" untouched
     with pytest.raises(RecipeError, match="student_lr_smoothing"):
         _targs(tmp_path, student_lr_smoothing=0.5)

@@ -14,14 +14,17 @@ from transformers import TrainerCallback, default_data_collator
 import gvbsm_hf.evaluate.trainer as trainer_mod
 from gvbsm_hf import losses
 from gvbsm_hf.augment import apply_crop_flip
-from gvbsm_hf.evaluate.config import GVBSMTrainingArguments
+from gvbsm_hf.backbones import create_backbone
 from gvbsm_hf.data import DatasetSpec
-from gvbsm_hf.errors import DataValidationError, GVBSMError, UnknownBackboneError
 from gvbsm_hf.ensemble import TeacherEnsemble
+from gvbsm_hf.errors import DataValidationError, GVBSMError, UnknownBackboneError
+from gvbsm_hf.evaluate.config import GVBSMTrainingArguments
+from gvbsm_hf.evaluate.datasets import RealImageDataset, SyntheticImageDataset
+from gvbsm_hf.evaluate.runs import evaluate_students
+from gvbsm_hf.evaluate.trainer import GVBSMTrainer
 from gvbsm_hf.relabel.config import RelabelArguments
 from gvbsm_hf.relabel.engine import relabel_stored
 from gvbsm_hf.relabel.views import ViewSampling
-from gvbsm_hf.evaluate.trainer import GVBSMTrainer, RealImageDataset, SyntheticImageDataset, evaluate_students
 
 SPEC = DatasetSpec(name="digits-test", num_classes=10, image_size=16, channels=1, mean=(0.3,), std=(0.4,))
 STUDENT_KW = {"width": 16, "depth": 2}
@@ -29,7 +32,7 @@ STUDENT_KW = {"width": 16, "depth": 2}
 
 def digits_uint8() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn digits, 8 -> 16 px, uint8 (N, 1, 16, 16)."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # an optional test dependency (the `test` extra)
 
     d = load_digits()
     x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
@@ -371,8 +374,6 @@ def test_channels_last_student_trains_the_same(tmp_path, data, teachers):
         results[cl] = res["per_run"][0]
     assert results[True]["train_loss"] == pytest.approx(results[False]["train_loss"], rel=1e-4)
     assert abs(results[True]["top1"] - results[False]["top1"]) <= 100.0 / len(data["val"][1]) + 1e-9
-    from gvbsm_hf.backbones import create_backbone
-
     student = create_backbone("convnet", 10, 1, 16, **STUDENT_KW).to(memory_format=torch.channels_last)
     args = make_args(tmp_path / "fmt", student_channels_last=True)
     tr = GVBSMTrainer(student, args, SyntheticImageDataset(xs, ys, spec=SPEC), spec=SPEC, soft_labeler=ens)
@@ -405,6 +406,7 @@ class Record(TrainerCallback):
         self.trained: list[int] = []
         self.final: dict[int, dict[str, torch.Tensor]] = {}
         self.first_step: dict[int, int] = {}
+        self.history: dict[int, list[dict]] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trained.append(args.seed)
@@ -414,6 +416,8 @@ class Record(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.final[args.seed] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        keep = ("step", "epoch", "loss", "grad_norm", "learning_rate", "eval_loss", "eval_top1")
+        self.history[args.seed] = [{k: h[k] for k in keep if k in h} for h in state.log_history]
 
 
 def _run_kw(data, **kw):
@@ -487,14 +491,18 @@ def test_completed_and_saved_runs_are_not_retrained(tmp_path, data):
     assert rec.trained == [0]
 
 
-@pytest.mark.parametrize("kill_step, save_steps, logging", [(7, 5, {"logging_steps": 3}),
-                                                          (6, 4, {"logging_strategy": "epoch"})])
+@pytest.mark.parametrize("kill_step, save_steps, logging", [
+    (7, 5, {"logging_steps": 3}),
+    (6, 4, {"logging_strategy": "epoch"}),
+    (7, 5, {"logging_steps": 2, "student_ema_decay": 0.8, "student_lr_smoothing": 2.0, "warmup_steps": 2}),
+])
 def test_killed_student_resumes_bit_exactly(tmp_path, data, teachers, kill_step, save_steps, logging):
-    """On-the-fly soft labels, CutMix, gradient accumulation, an eval per epoch: a run killed after a
-    checkpoint and resumed ends with the weights, accuracy, loss and curve of an uninterrupted run.
-    60 images, batch 8, 2 accumulation steps: 4 optimizer steps per epoch, 12 in all; checkpoints
-    every 5 steps (mid-epoch: the Trainer skips the seen batches) or 4 (on an epoch's last step,
-    before that epoch's own eval / log)."""
+    """On-the-fly soft labels, CutMix, gradient accumulation, an eval per epoch (and the EDC student
+    EMA and smoothing schedule): a run killed after a checkpoint and resumed ends with the weights,
+    accuracy, loss, logged losses and curve of an uninterrupted run. 60 images, batch 8, 2
+    accumulation steps: 4 optimizer steps per epoch, 12 in all; checkpoints every 5 steps (mid-epoch:
+    the Trainer skips the seen batches) or 4 (on an epoch's last step, moved after that epoch's own
+    eval / log). The running loss travels in ``trainer_state.json`` (``ExportableState``)."""
     ens = TeacherEnsemble(teachers)
     expect_resume = save_steps
     common = dict(student="convnet", num_train_epochs=3, per_device_train_batch_size=8,
@@ -510,6 +518,10 @@ def test_killed_student_resumes_bit_exactly(tmp_path, data, teachers, kill_step,
         evaluate_students(**_run_kw(data, args=args, seeds=[0], soft_labeler=ens, callbacks=[rec, KillAt(kill_step)]))
     run_dir = tmp_path / "killed" / "out" / "convnet" / "seed0"
     assert (run_dir / f"checkpoint-{expect_resume}").is_dir() and not (run_dir / "run_result.json").exists()
+    saved = json.loads((run_dir / f"checkpoint-{expect_resume}" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["ExactResumeCallback"]["attributes"]["last_logged_step"] <= expect_resume
+    assert (run_dir / f"checkpoint-{expect_resume}" / "gvbsm_student_ema.safetensors").is_file() == (
+        "student_ema_decay" in logging)
     (run_dir / "checkpoint-11").mkdir()  # a checkpoint cut short by the kill (no trainer_state.json): skipped
 
     rec = Record()
@@ -523,4 +535,6 @@ def test_killed_student_resumes_bit_exactly(tmp_path, data, teachers, kill_step,
     assert got["eval_loss"] == want["eval_loss"]
     assert got["train_loss"] == want["train_loss"]
     assert got["eval_top1_history"] == want["eval_top1_history"] and len(got["eval_top1_history"]) == 3
+    assert rec.history[0] == ref.history[0]  # every logged loss, grad norm, learning rate and evaluation
+    assert sum("loss" in h for h in ref.history[0]) >= 3
     assert not (run_dir / "checkpoint-11").exists() and (run_dir / "run_result.json").exists()

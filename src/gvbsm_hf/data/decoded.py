@@ -29,7 +29,7 @@ class DecodedImages(torch.utils.data.Dataset):
     Indexing with an int, a slice, a list or a 1-D integer tensor decodes exactly those rows
     (the spec's evaluation view, :func:`_view_array`) and returns a real uint8 tensor, so the stages
     that index the real splits (teacher training, real initialisation, the random real subset, the
-    validation of :class:`gvbsm_hf.evaluate.trainer.RealImageDataset`) work on it unchanged while nothing
+    validation of :class:`gvbsm_hf.evaluate.datasets.RealImageDataset`) work on it unchanged while nothing
     decodes the whole split: memory is one request's images, not the split's. Index requests of
     more than ``batch_size`` rows are decoded in ``num_workers`` ``DataLoader`` worker processes
     (0: in this process). It is a map-style ``torch.utils.data.Dataset`` (item ``i``: image ``i``,

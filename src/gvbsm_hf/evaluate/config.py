@@ -13,9 +13,15 @@ from ..validation import RecipeError, check_choice, check_crop_scale, check_rang
 LossType = Literal["mse_gt", "kl", "ce"]
 CutMixLabel = Literal["original", "mixed"]
 
+
 @dataclass
 class GVBSMTrainingArguments(TrainingArguments):
-    """Student training on a distilled set (docs/method.md Eq. 11), extends ``transformers.TrainingArguments``."""
+    """Student training on a distilled set (docs/method.md Eq. 11), extends ``transformers.TrainingArguments``.
+
+    Every value the student uses is checked here, at parse time, with a message naming the field
+    and the fix. ``student_lr_smoothing = zeta`` sets ``lr_scheduler_type: cosine`` with
+    ``lr_scheduler_kwargs: {num_cycles: 0.5 / zeta}`` (EDC's smoothing schedule, docs/method.md
+    "Beyond G-VBSM")."""
 
     student: str = field(default="convnet128", metadata={"help": "Evaluator backbone name."})
     loss_type: LossType = field(default="mse_gt", metadata={"help": "'mse_gt' (Eq. 11), 'kl' (SRe2L) or 'ce'."})
@@ -53,6 +59,7 @@ class GVBSMTrainingArguments(TrainingArguments):
         check_crop_scale("student_crop_scale", self.student_crop_scale)
         check_range("student_ema_decay", self.student_ema_decay, 0, 1, high_open=True, allow_none=True)
         check_range("student_lr_smoothing", self.student_lr_smoothing, 1, allow_none=True)
+        self._check_training_values()
         if not self.eval_seeds:
             raise RecipeError("eval_seeds is empty: give at least one seed, e.g. `eval_seeds: [0, 1, 2]`.")
         if self.push_to_hub:
@@ -61,4 +68,19 @@ class GVBSMTrainingArguments(TrainingArguments):
                 "`push_dataset: true` with `dataset_repo_id: <org>/<name>` (and `teacher_repo_prefix: <org>/<name>` "
                 "for the teachers)."
             )
+        if self.student_lr_smoothing is not None:  # EDC smoothing = the cosine schedule with a longer period
+            self.lr_scheduler_type = "cosine"
+            self.lr_scheduler_kwargs = {"num_cycles": 0.5 / float(self.student_lr_smoothing)}
         super().__post_init__()
+
+    def _check_training_values(self) -> None:
+        """The ``TrainingArguments`` values the student uses, checked before the Trainer sees them."""
+        check_range("learning_rate", self.learning_rate, 0, low_open=True)
+        check_range("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+        check_range("per_device_eval_batch_size", self.per_device_eval_batch_size, 1)
+        check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        if self.max_steps is None or self.max_steps <= 0:
+            try:
+                check_range("num_train_epochs", self.num_train_epochs, 0, low_open=True)
+            except RecipeError as err:
+                raise RecipeError(f"{err} Or set `max_steps:` > 0 to train a fixed number of steps.") from None

@@ -5,25 +5,24 @@ resumes the unfinished one from its Trainer checkpoint when ``save_strategy`` is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from ..utils import write_json_atomic
 from ..stage import Stage, StageContext, method_folder
+from ..utils import write_json_atomic
+from . import runs
 
 PROTOCOL = "last epoch, mean ± std over seeds"
 
 
-def summarise(method: str, label_mode: str, student: str, ipc: int, runs: list[dict]) -> dict[str, Any]:
+def summarise(method: str, label_mode: str, student: str, ipc: int, per_seed: list[dict]) -> dict[str, Any]:
     """One results row from the per-seed runs of (method, labels, student)."""
-    import numpy as np
-
-    top1 = np.asarray([run["top1"] for run in runs], dtype=np.float64)
-    return {"method": method, "labels": label_mode, "evaluator": student, "ipc": ipc,
-            "mean": float(top1.mean()) if top1.size else float("nan"),
-            "std": float(top1.std(ddof=1)) if top1.size > 1 else 0.0, "n": int(top1.size),
-            "protocol": PROTOCOL, "seeds": [int(run["seed"]) for run in runs], "per_seed": [float(t) for t in top1]}
+    top1 = [float(run["top1"]) for run in per_seed]
+    stats = runs.summarise_top1(top1)
+    return {"method": method, "labels": label_mode, "evaluator": student, "ipc": ipc, **stats,
+            "protocol": PROTOCOL, "seeds": [int(run["seed"]) for run in per_seed], "per_seed": top1}
 
 
 class EvaluateStage(Stage):
@@ -41,9 +40,6 @@ class EvaluateStage(Stage):
         ctx.rows = json.loads(path.read_text()) if path.exists() and not ctx.cache.redo_requested(self.name) else []
 
     def run(self, ctx: StageContext) -> dict[str, Any]:
-        from ..pipeline import dataclasses_replace
-        from .trainer import evaluate_students
-
         self.load(ctx)
         r = ctx.recipe
         seeds = [int(s) for s in r.training.eval_seeds]
@@ -58,38 +54,38 @@ class EvaluateStage(Stage):
                 mode_seeds = [int(s) for s in r.pipeline.hard_label_seeds] if (
                     label_mode == "hard" and r.pipeline.hard_label_seeds) else seeds
                 for student in students:
-                    self._evaluate(ctx, method, syn, label_mode, student, mode_seeds, evaluate_students,
-                                   dataclasses_replace)
+                    self._evaluate(ctx, method, syn, label_mode, student, mode_seeds)
         return {"rows": len(ctx.rows)}
 
-    def _evaluate(self, ctx, method, syn, label_mode, student, seeds, evaluate_students, replace) -> None:
+    def _evaluate(self, ctx: StageContext, method: str, syn: Any, label_mode: str, student: str,
+                  seeds: list[int]) -> None:
         r = ctx.recipe
         key = (method, label_mode, student)
         existing = next((row for row in ctx.rows if (row["method"], row["labels"], row["evaluator"]) == key), None)
-        runs = [] if existing is None else [{"student": student, "seed": s, "top1": t}
+        done = [] if existing is None else [{"student": student, "seed": s, "top1": t}
                                              for s, t in zip(existing["seeds"], existing["per_seed"]) if s in seeds]
-        if {run["seed"] for run in runs} >= set(seeds):
+        if {run["seed"] for run in done} >= set(seeds):
             return
 
         def on_run_done(run: dict) -> None:
-            if run["student"] != student or any(x["seed"] == run["seed"] for x in runs):
+            if run["student"] != student or any(x["seed"] == run["seed"] for x in done):
                 return
-            runs.append({"student": student, "seed": int(run["seed"]), "top1": float(run["top1"])})
-            row = summarise(method, label_mode, student, r.synthesis.ipc, sorted(runs, key=lambda x: seeds.index(x["seed"])))
+            done.append({"student": student, "seed": int(run["seed"]), "top1": float(run["top1"])})
+            row = summarise(method, label_mode, student, r.synthesis.ipc, sorted(done, key=lambda x: seeds.index(x["seed"])))
             ctx.rows[:] = [x for x in ctx.rows if (x["method"], x["labels"], x["evaluator"]) != key] + [row]
             if ctx.accelerator.is_main_process:
                 write_json_atomic(self.path(ctx), ctx.rows)
 
-        targs = replace(
+        targs = dataclasses.replace(
             r.training, output_dir=str(ctx.output_dir / "evaluate" / method_folder(method) / label_mode),
             loss_type="ce" if label_mode == "hard" else r.training.loss_type,
         )
         on_the_fly = label_mode == "soft" and r.relabel.relabel_mode == "on_the_fly"
         use_stored = label_mode == "stored_views" or (label_mode == "soft" and r.relabel.relabel_mode == "stored")
-        evaluate_students(
+        runs.evaluate_students(
             syn.shipped_images(ctx.spec), syn.labels, ctx.real("validation"), ctx.spec, targs, students=[student],
             seeds=seeds, soft_labeler=ctx.ensemble if on_the_fly else None,
             stored=ctx.stored.get(method) if use_stored else None,
-            completed=list(runs), on_run_done=on_run_done,
+            completed=list(done), on_run_done=on_run_done,
             reuse_saved_runs=self.name not in r.pipeline.redo,  # a run is reused only if its settings and data match
         )
