@@ -26,7 +26,7 @@ from gvbsm_hf.record.engine import record_statistics
 from gvbsm_hf.record.statistics_file import (
     TeacherStatistics, load_statistics, save_statistics, statistics_from_dataset, statistics_to_dataset,
 )
-from gvbsm_hf.utils import model_fingerprint
+from gvbsm_hf.fingerprint import model_fingerprint
 
 STATS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
 SPEC = DatasetSpec(name="toy", num_classes=3, image_size=9, channels=1, mean=(0.4,), std=(0.3,))

@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import GVBSMError, OfflineError
 from gvbsm_hf.teacher import TeacherModel, load_teacher
-from gvbsm_hf.utils import model_fingerprint
+from gvbsm_hf.fingerprint import model_fingerprint
 
 SPEC = DatasetSpec(
     name="toy", num_classes=4, image_size=16, channels=3, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3),

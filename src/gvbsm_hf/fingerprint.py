@@ -1,19 +1,26 @@
-"""The one rule for "this field changes a result" and the one hasher.
+"""The one rule for "this field changes a result", and the package's hashers.
 
 :func:`config_to_dict` is THE serializer of configs (dataclass -> plain JSON dict minus a deny-list):
 the stage cache, the per-seed reuse of student runs, ``recipe.json`` and the export's
 ``gvbsm_config.json`` all go through it. :data:`NON_RESULT_FIELDS` is the deny-list of fields
 that never change what a stage computes; :func:`config_fingerprint` hashes JSON-able values with
-``datasets``' :class:`~datasets.fingerprint.Hasher`.
+``datasets``' :class:`~datasets.fingerprint.Hasher`. Tensors are digested by content
+(:func:`content_digest`, xxh64 of dtype, shape and bytes, read in place) and a model by its weights
+(:func:`model_fingerprint`, sha256: recorded in statistics provenance, so its value never changes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any, Iterable
 
+import numpy as np
+import torch
+import xxhash
 from datasets.fingerprint import Hasher
+from torch import nn
 from transformers import TrainingArguments
 
 SECRET_FIELDS = frozenset({"hub_token", "push_to_hub_token"})
@@ -52,3 +59,34 @@ def config_to_dict(obj: Any, deny: Iterable[str] = SECRET_FIELDS) -> dict[str, A
 def config_fingerprint(*values: Any) -> str:
     """``datasets.fingerprint.Hasher`` of JSON-able values."""
     return Hasher.hash(_plain(list(values)))
+
+
+def content_digest(*items: Any) -> str:
+    """xxh64 of tensors / arrays (dtype, shape and bytes, read in place) and plain values."""
+    h = xxhash.xxh64()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(np.ascontiguousarray(item))
+        if isinstance(item, torch.Tensor):
+            t = item.detach().cpu().contiguous()
+            h.update(f"tensor|{t.dtype}|{tuple(t.shape)}|".encode())
+            if t.numel():
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        else:
+            h.update(f"value|{item!r}|".encode())
+    return h.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, shapes, dtypes and bytes), first 16 hex digits.
+
+    Identifies the teacher a statistics file was recorded with (statistics provenance).
+    """
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

@@ -28,7 +28,8 @@ from . import __version__, hub_utils
 from .backbones import create_backbone
 from .data import DatasetSpec
 from .errors import GVBSMError
-from .utils import damaged_file_error, model_fingerprint
+from .fingerprint import model_fingerprint
+from .utils import damaged_file_error
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ class TeacherModel(
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the weights (``gvbsm_hf.utils.model_fingerprint``), for statistics provenance."""
+        """sha256 of the weights (``gvbsm_hf.fingerprint.model_fingerprint``), for statistics provenance."""
         return model_fingerprint(self)
 
     # ------------------------------------------------------------------------------ Hub mixin

@@ -14,24 +14,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
 from .errors import GVBSMError
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of a model's state dict (names, shapes, dtypes and bytes), first 16 hex digits.
-
-    Identifies the teacher a statistics file was recorded with (statistics provenance).
-    """
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 def seed_everything(seed: int) -> None:

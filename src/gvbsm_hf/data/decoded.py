@@ -3,8 +3,6 @@ the rows asked for, in DataLoader worker processes, so no stage holds a whole la
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import GVBSMError
+from ..fingerprint import config_fingerprint
 from .sampling import split_labels
 from .spec import DatasetSpec
 
@@ -79,7 +78,7 @@ class DecodedImages(torch.utils.data.Dataset):
     def fingerprint(self) -> str:
         s = self.spec
         key = [self._split_fingerprint, self._n, s.image_size, s.channels, s.eval_view, s.eval_crop_ratio]
-        return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+        return config_fingerprint(key)
 
     def __repr__(self) -> str:
         return (f"DecodedImages({self._n} x {tuple(self.shape[1:])} uint8, decoded on access, "

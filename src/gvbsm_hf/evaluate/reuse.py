@@ -16,13 +16,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
-import xxhash
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..ensemble import TeacherEnsemble
-from ..fingerprint import NON_RESULT_FIELDS, config_fingerprint, config_to_dict
+from ..fingerprint import NON_RESULT_FIELDS, config_fingerprint, config_to_dict, content_digest
 from ..relabel.store import StoredSoftLabels
 from .callbacks import EMA_STATE_FILE
 from .config import GVBSMTrainingArguments
@@ -32,7 +30,6 @@ __all__ = [
     "RUN_SELECTION_FIELDS",
     "RUN_SETTINGS_FILE",
     "checkpoints",
-    "content_digest",
     "data_fingerprints",
     "last_complete_checkpoint",
     "run_settings",
@@ -135,22 +132,6 @@ def last_complete_checkpoint(run_dir: str, *, with_ema: bool = False) -> str | N
             continue
         return path
     return None
-
-
-def content_digest(*items: Any) -> str:
-    """xxh64 of tensors / arrays (dtype, shape and bytes, read in place) and plain values."""
-    h = xxhash.xxh64()
-    for item in items:
-        if isinstance(item, np.ndarray):
-            item = torch.from_numpy(np.ascontiguousarray(item))
-        if isinstance(item, torch.Tensor):
-            t = item.detach().cpu().contiguous()
-            h.update(f"tensor|{t.dtype}|{tuple(t.shape)}|".encode())
-            if t.numel():
-                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        else:
-            h.update(f"value|{item!r}|".encode())
-    return h.hexdigest()
 
 
 def _validation_digest(images: Any, labels: Any) -> str:

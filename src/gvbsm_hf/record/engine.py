@@ -33,7 +33,8 @@ from ..data import DatasetSpec
 from ..errors import DataValidationError
 from ..hooks import StatisticsHooks
 from ..moments import CONV_STATISTICS
-from ..utils import model_fingerprint, seeded_generator
+from ..fingerprint import model_fingerprint
+from ..utils import seeded_generator
 from .config import StatisticsArguments
 from .statistics_file import TeacherStatistics, augment_kind
 
@@ -201,7 +202,7 @@ def record_statistics(
 
     Args:
         teacher: the backbone (``TeacherModel`` or any ``nn.Module``); eval mode during the pass,
-            its previous mode restored after; fingerprint ``gvbsm_hf.utils.model_fingerprint``.
+            its previous mode restored after; fingerprint ``gvbsm_hf.fingerprint.model_fingerprint``.
         batches: this process's shard of ``(uint8 images (N, C, H, W), labels)`` batches: local
             batch ``k`` is global batch ``k * num_processes + process_index`` (as
             ``gvbsm_hf.data.image_batches`` shards).
