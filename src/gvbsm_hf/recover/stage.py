@@ -4,16 +4,12 @@ synthesises or selects its set into ``recover/<method>/`` (docs/method.md "Recov
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 
 from ..data import class_balanced_indices, to_uint8_tensors
-from ..ensemble import TeacherEnsemble
 from ..errors import GVBSMError
 from ..fingerprint import config_fingerprint
 from ..methods import get_method, method_config
@@ -22,6 +18,7 @@ from ..synthetic_set import SyntheticSet
 from ..utils import write_json_atomic
 from ..visualize import save_class_grid
 from .engine import recover
+from .health import synthesis_health
 
 
 def random_real_rows(split, ipc: int, seed: int, spec):
@@ -32,20 +29,6 @@ def random_real_rows(split, ipc: int, seed: int, spec):
 
 
 METHOD_FINGERPRINT_FILE = "gvbsm_recover.json"
-
-
-def synthesis_health(syn, teachers, spec, device) -> dict[str, Any]:
-    """The teacher ensemble on the shipped images (no augmentation): top-1 and cross-entropy, against
-    chance (``ln K``). A set the teachers classify worse than chance has diverged (e.g. a huge syn_lr)."""
-    ensemble = TeacherEnsemble(list(teachers)).to(device).eval()
-    with torch.no_grad():
-        logits = torch.cat([ensemble(b.to(device)).float().cpu() for b in syn.shipped_images(spec).split(256)])
-    ce = float(F.cross_entropy(logits, syn.labels.long()))
-    top1 = float((logits.argmax(1) == syn.labels).float().mean() * 100)
-    chance = math.log(spec.num_classes)
-    healthy = math.isfinite(ce) and ce < chance and top1 > 100.0 / spec.num_classes
-    return {"ensemble_top1": round(top1, 2), "ensemble_ce": round(ce, 4), "chance_ce": round(chance, 4),
-            "num_classes": spec.num_classes, "healthy": healthy}
 
 
 class RecoverStage(Stage):
