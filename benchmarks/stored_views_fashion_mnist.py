@@ -24,6 +24,7 @@ Label and image sizes are the parquet files of an export of each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -63,7 +64,7 @@ def main() -> None:
 def stored_views(args: argparse.Namespace) -> None:
     from gvbsm_hf.export.engine import export_distilled_dataset
     from gvbsm_hf.export.layout import export_sizes
-    from gvbsm_hf.pipeline import dataclasses_replace, parse_recipe, run_pipeline
+    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
     from gvbsm_hf.relabel.engine import relabel_stored
     from gvbsm_hf.relabel.store import StoredSoftLabels
     from gvbsm_hf.relabel.views import ViewSampling
@@ -99,7 +100,7 @@ def stored_views(args: argparse.Namespace) -> None:
     STAGE_REGISTRY["relabel"]._ensemble(ctx)
     compact = relabel_stored(
         images, ctx.ensemble,
-        dataclasses_replace(recipe.relabel, relabel_num_views=args.compact_views, relabel_topk=args.compact_topk),
+        dataclasses.replace(recipe.relabel, relabel_num_views=args.compact_views, relabel_topk=args.compact_topk),
         ViewSampling(spec.image_size, crop_scale=tuple(recipe.training.student_crop_scale),
                      cutmix_prob=float(recipe.training.cutmix_prob)))
     from gvbsm_hf.data import load_image_dataset, to_uint8_tensors
@@ -107,7 +108,7 @@ def stored_views(args: argparse.Namespace) -> None:
     d = recipe.data
     validation = to_uint8_tensors(load_image_dataset(d.dataset_name, max_eval_samples=d.max_eval_samples,
                                                      seed=recipe.training.seed)["validation"], spec)
-    targs = dataclasses_replace(recipe.training, output_dir=str(work / "compact_eval"))
+    targs = dataclasses.replace(recipe.training, output_dir=str(work / "compact_eval"))
     res = evaluate_students(images, syn.labels, validation, spec, targs, seeds=args.seeds, stored=compact)
     per_seed = [r["top1"] for r in res["per_run"]]
 

@@ -32,7 +32,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from gvbsm_hf.methods import list_methods, method_config
+from gvbsm_hf.methods import method_config
 from gvbsm_hf.errors import GVBSMError
 from gvbsm_hf.pipeline import STAGES, Recipe, parse_recipe, run_pipeline
 

@@ -57,8 +57,8 @@ def tiny_teacher(seed: int, width: int = 8) -> nn.Module:
 def run_relabel(images, ensemble, *, num_views, out_size, seed=0, topk=None, clean_view=False, cutmix_prob=0.0, **kw):
     """relabel_stored with its config objects built from the loose options of these tests."""
     args = RelabelArguments(relabel_num_views=num_views, relabel_seed=seed, relabel_topk=topk)
-    return relabel_stored(images, ensemble, args, ViewSampling(out_size, clean_view=clean_view, cutmix_prob=cutmix_prob),
-                          **kw)
+    sampling = ViewSampling(out_size, clean_view=clean_view, cutmix_prob=cutmix_prob)
+    return relabel_stored(images, ensemble, args, sampling, **kw)
 
 
 @pytest.fixture(scope="module")

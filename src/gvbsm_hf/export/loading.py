@@ -33,7 +33,13 @@ def load_distilled_dataset(
             f"{folder_or_repo} has no {config!r} config ({CONFIG_FILES[config]} is missing): it was exported "
             "without it; re-export with the corresponding argument (statistics= / stored_views=)."
         )
-    return datasets.load_dataset(str(folder_or_repo), config, split=split, **kwargs)
+    try:
+        return datasets.load_dataset(str(folder_or_repo), config, split=split, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:
+        where = Path(folder_or_repo) / CONFIG_FILES[config] if _is_local(folder_or_repo) else (
+            f"{CONFIG_FILES[config]} of {folder_or_repo}")
+        raise GVBSMError(f"{where} is damaged or incomplete ({err.__cause__ or err}): copy or download the export "
+                         "again, or export it again (`--redo export` in the run that made it).") from None
 
 
 def _read_json(folder_or_repo: str | Path, filename: str) -> dict[str, Any]:

@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from .views import ViewSampling, replay_views, sample_views
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
 
-__all__ = ["build_ensemble", "stored_view_count", "relabel_stored"]
+__all__ = ["build_ensemble", "relabel_stored", "stored_view_count"]
 
 
 def build_ensemble(
@@ -55,7 +56,7 @@ def relabel_stored(
     args: RelabelArguments,
     sampling: ViewSampling,
     *,
-    accelerator: "Accelerator | None" = None,
+    accelerator: Accelerator | None = None,
     batch_size: int = 256,
     show_progress: bool = True,
 ) -> StoredSoftLabels:

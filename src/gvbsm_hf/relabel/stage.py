@@ -46,7 +46,8 @@ class RelabelStage(Stage):
     def _labels(self, ctx: StageContext, compute: bool) -> None:
         self._ensemble(ctx)
         r = ctx.recipe
-        args = dataclasses.replace(r.relabel, relabel_num_views=stored_view_count(r.relabel, r.training.num_train_epochs))
+        num_views = stored_view_count(r.relabel, r.training.num_train_epochs)
+        args = dataclasses.replace(r.relabel, relabel_num_views=num_views)
         sampling = ViewSampling(out_size=ctx.spec.image_size, crop_scale=tuple(r.training.student_crop_scale),
                                 cutmix_prob=float(r.training.cutmix_prob))
         redo = compute and ctx.cache.redo_requested(self.name)
@@ -54,7 +55,8 @@ class RelabelStage(Stage):
             folder = self.folder(ctx, method)
             # the file is written atomically: present means complete; an earlier version's parquet
             # files are recomputed when the stage runs and named with `--redo relabel` when it is only loaded
-            if not redo and ((folder / STORED_LABELS_FILE).exists() or not compute and (folder / LEGACY_FILES[0]).exists()):
+            legacy = not compute and (folder / LEGACY_FILES[0]).exists()
+            if not redo and ((folder / STORED_LABELS_FILE).exists() or legacy):
                 ctx.stored[method] = StoredSoftLabels.load(folder)
                 continue
             if not compute:

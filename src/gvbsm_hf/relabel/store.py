@@ -7,17 +7,19 @@ the MSE of Eq. 11 and a softmax work).
 
 A run folder keeps them in ONE safetensors file, ``soft_labels.safetensors`` (one tensor per
 column of :mod:`gvbsm_hf.relabel.tables`, the metadata as JSON in the header), written
-atomically and read lazily: :meth:`StoredSoftLabels.load` maps the file, so only the pages of
-the views a batch replays are read (an ImageNet-scale file is never loaded whole). The export
-writes the same columns as the parquet ``views`` config of a HF dataset (:meth:`to_dataset`).
+atomically and read lazily: :meth:`StoredSoftLabels.load` maps the file, whose pages are read on
+demand as views are replayed and stay file-backed page cache the OS can drop (an ImageNet-scale
+file is never copied into the process). The export writes the same columns as the parquet
+``views`` config of a HF dataset (:meth:`to_dataset`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import datasets
 import numpy as np
@@ -30,7 +32,7 @@ from ..utils import damaged_file_error, load_safetensors, save_safetensors
 from . import tables
 from .views import replay_views
 
-__all__ = ["StoredSoftLabels", "STORED_LABELS_FILE"]
+__all__ = ["STORED_LABELS_FILE", "StoredSoftLabels"]
 
 STORED_LABELS_FILE = "soft_labels.safetensors"
 """The file of a run folder's stored soft labels (tensors + metadata; its presence means complete)."""
@@ -266,7 +268,7 @@ class StoredSoftLabels:
         return tables.to_dataset(self.to_arrays(), self.metadata())
 
     @classmethod
-    def from_rows(cls, rows: Any, metadata: Mapping[str, Any] | None = None, **overrides: Any) -> "StoredSoftLabels":
+    def from_rows(cls, rows: Any, metadata: Mapping[str, Any] | None = None, **overrides: Any) -> StoredSoftLabels:
         """Inverse of :meth:`to_rows` / :meth:`to_arrays` / :meth:`to_dataset`.
 
         ``rows``: a ``datasets.Dataset`` (or ``pyarrow.Table``), a dict of columns (numpy arrays,
@@ -280,7 +282,7 @@ class StoredSoftLabels:
         return cls._from_columns(tables.read_columns(rows, meta), meta)
 
     @classmethod
-    def _from_columns(cls, cols: Mapping[str, Any], meta: Mapping[str, Any]) -> "StoredSoftLabels":
+    def _from_columns(cls, cols: Mapping[str, Any], meta: Mapping[str, Any]) -> StoredSoftLabels:
         """From columns (numpy arrays or tensors, :data:`~gvbsm_hf.relabel.tables.COLUMNS` names)."""
         if cols.get("views_boxes") is None or cols.get("views_flip") is None:
             raise DataValidationError(
@@ -344,7 +346,7 @@ class StoredSoftLabels:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "StoredSoftLabels":
+    def load(cls, folder: str | Path) -> StoredSoftLabels:
         """Read what :meth:`save` wrote, lazily: the tensors map the file (copy-on-write), so
         memory holds only the pages that are read; the values are bit for bit those saved.
 
@@ -357,8 +359,8 @@ class StoredSoftLabels:
             if (folder / LEGACY_FILES[0]).exists():
                 raise GVBSMError(
                     f"{folder} holds stored soft labels in the parquet format of an earlier gvbsm-hf "
-                    f"({LEGACY_FILES[0]}), which is no longer read: recompute them with `--redo relabel` "
-                    f"(it writes {STORED_LABELS_FILE}; the synthetic images are kept)."
+                    f"({LEGACY_FILES[0]}), which is no longer read: recompute them with `--redo relabel` and "
+                    f"`relabel` among the stages (it writes {STORED_LABELS_FILE}; the synthetic images are kept)."
                 )
             raise GVBSMError(
                 f"No stored soft labels in {folder} (need {STORED_LABELS_FILE}): run the relabel stage with "

@@ -12,8 +12,8 @@ MIXED crop, so a student replaying the views sees what the teachers saw (docs/me
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from ..augment import CropFlipParams, apply_crop_flip, cutmix_boxes, paste_boxes
 from ..errors import GVBSMError
 from ..utils import derive_seed
 
-__all__ = ["ViewSampling", "sample_image_views", "sample_view_cutmix", "sample_views", "replay_views"]
+__all__ = ["ViewSampling", "replay_views", "sample_image_views", "sample_view_cutmix", "sample_views"]
 
 
 @dataclass(frozen=True)
