@@ -219,6 +219,27 @@ def test_empty_class_folder_of_one_split_only_is_not_an_error(tmp_path):
     assert dsd["train"].features["label"].num_classes == 3
 
 
+@pytest.mark.parametrize("layout", ["splits", "flat"])
+def test_a_single_class_image_folder_is_named_as_such(tmp_path, layout):
+    """One class folder: datasets adds no label column; the error says one class, not "label column missing"."""
+    root = tmp_path / "data"
+    if layout == "splits":
+        _write_folder(root / "train", {"cat": 3})
+        _write_folder(root / "validation", {"cat": 1})
+    else:
+        _write_folder(root, {"cat": 3})
+    t0 = time.perf_counter()
+    with pytest.raises(DataValidationError) as e:
+        load_image_dataset(str(root))
+    msg = str(e.value)
+    assert "has one class ('cat'" in msg and "at least two classes" in msg and "missing" not in msg, msg
+    assert time.perf_counter() - t0 < 10
+    # a dataset whose ClassLabel has one class (e.g. string labels with one value)
+    dsd = _dsd(_rgb(2), [0, 0], _rgb(1), [0], names=("cat",))
+    with pytest.raises(DataValidationError, match=r"1 class \(\['cat'\]\): distillation needs at least two"):
+        validate_image_dataset(dsd)
+
+
 def test_label_only_in_validation_names_split_row_label_and_fix():
     dsd = _dsd(_rgb(4), [0, 1, 0, 1], _rgb(3, seed=1), [0, 2, 1], names=("cat", "dog", "emu"))
     with pytest.raises(DataValidationError) as e:
@@ -271,9 +292,9 @@ def test_teacher_typo_fails_at_parse_time_with_the_zoo_name_first(tmp_path, monk
 
 @pytest.mark.parametrize("bad", ["convnte32_d2", "convnet12", "resnet18cifar", "resnt18", "mobilenetv2_05"])
 def test_unknown_backbone_lists_zoo_then_torchvision_then_timm(bad):
-    from gvbsm_hf.backbones.registry import _unknown_message, list_backbones
+    from gvbsm_hf.backbones.registry import list_backbones, unknown_backbone_message
 
-    suggestions = re.search(r"Did you mean: ([^?]+)\?", _unknown_message(bad)).group(1).split(", ")
+    suggestions = re.search(r"Did you mean: ([^?]+)\?", unknown_backbone_message(bad)).group(1).split(", ")
     zoo = set(list_backbones())
     rank = [0 if s in zoo else 1 if s.startswith("tv:") else 2 for s in suggestions]
     assert rank == sorted(rank) and rank[0] == 0

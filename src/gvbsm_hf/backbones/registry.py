@@ -15,7 +15,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
+import timm
 import torch
+import torchvision
+from timm.models import get_pretrained_cfg
 from torch import nn
 
 from .. import hub_utils
@@ -75,12 +78,8 @@ def is_backbone_name(name: str) -> bool:
     if name in _REGISTRY or name.startswith(HF_HUB_PREFIX):
         return True
     if name.startswith(TV_PREFIX):
-        import torchvision
-
         return name[len(TV_PREFIX):] in torchvision.models.list_models()
-    import timm
-
-    return timm.is_model(name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name)
+    return timm.is_model(name.removeprefix(TIMM_PREFIX))
 
 
 def create_backbone(
@@ -115,9 +114,7 @@ def create_backbone(
         if not hub_utils.hub_file_cached(repo, ("config.json",)):
             _require_network(f"timm Hub model {name!r}")
         return _create_timm(name, num_classes, in_chans, pretrained, **kwargs)
-    import timm
-
-    timm_name = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    timm_name = name.removeprefix(TIMM_PREFIX)
     if timm.is_model(timm_name):
         return _create_timm(timm_name, num_classes, in_chans, pretrained, **kwargs)
     raise UnknownBackboneError(unknown_backbone_message(name))
@@ -127,8 +124,6 @@ def create_backbone(
 
 
 def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import timm
-
     if pretrained and not name.startswith(HF_HUB_PREFIX) and not _timm_weights_cached(name):
         _require_network(f"pretrained timm weights for {name!r}")
     try:
@@ -140,8 +135,6 @@ def _create_timm(name: str, num_classes: int, in_chans: int, pretrained: bool, *
 
 
 def _timm_weights_cached(name: str) -> bool:
-    from timm.models import get_pretrained_cfg
-
     try:
         cfg = get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - unknown tag: let timm raise its own error later
@@ -159,8 +152,6 @@ def _timm_weights_cached(name: str) -> bool:
 
 
 def _create_torchvision(name: str, num_classes: int, in_chans: int, pretrained: bool, **kwargs: Any) -> nn.Module:
-    import torchvision
-
     if name not in torchvision.models.list_models():
         raise UnknownBackboneError(unknown_backbone_message(TV_PREFIX + name))
     if pretrained:
@@ -244,9 +235,6 @@ def _require_network(what: str, *, url: str | None = None) -> None:
 
 
 def unknown_backbone_message(name: str) -> str:
-    import timm
-    import torchvision
-
     zoo = list_backbones()
     tv = [TV_PREFIX + n for n in torchvision.models.list_models()]
 

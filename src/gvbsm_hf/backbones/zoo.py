@@ -1,7 +1,13 @@
 """Small-image backbones (8-64 px, 1 or 3 channels) used as G-VBSM teachers and evaluators on
 small datasets (docs/method.md "Synthesis backbones": ConvNet-128, WRN-16-2, ResNet-18, ShuffleNetV2-0.5,
-MobileNetV2-0.5). All use BatchNorm (except ConvNet with another ``norm``), so that their running
-statistics can be matched (Eq. 1, 6). Written with ``torch.nn`` only.
+MobileNetV2-0.5). The teachers use BatchNorm, so that their running statistics can be matched
+(Eq. 1, 6). Written with ``torch.nn`` only, except the ViT (timm's ``VisionTransformer``).
+
+Cross-architecture evaluators (issue 35, ``benchmarks/cross_arch_fashion_mnist.py``): ``convnet128_in``
+(the dataset-distillation literature's ConvNet: instance norm), ``convnet128_nn`` (no normalisation),
+``resnet18_cifar``, ``mobilenetv2_100``, ``shufflenetv2_100`` (full width, CIFAR stems) and
+``vit_tiny_p4`` (a 6-block ViT, patch 4). Each takes ``num_classes``, ``in_chans`` and ``image_size``
+and works at 16, 28 and 32 px; only the BatchNorm ones can be G-VBSM teachers with BN matching.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import GVBSMError
@@ -83,6 +90,19 @@ def convnet128(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwar
     DC/DM-style literature uses instance norm in this network; pass ``norm="instancenorm"`` for it.
     BatchNorm is the default here because G-VBSM matches BatchNorm statistics (Eq. 1, 6).
     """
+    return ConvNet(num_classes, in_chans, image_size, **kwargs)
+
+
+@register_backbone("convnet128_in", width=128, depth=3, norm="instancenorm")
+def convnet128_in(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> ConvNet:
+    """ConvNet-128 with affine instance norm (``GroupNorm(128, 128)``): the evaluator of the dataset-
+    distillation literature (DC/DM/MTT's ``ConvNet``: 3 x [conv3x3 128 - instancenorm - ReLU - avgpool2])."""
+    return ConvNet(num_classes, in_chans, image_size, **kwargs)
+
+
+@register_backbone("convnet128_nn", width=128, depth=3, norm="none")
+def convnet128_nn(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> ConvNet:
+    """ConvNet-128 without normalisation (DC/DM's ``ConvNet`` with ``net_norm='none'``)."""
     return ConvNet(num_classes, in_chans, image_size, **kwargs)
 
 
@@ -287,6 +307,12 @@ def mobilenetv2_050(num_classes: int, in_chans: int = 3, image_size: int = 32, *
     return MobileNetV2(num_classes, in_chans, **kwargs)
 
 
+@register_backbone("mobilenetv2_100", width_mult=1.0, stem_stride=1)
+def mobilenetv2_100(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> MobileNetV2:
+    """MobileNetV2, full width, CIFAR strides (first conv stride 1): a cross-architecture evaluator."""
+    return MobileNetV2(num_classes, in_chans, **kwargs)
+
+
 # --------------------------------------------------------------------------------- ShuffleNetV2
 
 
@@ -362,3 +388,24 @@ class ShuffleNetV2(nn.Module):
 def shufflenetv2_050(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> ShuffleNetV2:
     """ShuffleNetV2 0.5x (channels 24-48-96-192-1024), CIFAR stem."""
     return ShuffleNetV2(num_classes, in_chans, **kwargs)
+
+
+@register_backbone("shufflenetv2_100", stage_channels=(24, 116, 232, 464, 1024))
+def shufflenetv2_100(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> ShuffleNetV2:
+    """ShuffleNetV2 1.0x (channels 24-116-232-464-1024), CIFAR stem: a cross-architecture evaluator."""
+    return ShuffleNetV2(num_classes, in_chans, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- ViT
+
+
+@register_backbone("vit_tiny_p4", patch_size=4, embed_dim=192, depth=6, num_heads=3)
+def vit_tiny_p4(num_classes: int, in_chans: int = 3, image_size: int = 32, **kwargs) -> VisionTransformer:
+    """A small ViT for 16-32 px images (timm ``VisionTransformer``: patch 4, width 192, 6 blocks, 3 heads,
+    class token, learned position embeddings; 49 tokens + 1 at 28 px). No BatchNorm: an evaluator, not a
+    BN-matching teacher. ``image_size`` must be a multiple of ``patch_size``."""
+    patch = int(kwargs["patch_size"])
+    if image_size % patch:
+        raise GVBSMError(f"vit_tiny_p4 needs image_size divisible by patch_size={patch}, got {image_size}; "
+                         f"resize the images (image_size: {max(patch, image_size // patch * patch)}) or pass patch_size.")
+    return VisionTransformer(img_size=image_size, in_chans=in_chans, num_classes=num_classes, **kwargs)

@@ -1,0 +1,504 @@
+"""Cross-architecture benchmark (issue 35 "Distilled sets that transfer"): does a distilled set beat a random
+real subset of the same size on EVERY evaluator, not only on the network it was distilled with? Fashion-MNIST
+IPC 10, one fixed teacher set, 3 student seeds, last epoch.
+
+Columns: the evaluators (``EVALUATORS``, zoo backbones of ``gvbsm_hf.backbones``): ``convnet128_in``
+(the dataset-distillation literature's ConvNet-128 with instance norm), ``convnet128_nn`` (no
+normalisation), ``resnet18_cifar``, ``mobilenetv2_100``, ``shufflenetv2_100`` (full width, CIFAR stems) and
+``vit_tiny_p4`` (timm ViT, patch 4). Every evaluator trains under the same student protocol (the recipe's:
+soft labels of the teacher ensemble on every augmented batch, ``eval_students`` in one pipeline run per
+row, so the views and labels of a seed are the same for every evaluator; with ``relabel_mode: stored``
+the same stored views and labels).
+
+Rows (``RECIPES``; every one through the library's pipeline, ``recipes/fashion_mnist/gvbsm_ipc10.yaml`` with
+the overrides below, one output folder per row under ``--work-dir``; a method's own options go to the
+pipeline as ``--method_args '{"<method>": {...}}'``):
+
+* ``sre2l``: SRe2L (cross-entropy + BN matching, one teacher);
+* ``gvbsm_authors``: G-VBSM, the authors' synthesis protocol (``syn_protocol: authors``, round robin);
+* ``gvbsm_hf_v0``: G-VBSM, gvbsm-hf 0.1's synthesis protocol (``syn_protocol: gvbsm_hf_v0``, uniform);
+* ``rded``: RDED selection (the ensemble's most typical real crops, 0.5-1 of the image, one per image);
+* ``edc_style``: G-VBSM from RDED crops (``syn_init: rded``) with soft category-aware matching
+  (``stats_per_class: true``, ``syn_class_weight: 0.5``);
+* ``feature_regression``: feature regression from random real images (the margin benchmark's row);
+
+and the baseline ``random_real`` (a random real subset, same teachers, labels, students and seeds).
+Each row reports its ``mean_over_evaluators``, ``min_margin_vs_random`` (its worst evaluator against the
+random subset on that evaluator), ``hard_label_in`` (the set with its hard labels on ``convnet128_in``,
+``--hard-label-seeds``: how much of the result is the images and how much the soft labels) and
+``within_class_diversity`` (:func:`within_class_diversity` in the teachers' penultimate feature space:
+1 is as spread as real images of the class, 0 is one image repeated). ``best``: the row with the highest
+``mean_over_evaluators``.
+
+Teachers: the four-teacher set of ``benchmarks/margin_fashion_mnist.py`` (trained by
+``benchmarks/squeeze_fashion_mnist.py``, see ``benchmarks/fidelity_fashion_mnist.py``)::
+
+    python benchmarks/cross_arch_fashion_mnist.py --teachers runs/fm_teachers/convnet128 runs/fm_teachers/convnet32 \\
+        runs/fm_teachers/convnet32_d2 runs/fm_teachers/shufflenetv2_050
+    python benchmarks/cross_arch_fashion_mnist.py --teachers ... --recipes rded edc_style   # another process
+    python benchmarks/cross_arch_fashion_mnist.py --teachers ... --collect
+    python benchmarks/cross_arch_fashion_mnist.py --teachers ... --recipes <new row> \\
+        --resume-from benchmarks/results/cross_arch_fashion_mnist.json   # a fresh clone: keep the committed rows
+
+Each finished row is saved to ``--work-dir/rows/`` at once (a killed benchmark resumes where it stopped;
+``--collect`` merges whatever has run). Writes ``--output``
+(``benchmarks/results/cross_arch_fashion_mnist.json``, schema: :func:`validate_result`) and a markdown table
+beside it. The full table is many CPU hours (6 rows + the random subset, 6 evaluators x 3 seeds x 300
+epochs each): run it on a GPU.
+
+    python benchmarks/cross_arch_fashion_mnist.py --smoke   # well under a minute (tests/test_cross_arch.py)
+
+``--smoke``: one teacher folder (ConvNet-32, one epoch on 200 scikit-learn digits, 16 px, trained by the
+pipeline's squeeze stage), IPC 2, the rows ``gvbsm_authors`` and ``rded`` and the random subset at 2
+synthesis iterations, the evaluators ``convnet128_in`` and ``vit_tiny_p4``, one student epoch and seed
+(``SMOKE``); everything in a temporary folder that is deleted, the JSON validated in memory and written
+only to ``--output`` when given (never under ``benchmarks/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from statistics import mean, stdev
+from typing import Any
+
+import torch
+from torch import nn
+
+# gvbsm_hf is imported inside the functions that need it (as in the other benchmarks): --help and the unit
+# tests of the diversity measure (tests/test_cross_arch.py) load this file without the pipeline.
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "fashion_mnist" / "gvbsm_ipc10.yaml"
+RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_OUTPUT = RESULTS / "cross_arch_fashion_mnist.json"
+
+EVALUATORS = ["convnet128_in", "convnet128_nn", "resnet18_cifar", "mobilenetv2_100", "shufflenetv2_100", "vit_tiny_p4"]
+HARD_EVALUATOR = "convnet128_in"
+RANDOM = "random_real"
+
+# the authors' student protocol for every row and evaluator (as benchmarks/margin_fashion_mnist.py's AUTHORS)
+STUDENT = ["--cutmix_prob", "1.0", "--cutmix_ce_label", "original"]
+RDED_CROPS = {"syn_rded_factor": 1, "syn_rded_crop_scale": [0.5, 1.0]}  # margin_fashion_mnist.py's RDED_CROPS
+
+# name: (syn_method, recipe flags, that method's own options -> --method_args '{"<method>": {...}}')
+RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
+    "sre2l": ("sre2l", ["--syn_protocol", "authors"], {}),
+    "gvbsm_authors": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin"}),
+    "gvbsm_hf_v0": ("gvbsm", ["--syn_protocol", "gvbsm_hf_v0"], {"syn_backbone_choice": "uniform"}),
+    "rded": ("rded", ["--syn_protocol", "authors"], dict(RDED_CROPS)),
+    "edc_style": ("gvbsm", ["--syn_protocol", "authors", "--stats_per_class", "true"],
+                  {"syn_init": "rded", **RDED_CROPS, "syn_class_weight": 0.5}),
+    "feature_regression": ("feature_regression",
+                           ["--syn_protocol", "authors", "--syn_augment", "per_image_rrc", "--stats_augment", "authors",
+                            "--syn_crop_scale", "0.5", "1.0", "--syn_lr", "0.01"],
+                           {"syn_init": "real"}),
+    RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
+}
+
+# --smoke (module docstring); explicit flags still win
+SMOKE = {"ipc": 2, "recipes": ["gvbsm_authors", "rded"], "evaluators": ["convnet128_in", "vit_tiny_p4"],
+         "syn_iterations": 2, "epochs": 1, "seeds": [0], "hard_label_seeds": [0], "stats_max_samples": 64,
+         "real_per_class": 20,
+         "extra": [("--dataset_name digits --max_train_samples 200 --max_eval_samples 100 --student convnet32 "
+                    "--per_device_train_batch_size 20 --accept_unhealthy_synthesis true")]}
+
+STATS_KEYS = {"mean": float, "std": float, "per_seed": list}
+ROW_KEYS = {"recipe": str, "per_evaluator": dict, "mean_over_evaluators": float, "min_margin_vs_random": float,
+            "hard_label_in": float, "within_class_diversity": float}
+TOP_KEYS = {"command": str, "teachers": list, "ipc": int, "labels": str, "evaluators": list, "random_real": dict,
+            "rows": list, "best": dict}
+BEST_KEYS = {"recipe": str, "mean_over_evaluators": float, "min_margin_vs_random": float}
+
+
+# ------------------------------------------------------------------------------------- diversity
+
+
+def mean_pairwise_distance(x: torch.Tensor) -> float:
+    """Mean Euclidean distance over the pairs ``i < j`` of the rows of ``x`` ``(N, D)`` (float64); needs N >= 2."""
+    if x.shape[0] < 2:
+        raise ValueError(f"mean_pairwise_distance needs at least 2 rows, got {x.shape[0]}.")
+    return float(torch.pdist(x.double().flatten(1)).mean())
+
+
+def within_class_diversity(features: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
+                           real_labels: torch.Tensor) -> float:
+    """Mean over classes of (mean pairwise distance of the class's ``features``) / (the same for its
+    ``real_features``), float64. Classes with fewer than 2 images on either side are left out (an error if
+    that leaves none). A random real subset scores about 1; one image repeated per class scores 0."""
+    ratios = []
+    for c in sorted(set(labels.tolist()) & set(real_labels.tolist())):
+        syn, real = features[labels == c], real_features[real_labels == c]
+        if syn.shape[0] < 2 or real.shape[0] < 2:
+            continue
+        ref = mean_pairwise_distance(real)
+        if ref <= 0.0:
+            raise ValueError(f"class {c}: the real images have zero spread in feature space; cannot normalise.")
+        ratios.append(mean_pairwise_distance(syn) / ref)
+    if not ratios:
+        raise ValueError("within_class_diversity: no class has 2 or more images on both sides (ipc >= 2 needed).")
+    return float(sum(ratios) / len(ratios))
+
+
+@torch.no_grad()
+def penultimate_features(teachers: Sequence[nn.Module], images: torch.Tensor, batch: int = 256) -> list[torch.Tensor]:
+    """Per teacher, the flattened input ``(N, D_t)`` (float64) of its last ``nn.Linear`` (the head) for
+    normalised ``images``."""
+    out = []
+    for teacher in teachers:
+        head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
+        seen: list[torch.Tensor] = []
+        handle = head.register_forward_pre_hook(
+            lambda _m, inp, seen=seen: seen.append(inp[0].flatten(1).double().cpu()))
+        try:
+            for chunk in images.split(batch):
+                teacher(chunk)
+        finally:
+            handle.remove()
+        out.append(torch.cat(seen))
+    return out
+
+
+def teacher_feature_space(teachers: Sequence[nn.Module], images: torch.Tensor,
+                          real_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features of images, features of real_images)`` in the teachers' joint penultimate space: each
+    teacher's features divided by the mean L2 norm of its real features (so every teacher weighs the same),
+    concatenated; the scale comes from the real images only, so both sets are measured in the same space."""
+    syn_f, real_f = penultimate_features(teachers, images), penultimate_features(teachers, real_images)
+    scales = [r.norm(dim=1).mean().clamp_min(1e-12) for r in real_f]
+    return (torch.cat([f / s for f, s in zip(syn_f, scales)], 1), torch.cat([f / s for f, s in zip(real_f, scales)], 1))
+
+
+def set_diversity(folder: Path, method: str, teachers: Sequence[nn.Module], real: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """:func:`within_class_diversity` of the shipped images of ``method`` in the pipeline folder ``folder``."""
+    from gvbsm_hf.data import DatasetSpec
+    from gvbsm_hf.stage import method_folder
+    from gvbsm_hf.synthetic_set import SyntheticSet
+
+    spec = DatasetSpec.from_dict(json.loads((folder / "data_spec.json").read_text()))
+    syn = SyntheticSet.load(folder / "recover" / method_folder(method))
+    syn_f, real_f = teacher_feature_space(teachers, syn.shipped_images(spec), spec.normalize(real[0]))
+    return within_class_diversity(syn_f, syn.labels, real_f, real[1])
+
+
+def real_reference(argv: list[str], per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` seeded real train images per class (uint8) and labels: the diversity reference, loaded
+    as the pipeline loads the recipe ``argv``'s data."""
+    from gvbsm_hf.data import class_balanced_indices, get_dataset_spec, load_image_dataset, to_uint8_tensors
+    from gvbsm_hf.recipe import parse_recipe
+
+    r = parse_recipe(argv)
+    d = r.data
+    dataset = load_image_dataset(
+        d.dataset_name, config_name=d.dataset_config_name, image_column=d.image_column, label_column=d.label_column,
+        train_split=d.train_split, validation_split=d.validation_split, max_train_samples=d.max_train_samples,
+        max_eval_samples=d.max_eval_samples, seed=r.training.seed, image_size=d.image_size, channels=d.channels)
+    spec = get_dataset_spec(dataset, d.dataset_name, image_size=d.image_size, channels=d.channels)
+    train = dataset["train"]
+    return to_uint8_tensors(train.select(class_balanced_indices(train["label"], n_per_class=per_class, seed=0)), spec)
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def run_argv(args: argparse.Namespace, name: str, work: Path) -> list[str]:
+    """The pipeline's command line of row ``name`` (all evaluators, soft labels)."""
+    method, flags, options = RECIPES[name]
+    argv = ["--config", str(RECIPE), "--teachers", *args.teachers, "--ipc", str(args.ipc),
+            "--syn_iterations", str(args.syn_iterations), "--syn_checkpoint_every", str(max(1, args.syn_iterations // 5)),
+            "--num_train_epochs", str(args.epochs), "--eval_seeds", *map(str, args.seeds),
+            "--eval_students", *args.evaluators, "--evaluate_hard_labels", "false", "--relabel_export_views", "false",
+            "--stats_max_samples", str(args.stats_max_samples),
+            "--stages", "squeeze", "record", "recover", "relabel", "evaluate", *STUDENT,
+            "--syn_method", method, *flags, "--baselines", method, "--output_dir", str(work / name), *_extra(args)]
+    return argv + (["--method_args", json.dumps({method: options})] if options else [])
+
+
+def hard_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """``argv`` re-run for the hard-label row on :data:`HARD_EVALUATOR` only: the evaluate stage alone, on
+    the images the first run made (its finished soft runs are reused)."""
+    stages = argv.index("--stages")
+    argv = argv[:stages] + ["--stages", "evaluate"] + argv[stages + 6:]
+    return argv + ["--eval_students", HARD_EVALUATOR, "--evaluate_hard_labels", "true",
+                   "--hard_label_seeds", *map(str, args.hard_label_seeds)]
+
+
+def _run(args: argparse.Namespace, work: Path, name: str, teachers: list, real) -> None:
+    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
+
+    saved = work / "rows" / f"{name}.json"
+    if saved.exists():
+        row = json.loads(saved.read_text())
+        if set(args.evaluators) <= set(row["per_evaluator"]) and (name == RANDOM or row.get("hard_label_in") is not None):
+            return
+    method = RECIPES[name][0]
+    argv = run_argv(args, name, work)
+    t0 = time.perf_counter()
+    summary = run_pipeline(parse_recipe(argv))
+    soft = {r["evaluator"]: r["per_seed"] for r in summary["results"] if r["method"] == method and r["labels"] == "soft"}
+    missing = sorted(set(args.evaluators) - set(soft))
+    if missing:
+        raise RuntimeError(f"{name}: the pipeline returned no soft-label row for {missing}")
+    row: dict[str, Any] = {"recipe": name, "method": method, "per_evaluator": {e: soft[e] for e in args.evaluators},
+                           "hard_label_in": None, "within_class_diversity": None}
+    row["within_class_diversity"] = set_diversity(work / name, method, teachers, real)
+    if name != RANDOM:
+        hard_summary = run_pipeline(parse_recipe(hard_argv(args, argv)))
+        hard = [r for r in hard_summary["results"]
+                if r["method"] == method and r["labels"] == "hard" and r["evaluator"] == HARD_EVALUATOR]
+        if not hard:
+            raise RuntimeError(f"{name}: the pipeline returned no hard-label row for {HARD_EVALUATOR}")
+        row["hard_label_in"] = mean(hard[0]["per_seed"])
+    row.update(invocation=_invocation(), argv=argv, wall_time_s=round(time.perf_counter() - t0, 1))
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(row, indent=2) + "\n")
+    print(f"{name}: " + ", ".join(f"{e} {mean(v):.2f}" for e, v in row["per_evaluator"].items())
+          + f"; diversity {row['within_class_diversity']:.3f}"
+          + ("" if row["hard_label_in"] is None else f"; hard labels ({HARD_EVALUATOR}) {row['hard_label_in']:.2f}"),
+          flush=True)
+
+
+def _restore_rows(results: Path, work: Path) -> None:
+    """Write the rows (and the random subset) of a results file of this benchmark back as saved-row files,
+    where missing: a fresh clone then extends the committed table instead of replacing it."""
+    data = json.loads(results.read_text())
+    out = work / "rows"
+    out.mkdir(parents=True, exist_ok=True)
+    restored = [{"recipe": RANDOM, "method": RANDOM, "hard_label_in": None, "within_class_diversity": None,
+                 "per_evaluator": {e: s["per_seed"] for e, s in data["random_real"].items()}}]
+    restored += [{"recipe": r["recipe"], "method": RECIPES[r["recipe"]][0], "hard_label_in": r["hard_label_in"],
+                  "within_class_diversity": r["within_class_diversity"],
+                  "per_evaluator": {e: s["per_seed"] for e, s in r["per_evaluator"].items()}} for r in data["rows"]]
+    for row in restored:
+        path = out / f"{row['recipe']}.json"
+        if not path.exists():
+            path.write_text(json.dumps({**row, "invocation": data["command"], "restored_from": str(results)}, indent=2)
+                            + "\n")
+
+
+# ---------------------------------------------------------------------------------------- collect
+
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    values = [float(v) for v in values]
+    return {"mean": round(mean(values), 3), "std": round(stdev(values), 3) if len(values) > 1 else 0.0,
+            "per_seed": [round(v, 3) for v in values]}
+
+
+def build_result(command: str, teachers: list[dict], ipc: int, labels: str, evaluators: list[str],
+                 saved: dict[str, dict]) -> dict[str, Any]:
+    """The results document (:func:`validate_result`) from the saved rows (``{recipe: row}``, the random
+    subset under ``random_real``); rows lacking an evaluator are left out."""
+    if RANDOM not in saved or not set(evaluators) <= set(saved[RANDOM]["per_evaluator"]):
+        raise RuntimeError(f"the random subset ({RANDOM}) has not run on every evaluator {evaluators}: run it first")
+    random_real = {e: _stats(saved[RANDOM]["per_evaluator"][e]) for e in evaluators}
+    rows = []
+    for name in [n for n in RECIPES if n != RANDOM and n in saved]:
+        s = saved[name]
+        if not set(evaluators) <= set(s["per_evaluator"]) or s.get("hard_label_in") is None:
+            print(f"{name}: not on every evaluator or without its hard-label row; left out", flush=True)
+            continue
+        per = {e: _stats(s["per_evaluator"][e]) for e in evaluators}
+        rows.append({"recipe": name, "per_evaluator": per,
+                     "mean_over_evaluators": round(mean(per[e]["mean"] for e in evaluators), 3),
+                     "min_margin_vs_random": round(min(per[e]["mean"] - random_real[e]["mean"] for e in evaluators), 3),
+                     "hard_label_in": round(float(s["hard_label_in"]), 3),
+                     "within_class_diversity": round(float(s["within_class_diversity"]), 4)})
+    if not rows:
+        raise RuntimeError("no row has run on every evaluator yet")
+    best = max(rows, key=lambda r: r["mean_over_evaluators"])
+    return {"command": command, "teachers": teachers, "ipc": int(ipc), "labels": labels, "evaluators": list(evaluators),
+            "random_real": random_real, "rows": rows,
+            "best": {k: best[k] for k in ("recipe", "mean_over_evaluators", "min_margin_vs_random")}}
+
+
+def _check(value: Any, kind: type, where: str) -> None:
+    ok = isinstance(value, kind) and not isinstance(value, bool) if kind in (int, float) else isinstance(value, kind)
+    if kind is float and ok and not math.isfinite(value):
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def _check_keys(d: Any, keys: dict[str, type], where: str) -> None:
+    _check(d, dict, where)
+    if set(d) != set(keys):
+        raise ValueError(f"{where}: keys {sorted(d)} != {sorted(keys)}")
+    for k, kind in keys.items():
+        _check(d[k], kind, f"{where}.{k}")
+
+
+def _check_stats(d: Any, where: str) -> None:
+    _check_keys(d, STATS_KEYS, where)
+    if not d["per_seed"]:
+        raise ValueError(f"{where}.per_seed is empty")
+    for i, v in enumerate(d["per_seed"]):
+        _check(v, float, f"{where}.per_seed[{i}]")
+
+
+def validate_result(result: Any) -> None:
+    """Raise ``ValueError`` unless ``result`` has exactly the schema of issue 35::
+
+        {"command": str, "teachers": [{"name": str, "top1": float}], "ipc": int, "labels": str,
+         "evaluators": [str], "random_real": {EVALUATOR: {"mean": float, "std": float, "per_seed": [float]}},
+         "rows": [{"recipe": str, "per_evaluator": {EVALUATOR: {...}}, "mean_over_evaluators": float,
+                   "min_margin_vs_random": float, "hard_label_in": float, "within_class_diversity": float}],
+         "best": {"recipe": str, "mean_over_evaluators": float, "min_margin_vs_random": float}}
+    """
+    _check_keys(result, TOP_KEYS, "result")
+    for i, t in enumerate(result["teachers"]):
+        _check_keys(t, {"name": str, "top1": float}, f"teachers[{i}]")
+    evaluators = result["evaluators"]
+    if not evaluators or not all(isinstance(e, str) for e in evaluators):
+        raise ValueError(f"evaluators: expected a non-empty list of str, got {evaluators!r}")
+    if set(result["random_real"]) != set(evaluators):
+        raise ValueError(f"random_real: keys {sorted(result['random_real'])} != evaluators {sorted(evaluators)}")
+    for e, s in result["random_real"].items():
+        _check_stats(s, f"random_real.{e}")
+    if not result["rows"]:
+        raise ValueError("rows is empty")
+    for i, row in enumerate(result["rows"]):
+        _check_keys(row, ROW_KEYS, f"rows[{i}]")
+        if set(row["per_evaluator"]) != set(evaluators):
+            raise ValueError(f"rows[{i}].per_evaluator: keys {sorted(row['per_evaluator'])} != {sorted(evaluators)}")
+        for e, s in row["per_evaluator"].items():
+            _check_stats(s, f"rows[{i}].per_evaluator.{e}")
+    _check_keys(result["best"], BEST_KEYS, "best")
+    if result["best"]["recipe"] not in {r["recipe"] for r in result["rows"]}:
+        raise ValueError(f"best.recipe {result['best']['recipe']!r} is not a row")
+
+
+def markdown(result: dict) -> str:
+    evs = result["evaluators"]
+    lines = ["| row | " + " | ".join(evs) + " | mean | min margin vs random | hard labels (convnet128_in) | "
+             "within-class diversity |", "| --- |" + " --- |" * (len(evs) + 4)]
+    lines.append(f"| {RANDOM} | " + " | ".join(f"{result['random_real'][e]['mean']:.2f} ± "
+                                               f"{result['random_real'][e]['std']:.2f}" for e in evs)
+                 + f" | {mean(result['random_real'][e]['mean'] for e in evs):.2f} | 0 |  |  |")
+    for r in result["rows"]:
+        lines.append(f"| {r['recipe']} | " + " | ".join(f"{r['per_evaluator'][e]['mean']:.2f} ± "
+                                                      f"{r['per_evaluator'][e]['std']:.2f}" for e in evs)
+                     + f" | {r['mean_over_evaluators']:.2f} | {r['min_margin_vs_random']:+.2f} | "
+                       f"{r['hard_label_in']:.2f} | {r['within_class_diversity']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def collect(args: argparse.Namespace, work: Path) -> dict:
+    from gvbsm_hf.recipe import parse_recipe
+    from gvbsm_hf.teacher import load_teacher
+
+    teachers = []
+    for folder in args.teachers:
+        acc = load_teacher(folder).config.get("accuracy")
+        if acc is None:
+            raise RuntimeError(f"teacher folder {folder} records no accuracy (config.json 'accuracy'): train it with "
+                               "the squeeze stage (teacher_epochs >= 1) so that its top-1 can be reported")
+        teachers.append({"name": Path(folder).name, "top1": round(100.0 * float(acc), 2)})
+    saved = {json.loads(f.read_text())["recipe"]: json.loads(f.read_text()) for f in sorted((work / "rows").glob("*.json"))}
+    invocations = []  # the commands that ran the rows (one per process), then this one
+    for s in saved.values():
+        if s.get("invocation") and s["invocation"] not in invocations:
+            invocations.append(s["invocation"])
+    r = parse_recipe(run_argv(args, RANDOM, work))
+    labels = f"soft ({r.relabel.relabel_mode}, {r.training.loss_type})"
+    if _invocation() not in invocations:
+        invocations.append(_invocation())
+    result = build_result(" && ".join(invocations), teachers, args.ipc, labels, args.evaluators, saved)
+    validate_result(result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- main
+
+
+def _invocation() -> str:
+    return "python benchmarks/cross_arch_fashion_mnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _extra(args: argparse.Namespace) -> list[str]:
+    return [tok for item in args.extra for tok in shlex.split(item)]
+
+
+def smoke_teachers(work: Path, extra: list[str]) -> list[str]:
+    """``--smoke``'s teacher set: one ConvNet-32 folder, trained for one epoch by the pipeline's squeeze stage
+    (as benchmarks/margin_fashion_mnist.py's smoke)."""
+    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
+
+    run_pipeline(parse_recipe(["--config", str(RECIPE), *extra, "--teachers", "convnet32", "--teacher_epochs", "1",
+                               "--output_dir", str(work / "teachers"), "--stages", "squeeze"]))
+    return [str(work / "teachers" / "teachers" / "convnet32")]
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    from gvbsm_hf.teacher import load_teacher
+
+    work = Path(args.work_dir)
+    if args.resume_from:
+        _restore_rows(Path(args.resume_from), work)
+    if not args.collect:
+        teachers = [load_teacher(f).eval() for f in args.teachers]
+        real = real_reference(run_argv(args, RANDOM, work), args.real_per_class)
+        for name in [RANDOM, *args.recipes]:
+            _run(args, work, name, teachers, real)
+    return collect(args, work)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", nargs="+", default=None, help="Teacher folders (the fixed teacher set); required.")
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--recipes", nargs="+", default=[n for n in RECIPES if n != RANDOM],
+                   choices=[n for n in RECIPES if n != RANDOM], help="Rows to run (the random subset always runs).")
+    p.add_argument("--evaluators", nargs="+", default=EVALUATORS, help="Evaluator backbones (the columns).")
+    p.add_argument("--syn-iterations", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=300, help="Student epochs (last epoch reported).")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--hard-label-seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help=f"Seeds of each row's hard-label run on {HARD_EVALUATOR} (hard_label_in).")
+    p.add_argument("--stats-max-samples", type=int, default=10000)
+    p.add_argument("--real-per-class", type=int, default=500,
+                   help="Real train images per class of the diversity reference.")
+    p.add_argument("--work-dir", default="runs/cross_arch_fashion_mnist")
+    p.add_argument("--collect", action="store_true", help="Only merge the saved rows into --output.")
+    p.add_argument("--resume-from", default=None,
+                   help="A results file of this benchmark (e.g. the committed one): its rows are written back to "
+                        "--work-dir/rows/ where missing, so a fresh clone extends the table instead of replacing it.")
+    p.add_argument("--output", "--out", dest="output", default=None,
+                   help=f"Results JSON (default {DEFAULT_OUTPUT.relative_to(REPO)}; --smoke: none unless given).")
+    p.add_argument("--extra", nargs="*", default=[], help="More recipe overrides for every run, quoted.")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check of the code path (module docstring; "
+                   f"{SMOKE}, unless given); nothing kept under benchmarks/results/")
+    args = p.parse_args()
+    if not args.smoke:
+        if not args.teachers:
+            p.error("--teachers is required")
+        result = benchmark(args)
+        out = Path(args.output or DEFAULT_OUTPUT)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return
+    if args.output and Path(args.output).resolve().is_relative_to(RESULTS.resolve()):
+        p.error(f"--smoke writes nothing under {RESULTS}: give another --output")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cross-arch-smoke-") as tmp:
+        p.set_defaults(**SMOKE, work_dir=str(Path(tmp) / "runs"))
+        args = p.parse_args()
+        args.teachers = args.teachers or smoke_teachers(Path(tmp), _extra(args))
+        result = benchmark(args)  # validated (validate_result) before it is returned
+    print(markdown(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"smoke OK in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

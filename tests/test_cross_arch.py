@@ -1,0 +1,218 @@
+"""Cross-architecture benchmark (issue 35, ``benchmarks/cross_arch_fashion_mnist.py``): its ``--smoke`` end to
+end in a subprocess (exit 0, the results schema exactly, nothing under ``benchmarks/results/``), and its
+within-class diversity measure against a float64 reference. Select with ``pytest -k cross_arch``."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "cross_arch_fashion_mnist.py"
+RESULTS = REPO / "benchmarks" / "results"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+           HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("cross_arch_fashion_mnist", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ca = _load_benchmark()
+
+
+# ------------------------------------------------------------------------------------ diversity
+
+
+def _reference_diversity(features, labels, real_features, real_labels) -> float:
+    """Plain-Python float64: per class, mean over pairs i < j of the Euclidean distance, ratio, mean over classes."""
+    def spread(rows):
+        pairs = list(itertools.combinations(rows, 2))
+        return sum(math.dist(a, b) for a, b in pairs) / len(pairs)
+
+    ratios = []
+    for c in sorted(set(labels)):
+        syn = [f for f, y in zip(features, labels) if y == c]
+        real = [f for f, y in zip(real_features, real_labels) if y == c]
+        ratios.append(spread(syn) / spread(real))
+    return sum(ratios) / len(ratios)
+
+
+def test_within_class_diversity_matches_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    real = torch.randn(14, 5, generator=g, dtype=torch.float64) * 2.0 + 0.5
+    real_labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 5)
+    got = ca.within_class_diversity(feats, labels, real, real_labels)
+    ref = _reference_diversity(feats.tolist(), labels.tolist(), real.tolist(), real_labels.tolist())
+    assert got == pytest.approx(ref, rel=1e-12)
+    # float32 features are measured in float64 too
+    assert ca.within_class_diversity(feats.float(), labels, real.float(), real_labels) == pytest.approx(ref, rel=1e-6)
+    assert ca.mean_pairwise_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])) == pytest.approx(10.0 / 3)
+
+
+def test_within_class_diversity_identical_images_give_zero_and_real_against_itself_one():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    real_labels = torch.arange(3).repeat_interleave(10)
+    repeated = torch.cat([real[real_labels == c][:1].expand(4, -1) for c in range(3)])  # one image, 4 times
+    assert ca.within_class_diversity(repeated, torch.arange(3).repeat_interleave(4), real, real_labels) == 0.0
+    assert ca.within_class_diversity(real, real_labels, real, real_labels) == pytest.approx(1.0, abs=1e-12)
+    # a random subset of the real images scores about 1 (the mean pairwise distance is unbiased)
+    big = torch.randn(3000, 8, generator=g, dtype=torch.float64)
+    big_labels = torch.arange(3).repeat_interleave(1000)
+    subset = torch.cat([torch.arange(c * 1000, c * 1000 + 1000)[torch.randperm(1000, generator=g)[:40]] for c in range(3)])
+    assert ca.within_class_diversity(big[subset], big_labels[subset], big, big_labels) == pytest.approx(1.0, abs=0.1)
+
+
+def test_within_class_diversity_needs_two_images_per_class():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="ipc >= 2"):
+        ca.within_class_diversity(x, torch.tensor([0, 1, 2]), x, torch.tensor([0, 1, 2]))
+
+
+def test_teacher_feature_space_is_the_input_of_the_last_linear_scaled_by_the_real_images():
+    torch.manual_seed(0)
+    teachers = [nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3)),
+                nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.Tanh(), nn.Linear(4, 3))]
+    images, real = torch.randn(5, 1, 4, 4), torch.randn(7, 1, 4, 4)
+    per_teacher = ca.penultimate_features(teachers, images, batch=2)
+    assert [f.shape for f in per_teacher] == [(5, 6), (5, 4)] and per_teacher[0].dtype == torch.float64
+    torch.testing.assert_close(per_teacher[0], teachers[0][:3](images).double())
+    syn_f, real_f = ca.teacher_feature_space(teachers, images, real)
+    scale = [t[:3](real).double().norm(dim=1).mean() for t in teachers]
+    torch.testing.assert_close(syn_f, torch.cat([t[:3](images).double() / s for t, s in zip(teachers, scale)], 1))
+    assert all(float(real_f[:, a:b].norm(dim=1).mean()) == pytest.approx(1.0) for a, b in ((0, 6), (6, 10)))
+    assert all(not h for t in teachers for m in t.modules() for h in (m._forward_pre_hooks,))  # hooks removed
+
+
+# ------------------------------------------------------------------------------------- schema
+
+
+def _assert_float(value, where):
+    assert isinstance(value, float) and math.isfinite(value), f"{where}: {value!r}"
+
+
+def _assert_stats(d, where):
+    assert isinstance(d, dict) and set(d) == {"mean", "std", "per_seed"}, f"{where}: {d!r}"
+    _assert_float(d["mean"], f"{where}.mean")
+    _assert_float(d["std"], f"{where}.std")
+    assert isinstance(d["per_seed"], list) and d["per_seed"], where
+    for v in d["per_seed"]:
+        _assert_float(v, f"{where}.per_seed")
+
+
+def assert_schema(result: dict) -> None:
+    """Issue 35's schema, written out independently of the benchmark's own validate_result."""
+    assert set(result) == {"command", "teachers", "ipc", "labels", "evaluators", "random_real", "rows", "best"}
+    assert isinstance(result["command"], str) and result["command"]
+    assert isinstance(result["teachers"], list) and result["teachers"]
+    for t in result["teachers"]:
+        assert set(t) == {"name", "top1"} and isinstance(t["name"], str)
+        _assert_float(t["top1"], "teachers.top1")
+    assert isinstance(result["ipc"], int) and not isinstance(result["ipc"], bool)
+    assert isinstance(result["labels"], str) and result["labels"]
+    evaluators = result["evaluators"]
+    assert isinstance(evaluators, list) and evaluators and all(isinstance(e, str) for e in evaluators)
+    assert set(result["random_real"]) == set(evaluators)
+    for e, s in result["random_real"].items():
+        _assert_stats(s, f"random_real.{e}")
+    assert isinstance(result["rows"], list) and result["rows"]
+    for row in result["rows"]:
+        assert set(row) == {"recipe", "per_evaluator", "mean_over_evaluators", "min_margin_vs_random",
+                            "hard_label_in", "within_class_diversity"}
+        assert isinstance(row["recipe"], str)
+        assert set(row["per_evaluator"]) == set(evaluators)
+        for e, s in row["per_evaluator"].items():
+            _assert_stats(s, f"{row['recipe']}.{e}")
+        for k in ("mean_over_evaluators", "min_margin_vs_random", "hard_label_in", "within_class_diversity"):
+            _assert_float(row[k], f"{row['recipe']}.{k}")
+        means = [row["per_evaluator"][e]["mean"] for e in evaluators]
+        assert row["mean_over_evaluators"] == pytest.approx(sum(means) / len(means), abs=1e-3)
+        margins = [row["per_evaluator"][e]["mean"] - result["random_real"][e]["mean"] for e in evaluators]
+        assert row["min_margin_vs_random"] == pytest.approx(min(margins), abs=2e-3)
+    assert set(result["best"]) == {"recipe", "mean_over_evaluators", "min_margin_vs_random"}
+    assert isinstance(result["best"]["recipe"], str)
+    _assert_float(result["best"]["mean_over_evaluators"], "best.mean_over_evaluators")
+    _assert_float(result["best"]["min_margin_vs_random"], "best.min_margin_vs_random")
+    best = max(result["rows"], key=lambda r: r["mean_over_evaluators"])
+    assert result["best"]["recipe"] == best["recipe"]
+
+
+def _fake_saved(evaluators):
+    saved = {"random_real": {"per_evaluator": {e: [50.0, 52.0] for e in evaluators}}}
+    for i, name in enumerate(["gvbsm_authors", "rded"]):
+        saved[name] = {"per_evaluator": {e: [55.0 + i + j, 56.0 + i] for j, e in enumerate(evaluators)},
+                       "hard_label_in": 30.0 + i, "within_class_diversity": 0.5 + i / 10}
+    return saved
+
+
+def test_build_result_has_the_schema_and_validate_rejects_deviations():
+    evaluators = ["convnet128_in", "vit_tiny_p4"]
+    result = ca.build_result("python x", [{"name": "convnet32", "top1": 80.0}], 2, "soft", evaluators,
+                             _fake_saved(evaluators))
+    assert_schema(result)
+    ca.validate_result(result)
+    assert result["best"]["recipe"] == "rded" and result["rows"][1]["min_margin_vs_random"] == pytest.approx(5.5)
+    bad = [dict(result, extra=1), {k: v for k, v in result.items() if k != "best"}, dict(result, ipc=2.0),
+           dict(result, teachers=[{"name": "t", "top1": float("nan")}]),
+           dict(result, rows=[{**result["rows"][0], "hard_label_in": None}]),
+           dict(result, random_real={"convnet128_in": result["random_real"]["convnet128_in"]})]
+    for b in bad:
+        with pytest.raises(ValueError):
+            ca.validate_result(b)
+
+
+def test_smoke_arguments_stay_small():
+    assert ca.SMOKE["seeds"] == [0] and ca.SMOKE["epochs"] <= 2 and 1 <= len(ca.SMOKE["evaluators"]) <= 2
+    assert set(ca.SMOKE["evaluators"]) <= set(ca.EVALUATORS) and ca.HARD_EVALUATOR in ca.SMOKE["evaluators"]
+    assert set(ca.RECIPES) == {"sre2l", "gvbsm_authors", "gvbsm_hf_v0", "rded", "edc_style", "feature_regression",
+                               "random_real"}
+    method, flags, options = ca.RECIPES["edc_style"]
+    assert method == "gvbsm" and options["syn_init"] == "rded" and options["syn_class_weight"] == 0.5
+    assert flags[flags.index("--stats_per_class") + 1] == "true"
+
+
+# --------------------------------------------------------------------------------------- smoke
+
+
+def _results_snapshot() -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(RESULTS)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in RESULTS.rglob("*") if p.is_file()}
+
+
+def test_cross_arch_smoke(tmp_path):
+    out = tmp_path / "cross_arch.json"
+    before = _results_snapshot()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output", str(out)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert _results_snapshot() == before, "--smoke wrote under benchmarks/results/"
+    assert not (RESULTS / "cross_arch_fashion_mnist.json").exists() or \
+        "cross_arch_fashion_mnist.json" in before
+    result = json.loads(out.read_text())
+    assert_schema(result)
+    assert result["evaluators"] == ca.SMOKE["evaluators"] and result["ipc"] == ca.SMOKE["ipc"]
+    assert [r["recipe"] for r in result["rows"]] == ca.SMOKE["recipes"]
+    assert len(result["teachers"]) == 1 and result["teachers"][0]["name"] == "convnet32"
+
+
+def test_smoke_refuses_an_output_under_results():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output", str(RESULTS / "x.json")], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "writes nothing under" in proc.stderr
+    assert not (RESULTS / "x.json").exists()
