@@ -22,7 +22,6 @@ from gvbsm_hf.errors import StatisticsMismatchError  # noqa: E402
 from gvbsm_hf.moments import conv_statistics  # noqa: E402
 from gvbsm_hf.losses import conv_matching_loss, data_densification_loss, sds_matching_loss  # noqa: E402
 from gvbsm_hf.methods import method_config  # noqa: E402
-from gvbsm_hf.record.engine import record_statistics  # noqa: E402
 from gvbsm_hf.record.statistics_file import load_statistics, save_statistics  # noqa: E402
 from gvbsm_hf.recover.engine import recover  # noqa: E402
 

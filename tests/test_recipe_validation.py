@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gvbsm_hf.validation import RecipeError
-from gvbsm_hf.errors import GVBSMError, UnknownBackboneError
+from gvbsm_hf.errors import GVBSMError
 from gvbsm_hf.fingerprint import NON_RESULT_FIELDS
 from gvbsm_hf.fingerprint import config_to_dict
 from gvbsm_hf.methods import get_method, method_config

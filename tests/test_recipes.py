@@ -229,22 +229,21 @@ def test_teacher_subsets_must_name_teachers():
 
 
 def test_command_line_overrides_yaml():
-    from gvbsm_hf.recover.config import SynthesisArguments
-
     data = yaml.safe_load(SMOKE.read_text())
     base = parse_recipe(["--config", str(SMOKE)])
     assert base.synthesis.ipc == data["ipc"] and base.synthesis.syn_iterations == data["syn_iterations"]
     assert base.training.output_dir == data["output_dir"]
-    # a method field left unset is None in the recipe and the method's own default in its config
-    assert "syn_alpha" not in data and base.synthesis.syn_alpha is None is SynthesisArguments().syn_alpha
+    # a method option the recipe leaves unset is the method's own default in its config
+    assert "syn_alpha" not in data["method_args"]["gvbsm"] and not hasattr(base.synthesis, "syn_alpha")
     assert method_config("gvbsm", base.synthesis).syn_alpha == 0.8
     r = parse_recipe(["--config", str(SMOKE), "--ipc", str(data["ipc"] + 3), "--teachers", "convnet", "wrn_16_2",
-                      "--syn_crop_scale", "0.3", "0.9", "--syn_alpha", "0.123", "--output_dir", "elsewhere",
-                      "--redo", "recover", "evaluate"])
+                      "--syn_crop_scale", "0.3", "0.9", "--method_args", '{"gvbsm": {"syn_alpha": 0.123}}',
+                      "--output_dir", "elsewhere", "--redo", "recover", "evaluate"])
     assert r.synthesis.ipc == data["ipc"] + 3
     assert r.squeeze.teachers == ["convnet", "wrn_16_2"]
     assert r.synthesis.syn_crop_scale == [0.3, 0.9]
-    assert r.synthesis.syn_alpha == 0.123
+    assert method_config("gvbsm", r.synthesis).syn_alpha == 0.123
+    assert r.synthesis.method_args["gvbsm"]["syn_dd_pool_size"] == data["method_args"]["gvbsm"]["syn_dd_pool_size"]
     assert r.training.output_dir == "elsewhere"
     assert r.pipeline.redo == ["recover", "evaluate"]
     # everything not overridden keeps its YAML value

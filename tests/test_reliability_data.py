@@ -15,13 +15,30 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from accelerate import Accelerator
 from PIL import Image
 from torch import nn
 
-from gvbsm_hf.validation import RecipeError
-from gvbsm_hf.data import get_dataset_spec, load_image_dataset, to_uint8_tensors, validate_image_dataset
+import gvbsm_hf.pipeline as pipeline
+import gvbsm_hf.squeeze.stage
+import gvbsm_hf.teacher
+from gvbsm_hf import hub_utils
+from gvbsm_hf.backbones import create_backbone, list_backbones
+from gvbsm_hf.backbones.registry import _OFFLINE_FIX, unknown_backbone_message
+from gvbsm_hf.data import (
+    get_dataset_spec,
+    load_image_dataset,
+    to_uint8_tensors,
+    validate_image_dataset,
+)
 from gvbsm_hf.errors import DataValidationError, GVBSMError, UnknownBackboneError
+from gvbsm_hf.pipeline import run_pipeline
 from gvbsm_hf.recipe import parse_recipe
+from gvbsm_hf.stage import StageContext
+from gvbsm_hf.stage_cache import StageCache
+from gvbsm_hf.stages import STAGE_REGISTRY
+from gvbsm_hf.teacher import TeacherModel
+from gvbsm_hf.validation import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "recipes" / "digits" / "smoke.yaml"
@@ -98,9 +115,6 @@ def test_image_size_and_channels_are_recipe_fields(tmp_path):
 
 
 def test_run_pipeline_passes_image_size_and_channels_to_the_data_layer(tmp_path, monkeypatch):
-    import gvbsm_hf.data as data
-    from gvbsm_hf.pipeline import run_pipeline
-
     seen = {}
 
     class Stop(Exception):
@@ -114,8 +128,8 @@ def test_run_pipeline_passes_image_size_and_channels_to_the_data_layer(tmp_path,
         seen["spec"] = kw
         raise Stop
 
-    monkeypatch.setattr(data, "load_image_dataset", fake_load)
-    monkeypatch.setattr(data, "get_dataset_spec", fake_spec)
+    monkeypatch.setattr(pipeline, "load_image_dataset", fake_load)  # the names run_pipeline calls
+    monkeypatch.setattr(pipeline, "get_dataset_spec", fake_spec)
     with pytest.raises(Stop):
         run_pipeline(_parse("--image_size", "12", "--channels", "3", "--output_dir", str(tmp_path / "out")))
     assert (seen["load"]["image_size"], seen["load"]["channels"]) == (12, 3)
@@ -146,7 +160,6 @@ def test_builtin_dataset_converted_to_rgb_has_one_mean_per_channel():
     assert spec.mean == grey.mean * 3 and spec.std == grey.std * 3  # the grey value copied on R, G, B
     x, _ = to_uint8_tensors(dsd["train"], spec)
     assert x.shape == (30, 3, 8, 8) and torch.equal(x[:, 0], x[:, 2])
-    from gvbsm_hf.teacher import TeacherModel
 
     TeacherModel.from_backbone("convnet32", spec)  # mean/std fit in_chans
 
@@ -271,8 +284,6 @@ def _load_distill():
 
 @pytest.mark.parametrize("typo, meant", [("convnte32_d2", "convnet32_d2"), ("mobilenetv2_05", "mobilenetv2_050")])
 def test_teacher_typo_fails_at_parse_time_with_the_zoo_name_first(tmp_path, monkeypatch, typo, meant):
-    import gvbsm_hf.squeeze.stage
-
     def no_training(*a, **k):
         raise AssertionError("a teacher was trained")
 
@@ -292,8 +303,6 @@ def test_teacher_typo_fails_at_parse_time_with_the_zoo_name_first(tmp_path, monk
 
 @pytest.mark.parametrize("bad", ["convnte32_d2", "convnet12", "resnet18cifar", "resnt18", "mobilenetv2_05"])
 def test_unknown_backbone_lists_zoo_then_torchvision_then_timm(bad):
-    from gvbsm_hf.backbones.registry import list_backbones, unknown_backbone_message
-
     suggestions = re.search(r"Did you mean: ([^?]+)\?", unknown_backbone_message(bad)).group(1).split(", ")
     zoo = set(list_backbones())
     rank = [0 if s in zoo else 1 if s.startswith("tv:") else 2 for s in suggestions]
@@ -322,9 +331,6 @@ def test_teacher_epochs_zero_names_the_zoo_teachers_left_untrained():
 
 
 def test_fix_hints_of_pretrained_errors_name_recipe_fields():
-    from gvbsm_hf.backbones import create_backbone
-    from gvbsm_hf.backbones.registry import _OFFLINE_FIX
-
     with pytest.raises(GVBSMError) as e:
         create_backbone("convnet32", num_classes=10, pretrained=True)
     msg = str(e.value)
@@ -335,8 +341,6 @@ def test_fix_hints_of_pretrained_errors_name_recipe_fields():
 
 
 def _tiny_backbone_factory(calls, real_create):
-    from gvbsm_hf.backbones import list_backbones
-
     def fake(name, num_classes, in_chans=3, image_size=32, pretrained=False, **kw):
         calls.append((name, pretrained))
         if pretrained and name in list_backbones():
@@ -348,11 +352,6 @@ def _tiny_backbone_factory(calls, real_create):
 
 
 def _squeeze_context(recipe, out: Path):
-    from accelerate import Accelerator
-
-    from gvbsm_hf.stage_cache import StageCache
-    from gvbsm_hf.stage import StageContext
-
     dsd = load_image_dataset("digits", max_train_samples=40, max_eval_samples=20)
     spec = get_dataset_spec(dsd, "digits")
     return StageContext(recipe=recipe, accelerator=Accelerator(cpu=True), output_dir=out,
@@ -360,10 +359,6 @@ def _squeeze_context(recipe, out: Path):
 
 
 def test_squeeze_builds_zoo_teachers_from_scratch_and_tv_teachers_pretrained(tmp_path, monkeypatch):
-    import gvbsm_hf.teacher
-    from gvbsm_hf import hub_utils
-    from gvbsm_hf.stages import STAGE_REGISTRY
-
     def no_network(*a, **k):
         raise AssertionError("the network was touched")
 
@@ -386,7 +381,6 @@ def test_squeeze_builds_zoo_teachers_from_scratch_and_tv_teachers_pretrained(tmp
     out0 = tmp_path / "out0"
     recipe0 = _parse("--teachers", "tv:resnet18", "--teacher_pretrained", "true", "--teacher_epochs", "0",
                      "--output_dir", str(out0))
-    import gvbsm_hf.squeeze.stage
 
     monkeypatch.setattr(gvbsm_hf.squeeze.stage, "train_teacher", no_network)
     ctx0 = _squeeze_context(recipe0, out0)

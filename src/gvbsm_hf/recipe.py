@@ -3,16 +3,19 @@
 * :func:`parse_recipe`: ``--config recipe.yaml`` plus command-line overrides, through
   ``HfArgumentParser``. Every value is validated here (choices, types, ranges, cross-field checks),
   before any data is loaded or any stage runs.
-* :func:`recipe_to_dict`: the whole recipe as one flat dict (``recipe.json``, the exported
-  dataset's ``gvbsm_config.json``), through :func:`gvbsm_hf.fingerprint.config_to_dict`.
+* :func:`recipe_to_dict`: the recipe as one flat dict (the exported dataset's ``gvbsm_config.json``
+  and its card: without :data:`RUN_FIELDS`; ``recipe.json`` keeps them), through
+  :func:`gvbsm_hf.fingerprint.config_to_dict`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from difflib import get_close_matches
@@ -20,21 +23,26 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
+from .backbones import is_backbone_name, unknown_backbone_message
 from .data.config import DataArguments
+from .errors import GVBSMError, UnknownBackboneError
 from .evaluate.config import GVBSMTrainingArguments
 from .export.config import PublishArguments
 from .fingerprint import SECRET_FIELDS, config_to_dict
 from .methods import get_method, list_methods, method_config
-from .backbones import is_backbone_name, unknown_backbone_message
 from .pipeline_config import PipelineArguments
 from .record.config import StatisticsArguments
 from .recover.config import PROTOCOLS, SynthesisArguments, parse_method_args
 from .relabel.config import RelabelArguments
-from .squeeze.config import SqueezeArguments, is_teacher_reference, teacher_starts_pretrained, untrained_teachers_message
-from .validation import RecipeError, ValidatedArguments, check_value
-from .errors import GVBSMError, UnknownBackboneError
+from .squeeze.config import (
+    SqueezeArguments,
+    is_teacher_reference,
+    teacher_starts_pretrained,
+    untrained_teachers_message,
+)
+from .validation import RecipeError, check_value
 
 RECIPE_CLASSES = (
     DataArguments,
@@ -49,6 +57,14 @@ RECIPE_CLASSES = (
 """The recipe's dataclasses, in stage order (one ``HfArgumentParser`` fills them all)."""
 
 logger = logging.getLogger(__name__)  # recipes are parsed before accelerate's state exists
+
+RUN_FIELDS = frozenset({"output_dir", "logging_dir", "run_name", "redo", "stages", "resume_from_checkpoint",
+                        "overwrite_output_dir"})
+"""Fields that say where and which part of one run ran, not what it computes: left out of an exported
+recipe (its "Reproduce" command runs the whole recipe into a folder of the user's choice)."""
+EMPTY_WORDS = ("none", "[]")
+"""``--baselines none`` / ``--baselines []`` (or the flag with no value): an empty list (``null`` for an
+optional one)."""
 
 @dataclass
 class Recipe:
@@ -67,8 +83,9 @@ class Recipe:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def recipe_to_dict(recipe: Recipe, deny: Iterable[str] = SECRET_FIELDS) -> dict[str, Any]:
-    """The whole recipe as one flat dict (``recipe.json``, the export's ``gvbsm_config.json``)."""
+def recipe_to_dict(recipe: Recipe, deny: Iterable[str] = SECRET_FIELDS | RUN_FIELDS) -> dict[str, Any]:
+    """The recipe as one flat dict. Default: what reproduces it (the export's ``gvbsm_config.json``):
+    no secrets and no :data:`RUN_FIELDS`; ``deny=SECRET_FIELDS`` keeps those (``recipe.json``)."""
     out: dict[str, Any] = {}
     for part in recipe.parts().values():
         out.update(config_to_dict(part, deny))
@@ -110,14 +127,72 @@ def _field_types() -> dict[str, tuple[type, Any]]:
     return out
 
 
-def _check_yaml_value(path: Path, key: str, value: Any, cls: type, tp: Any) -> None:
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping of the recipe sets one key twice (YAML would keep the last value silently)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r}", second)
+        self.key, self.lines = key, (first.line + 1, second.line + 1)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key set twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeConstructor says what is wrong with it
+            if key in seen:
+                raise DuplicateKeyError(key, seen[key], key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_TRUE_WORDS, _FALSE_WORDS = {"yes", "true", "t", "y", "1"}, {"no", "false", "f", "n", "0"}  # as transformers' string_to_bool
+
+
+def _non_none(tp: Any) -> list[Any]:
+    """The members of a union annotation other than ``None`` (``[tp]`` for a plain one)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return [a for a in args if a is not type(None)]
+
+
+def _coerce_yaml_value(value: Any, tp: Any) -> Any:
+    """``value`` converted as argparse converts it from the command line, for a ``float`` or
+    ``bool`` field given a string (YAML 1.1 reads ``1e-3`` as a string); anything else unchanged."""
+    base = _non_none(tp)
+    if not isinstance(value, str) or len(base) != 1:
+        return value
+    if base[0] is float:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if base[0] is bool and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.lower() in _TRUE_WORDS
+    return value
+
+
+def _check_yaml_value(path: Path, key: str, value: Any, tp: Any) -> None:
     """Type-check a YAML value before argparse sees it (argparse would re-parse a string default
     and print its whole usage); the message says the value came from the file."""
-    if issubclass(cls, ValidatedArguments) or cls is GVBSMTrainingArguments:
-        try:
-            check_value(key, tp, value)
-        except RecipeError as err:
-            raise RecipeError(f"In recipe {path}: {err}") from None
+    try:
+        check_value(key, tp, value)
+    except RecipeError as err:
+        raise RecipeError(f"In recipe {path}: {err}") from None
+
+
+def _empty_list(tp: Any) -> list | None:
+    """What ``none`` means for a list field: ``[]``, or ``None`` for an optional one."""
+    return None if type(None) in typing.get_args(tp) else []
+
+
+def _is_list_type(tp: Any) -> bool:
+    """A ``list[...]`` field, optional or not (not one that also takes a string, like ``report_to``)."""
+    base = _non_none(tp)
+    return len(base) == 1 and typing.get_origin(base[0]) is list
 
 
 def load_recipe_yaml(path: str | Path) -> dict[str, Any]:
@@ -126,7 +201,10 @@ def load_recipe_yaml(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise GVBSMError(f"Recipe {path} does not exist; see recipes/ for the shipped recipes.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_RecipeLoader) or {}
+    except DuplicateKeyError as err:
+        raise RecipeError(f"Recipe {path} sets {err.key!r} twice (lines {err.lines[0]} and {err.lines[1]}); YAML "
+                          "would keep the last one silently. Keep one of them.") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"Recipe {path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -138,12 +216,12 @@ def load_recipe_yaml(path: str | Path) -> dict[str, Any]:
         hints = {k: get_close_matches(k, list(types_), n=1) for k in unknown}
         msg = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
         raise GVBSMError(f"Unknown key(s) in recipe {path}: {msg}. Run `python recipes/distill.py --help` for all fields.")
-    for key, value in data.items():
-        cls, tp = types_[key]
-        if cls is GVBSMTrainingArguments and key not in {f.name for f in dataclasses.fields(GVBSMTrainingArguments)
-                                                           if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)}}:
-            continue  # TrainingArguments' own fields: checked by its __post_init__
-        _check_yaml_value(path, key, value, cls, tp)
+    for key, value in list(data.items()):
+        _, tp = types_[key]
+        if isinstance(value, str) and value.strip().lower() in EMPTY_WORDS and _is_list_type(tp):
+            value = _empty_list(tp)  # `baselines: none`
+        data[key] = value = _coerce_yaml_value(value, tp)
+        _check_yaml_value(path, key, value, tp)
     return data
 
 
@@ -206,6 +284,41 @@ def _pop_flag(argv: list[str], flag: str) -> str | None:
     return value
 
 
+def _pop_empty_lists(argv: list[str]) -> dict[str, Any]:
+    """Remove ``--<list field> none`` / ``[]`` / no value from ``argv`` (argparse cannot empty a list);
+    return those fields emptied (``[]``, ``None`` for an optional one). The dataclass then says
+    whether empty is allowed (``eval_seeds`` is not)."""
+    lists = {name: tp for name, (_, tp) in _field_types().items() if _is_list_type(tp)}
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        flag, eq, inline = argv[i].partition("=")
+        name = flag[2:] if flag.startswith("--") else None
+        if name in lists:
+            values = [inline] if eq else list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1:]))
+            if not values or (len(values) == 1 and values[0].strip().lower() in EMPTY_WORDS):
+                out[name] = _empty_list(lists[name])
+                del argv[i : i + (1 if eq else 1 + len(values))]
+                continue
+        i += 1
+    return out
+
+
+def _unknown_flags_message(remaining: list[str]) -> str:
+    """Unknown command-line arguments, each with "did you mean" (the recipe's field names) or the
+    method that owns it."""
+    owners = method_options()
+    fields = list(_field_types())
+    hints = []
+    for flag in (a.lstrip("-").split("=")[0] for a in remaining if a.startswith("--")):
+        if flag in owners:
+            hints.append(f" {flag} is an option of {owners[flag]}: pass it as --method_args '{{\"{owners[flag][0]}\": "
+                         f"{{\"{flag}\": VALUE}}}}'.")
+        elif close := get_close_matches(flag, fields, n=1):
+            hints.append(f" --{flag}: did you mean --{close[0]}?")
+    return f"Unknown command-line argument(s) {remaining}.{''.join(hints)} See `python recipes/distill.py --help`."
+
+
 def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     """``--config recipe.yaml`` plus command-line overrides (flags win over the YAML), validated."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -215,15 +328,12 @@ def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     data = load_recipe_yaml(config_path) if config_path else {}
     if cli_method_args is not None:
         data["method_args"] = merge_method_args(data.get("method_args"), cli_method_args)
+    data.update(_pop_empty_lists(argv))
     parser.set_defaults(**data)
     parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     *objs, remaining = parsed
     if remaining:
-        owners = method_options()
-        flags = [a.lstrip("-").split("=")[0] for a in remaining if a.startswith("--")]
-        hint = "".join(f" {f} is an option of {owners[f]}: pass it as --method_args '{{\"{owners[f][0]}\": "
-                       f"{{\"{f}\": VALUE}}}}'." for f in flags if f in owners)
-        raise GVBSMError(f"Unknown command-line argument(s) {remaining}; see `python recipes/distill.py --help`.{hint}")
+        raise GVBSMError(_unknown_flags_message(remaining))
     recipe = Recipe(*objs)  # type: ignore[arg-type]
     validate_recipe(recipe)
     return recipe
@@ -233,6 +343,9 @@ def validate_recipe(recipe: Recipe) -> None:
     """Cross-field checks of a whole recipe, before any stage runs (each field was checked by its
     dataclass): teacher subsets, backbone names, the main method's options and sizes."""
     r = recipe
+    if not str(r.training.output_dir or "").strip():
+        raise RecipeError(f"output_dir is empty ({r.training.output_dir!r}; an unset shell variable?): nothing would "
+                          "say where the run writes. Set `output_dir: <folder>` in the recipe or --output_dir <folder>.")
     if r.stats.stats_patch_mode is None:  # a recipe-level protocol field (record and recover use it)
         r.stats.stats_patch_mode = PROTOCOLS[r.synthesis.syn_protocol]["stats_patch_mode"]
     for option, subset in (("syn_teachers", r.synthesis.syn_teachers), ("relabel_teachers", r.relabel.relabel_teachers)):
@@ -258,5 +371,5 @@ def check_backbone_names(recipe: Recipe) -> None:
 
 
 __all__ = [
-    "RECIPE_CLASSES", "Recipe", "recipe_to_dict", "recipe_parser", "load_recipe_yaml", "parse_recipe", "validate_recipe",
+    "RECIPE_CLASSES", "RUN_FIELDS", "Recipe", "recipe_to_dict", "recipe_parser", "load_recipe_yaml", "parse_recipe", "validate_recipe",
 ]

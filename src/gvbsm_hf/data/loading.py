@@ -65,14 +65,15 @@ def _ignored_name(name: str) -> bool:
 
 
 def _check_class_folders(root: Path) -> None:
-    """Raise when a class folder of an image folder holds no image.
+    """Raise when a class folder of an image folder holds no image, or when there is one class only.
 
     ``datasets``' imagefolder builder takes the classes from the folders that directly hold image
     files, so an empty class folder (``train/emu/`` with nothing in it) silently disappears from
     the ClassLabel: a 4-class folder loads as 3 classes. The class folders are the sub-folders of
     every folder whose sub-folders hold images (``<folder>/<class>/`` or
     ``<folder>/<split>/<class>/``). Folders with a ``metadata.*`` file (labels may come from it) or
-    mostly non-image files (another builder reads them) are not checked."""
+    mostly non-image files (another builder reads them) are not checked. With one class folder
+    ``datasets`` adds no label column at all, so that case is named here."""
     if not root.is_dir():
         return
     exts = _image_extensions()
@@ -117,6 +118,13 @@ def _check_class_folders(root: Path) -> None:
             f"Class folder(s) {shown} of image folder {str(root)!r} hold no images, {effect}. Add images to each "
             "empty folder, or remove the folder if that class is not meant to exist. Image files are recognised "
             "by their extension (.png, .jpg, ...)."
+        )
+    if len(labels) == 1 and root not in image_dirs and len({len(d.relative_to(root).parts) for d in image_dirs}) == 1:
+        (name,) = labels  # datasets adds no label column for one class: say so, not "label column missing"
+        raise DataValidationError(
+            f"Image folder {str(root)!r} has one class ({name!r}, the only class folder): distillation needs at least "
+            "two classes. Add a folder of images per class (<folder>/<class>/<image>, or "
+            "<folder>/<split>/<class>/<image>)."
         )
 
 

@@ -83,6 +83,11 @@ def validate_image_dataset(
             if names is None:
                 names = list(features["label"].names)
         k = len(names) if names is not None else None
+        if k is not None and k < 2:
+            raise DataValidationError(
+                f"The dataset has {k} class{'' if k == 1 else 'es'} ({names}): distillation needs at least two. "
+                f"Check {recipe_hint('label_column', '<the class column>')}, or add images of the other classes."
+            )
 
         # ---- rows to decode, and labels ---------------------------------------------------
         raw = ds.cast_column("image", datasets.Image(decode=False))

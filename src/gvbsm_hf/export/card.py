@@ -25,6 +25,7 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from .. import hub_utils
 from ..data import DatasetSpec
 from ..errors import GVBSMError
+from ..methods import get_method, list_methods
 from .layout import CONFIG_FILES, export_sizes
 
 TEMPLATE = "templates/dataset_card.md"
@@ -109,6 +110,15 @@ def _public(value: Any) -> Any:
     return value
 
 
+def selection_description(method_name: str) -> str | None:
+    """For a method that selects real images instead of optimising them (``random_real``, ``rded``:
+    ``not get_method(m).optimised``), its one-line description; ``None`` for an optimised one."""
+    if method_name not in list_methods():
+        return None
+    method = get_method(method_name)
+    return None if method.optimised else (method.description or "a selection of real training images")
+
+
 def _size_category(n: int) -> str:
     for bound, name in _SIZE_CATEGORIES:
         if n < bound:
@@ -162,7 +172,9 @@ def build_dataset_card(
     if repo_id is not None and not hub_utils.is_hub_repo_id(repo_id):
         raise GVBSMError(f"repo_id {repo_id!r} is not a Hub dataset id 'owner/name'.")
     name = hub_utils.public_name(spec.name) or "dataset"
-    tags = ["dataset-distillation", "gvbsm", "synthetic", "image-classification", "soft-labels"]
+    selection = selection_description(method_name)
+    tags = ["dataset-distillation", "gvbsm", "data-selection" if selection else "synthetic", "image-classification",
+            "soft-labels"]
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if slug:
         tags.append(slug)
@@ -174,7 +186,8 @@ def build_dataset_card(
     else:
         source_name = source or "the source dataset"
     ipc_text = str(ipc) if ipc is not None else "?"
-    title = f"{name} distilled with {method_name} (IPC {ipc_text})"
+    title = (f"{name}: real images selected by {method_name} (IPC {ipc_text})" if selection
+             else f"{name} distilled with {method_name} (IPC {ipc_text})")
     hp = _public(dict(hyperparameters))
     extra: dict[str, Any] = {}
     if license_name:
@@ -229,6 +242,7 @@ def build_dataset_card(
         image_size=spec.image_size,
         class_names=list(spec.class_names),
         method_name=method_name,
+        selection=selection,
         paper_url=PAPER_URL,
         grid_file=grid_file,
         config_table=config_table,
