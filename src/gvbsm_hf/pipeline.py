@@ -9,7 +9,7 @@ Layout of ``output_dir``::
     teachers/<name>/                    Hub-ready teacher folders (safetensors, config, card)
     statistics/<name>.safetensors       Conv statistics per teacher (docs/method.md Eq. 9) with provenance
     recover/<method>/synthetic.safetensors  synthetic images (+ dataset/, grid.png; jobs/ checkpoints)
-    relabel/<method>/                   stored soft labels (parquet), relabel_mode=stored only
+    relabel/<method>/                   stored soft labels (soft_labels.safetensors), relabel_mode=stored only
     evaluate/results.json               one row per (method, labels, student), last epoch, per seed
     export/<dataset-name>/              Hub-ready dataset folder (parquet + card + grid)
     stages.json                         which stages are done, with the fingerprint of their recipe values
