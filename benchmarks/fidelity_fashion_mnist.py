@@ -20,6 +20,13 @@ overrides below, one cached output folder per row under ``--work-dir``, so a kil
         runs/fm_teachers/convnet32_d2 runs/fm_teachers/shufflenetv2_050 --syn-iterations 1000 --epochs 300
 
 Writes ``--out`` (``benchmarks/results/fidelity_fashion_mnist.json``) and a markdown table beside it.
+
+    python benchmarks/fidelity_fashion_mnist.py --smoke   # seconds (tests/test_benchmarks.py); nothing kept
+
+``--smoke``: one teacher folder (ConvNet-32, one epoch on 200 scikit-learn digits, trained by the
+pipeline's squeeze stage), the rows ``authors``, ``previous_default`` and ``random_real`` at 2
+synthesis iterations and one student epoch and seed (``SMOKE``), everything in a temporary folder
+that is deleted.
 """
 
 from __future__ import annotations
@@ -28,30 +35,50 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "fashion_mnist" / "gvbsm_ipc10.yaml"
 
-AUTHORS = ["--syn_protocol", "authors", "--syn_backbone_choice", "round_robin", "--cutmix_prob", "1.0",
-           "--cutmix_ce_label", "original"]
-VARIANTS: dict[str, tuple[list[str], list[str]]] = {
-    # name: (overrides on top of AUTHORS, what changed)
-    "authors": ([], []),
-    "previous_default": (["--syn_protocol", "gvbsm_hf_v0", "--syn_backbone_choice", "uniform", "--cutmix_prob", "0.0",
-                          "--cutmix_ce_label", "mixed"],
+AUTHORS = ["--syn_protocol", "authors", "--cutmix_prob", "1.0", "--cutmix_ce_label", "original"]
+AUTHORS_OPTIONS = {"syn_backbone_choice": "round_robin"}  # gvbsm's own options (`method_args: {gvbsm: ...}`)
+VARIANTS: dict[str, tuple[list[str], dict, list[str]]] = {
+    # name: (overrides on top of AUTHORS, gvbsm options on top of AUTHORS_OPTIONS, what changed)
+    "authors": ([], {}, []),
+    "previous_default": (["--syn_protocol", "gvbsm_hf_v0", "--cutmix_prob", "0.0", "--cutmix_ce_label", "mixed"],
+                         {"syn_backbone_choice": "uniform"},
                          ["syn_augment", "stats_augment", "syn_first_layer", "syn_beta_dr_unit", "syn_ema_init",
                           "stats_patch_mode", "syn_dd_pool", "syn_backbone_choice", "cutmix_prob", "cutmix_ce_label"]),
-    "augmentation": (["--syn_augment", "per_image_rrc", "--stats_augment", "authors"], ["syn_augment"]),
-    "recording_augmentation": (["--stats_augment", "per_image_rrc"], ["stats_augment"]),
-    "first_layer_multiplier": (["--syn_first_layer", "first_bn_and_conv"], ["syn_first_layer"]),
-    "evaluation_cutmix": (["--cutmix_prob", "0.0"], ["cutmix_prob"]),
+    "augmentation": (["--syn_augment", "per_image_rrc", "--stats_augment", "authors"], {}, ["syn_augment"]),
+    "recording_augmentation": (["--stats_augment", "per_image_rrc"], {}, ["stats_augment"]),
+    "first_layer_multiplier": (["--syn_first_layer", "first_bn_and_conv"], {}, ["syn_first_layer"]),
+    "evaluation_cutmix": (["--cutmix_prob", "0.0"], {}, ["cutmix_prob"]),
 }
+# --smoke (module docstring); explicit flags still win
+SMOKE = dict(syn_iterations=2, epochs=1, seeds=[0], variants=["authors", "previous_default", "random_real"],
+             stats_max_samples=64,
+             extra=["--dataset_name digits --max_train_samples 200 --max_eval_samples 100 --student convnet32 "
+                    "--eval_students convnet32 --accept_unhealthy_synthesis true"])
+
+
+def method_args(options: dict) -> list[str]:
+    """The command-line flag of gvbsm's own options (one ``--method_args``: the last one given wins)."""
+    return ["--method_args", json.dumps({"gvbsm": options})]
+
+
+def smoke_teachers(work: Path, extra: list[str]) -> list[str]:
+    """``--smoke``'s teacher set: one ConvNet-32 folder, trained for one epoch by the pipeline's squeeze stage."""
+    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
+
+    run_pipeline(parse_recipe(["--config", str(RECIPE), *extra, "--teachers", "convnet32", "--teacher_epochs", "1",
+                               "--output_dir", str(work / "teachers"), "--stages", "squeeze"]))
+    return [str(work / "teachers" / "teachers" / "convnet32")]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teachers", nargs="+", required=True, help="Teacher folders (the fixed teacher set).")
+    p.add_argument("--teachers", nargs="+", default=None, help="Teacher folders (the fixed teacher set); required.")
     p.add_argument("--syn-iterations", type=int, default=1000)
     p.add_argument("--epochs", type=int, default=300, help="Student epochs.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -59,8 +86,24 @@ def main() -> None:
     p.add_argument("--stats-max-samples", type=int, default=10000)
     p.add_argument("--work-dir", default="runs/fidelity_fashion_mnist")
     p.add_argument("--out", default="benchmarks/results/fidelity_fashion_mnist.json")
+    p.add_argument("--extra", nargs="*", default=[], help="More recipe overrides for every row, quoted.")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check of the code path (module docstring; "
+                   f"{SMOKE}, unless given); nothing kept")
     args = p.parse_args()
+    if not args.smoke:
+        if not args.teachers:
+            p.error("--teachers is required")
+        fidelity(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="fidelity-smoke-") as tmp:
+        p.set_defaults(**SMOKE, work_dir=str(Path(tmp) / "runs"), out=str(Path(tmp) / "fidelity.json"))
+        args = p.parse_args()
+        extra = [tok for item in args.extra for tok in shlex.split(item)]
+        args.teachers = args.teachers or smoke_teachers(Path(tmp), extra)
+        fidelity(args)
 
+
+def fidelity(args: argparse.Namespace) -> None:
     from gvbsm_hf.pipeline import parse_recipe, run_pipeline
     from gvbsm_hf.teacher import load_teacher
 
@@ -69,16 +112,19 @@ def main() -> None:
               "--eval_seeds", *map(str, args.seeds), "--evaluate_hard_labels", "false",
               "--relabel_export_views", "false",  # the on-the-fly row only (stored views: benchmarks/stored_views_*)
               "--stats_max_samples", str(args.stats_max_samples),
-              "--stages", "squeeze", "record", "recover", "relabel", "evaluate"]
+              "--stages", "squeeze", "record", "recover", "relabel", "evaluate",
+              *[tok for item in args.extra for tok in shlex.split(item)]]
     rows, runs = [], []
     for name in args.variants:
         if name == "random_real":  # the baseline of the `authors` run: same folder, same teachers, same protocol
-            argv = common + AUTHORS + ["--baselines", "random_real", "--output_dir", f"{args.work_dir}/authors"]
+            argv = common + AUTHORS + method_args(AUTHORS_OPTIONS) + [
+                "--baselines", "random_real", "--output_dir", f"{args.work_dir}/authors"]
             method, changed = "random_real", ["syn_method"]
         else:
-            extra, changed = VARIANTS[name]
+            extra, options, changed = VARIANTS[name]
             # `--baselines gvbsm` = no baseline beside the main method
-            argv = common + AUTHORS + extra + ["--baselines", "gvbsm", "--output_dir", f"{args.work_dir}/{name}"]
+            argv = common + AUTHORS + extra + method_args({**AUTHORS_OPTIONS, **options}) + [
+                "--baselines", "gvbsm", "--output_dir", f"{args.work_dir}/{name}"]
             method = "gvbsm"
         t0 = time.perf_counter()
         summary = run_pipeline(parse_recipe(argv))

@@ -34,6 +34,17 @@ at twice the steps, run with ``--seeds 0``).
 
 (teachers: see benchmarks/fidelity_fashion_mnist.py). Writes ``--out``
 (``benchmarks/results/margin_fashion_mnist.json``) and a markdown table beside it.
+
+    python benchmarks/margin_fashion_mnist.py --smoke   # seconds (tests/test_benchmarks.py); nothing kept
+
+``--smoke``: one teacher folder (ConvNet-32, one epoch on 200 scikit-learn digits, trained by the
+pipeline's squeeze stage), IPC 1, the runs ``gvbsm_authors`` (with its random subset) and
+``rded_selection`` at 2 synthesis iterations, one student epoch and seed (``SMOKE``), then the
+collection; everything in a temporary folder that is deleted.
+
+A run's overrides are written as flags; the options of its method (``syn_init``, ``syn_rded_*``,
+``syn_class_weight``, ...) go to the pipeline as one ``--method_args '{"<method>": {...}}'``
+(``_group_method_options``).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,9 +279,25 @@ PLAN = {  # the runs of each IPC, in order (IPC 50 costs 5x IPC 10 per row: its 
 }
 
 
+# --smoke (module docstring); explicit flags still win
+SMOKE = dict(ipc=[1], runs=["gvbsm_authors", "rded_selection"], syn_iterations=[2], epochs=[1], seeds=[0],
+             stats_max_samples=64,
+             extra=["--dataset_name digits --max_train_samples 200 --max_eval_samples 100 --student convnet32 "
+                    "--eval_students convnet32 --accept_unhealthy_synthesis true"])
+
+
+def smoke_teachers(work: Path, extra: list[str]) -> list[str]:
+    """``--smoke``'s teacher set: one ConvNet-32 folder, trained for one epoch by the pipeline's squeeze stage."""
+    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
+
+    run_pipeline(parse_recipe(["--config", str(RECIPE), *extra, "--teachers", "convnet32", "--teacher_epochs", "1",
+                               "--output_dir", str(work / "teachers"), "--stages", "squeeze"]))
+    return [str(work / "teachers" / "teachers" / "convnet32")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teachers", nargs="+", required=True, help="Teacher folders (the fixed teacher set).")
+    p.add_argument("--teachers", nargs="+", default=None, help="Teacher folders (the fixed teacher set); required.")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50], choices=sorted(PLAN))
     p.add_argument("--runs", nargs="+", default=None, help="Only these runs (names of RUNS), in this order.")
     p.add_argument("--syn-iterations", type=int, nargs="+", default=[1000],
@@ -290,7 +318,27 @@ def main() -> None:
                    help="A results file of this benchmark (e.g. the committed one): its rows are written back to "
                         "--work-dir/rows/ where missing, so a fresh clone extends the table instead of replacing it.")
     p.add_argument("--out", default="benchmarks/results/margin_fashion_mnist.json")
+    p.add_argument("--extra", nargs="*", default=[], help="More recipe overrides for every run, quoted.")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check of the code path (module docstring; "
+                   f"{SMOKE}, unless given); nothing kept")
     args = p.parse_args()
+    if not args.smoke:
+        if not args.teachers:
+            p.error("--teachers is required")
+        margin(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="margin-smoke-") as tmp:
+        p.set_defaults(**SMOKE, work_dir=str(Path(tmp) / "runs"), out=str(Path(tmp) / "margin.json"))
+        args = p.parse_args()
+        args.teachers = args.teachers or smoke_teachers(Path(tmp), _extra(args))
+        margin(args)
+
+
+def _extra(args) -> list[str]:
+    return [tok for item in args.extra for tok in shlex.split(item)]
+
+
+def margin(args: argparse.Namespace) -> None:
     work = Path(args.work_dir)
     if args.resume_from:
         _restore_rows(Path(args.resume_from), work)
@@ -303,25 +351,31 @@ def main() -> None:
     _collect(args, work)
 
 
-def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> None:
-    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
-
-    saved = work / "rows" / f"ipc{ipc}_{run.name}.json"
-    if saved.exists():
-        return
+def run_argv(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> tuple[list[str], int, int]:
+    """The pipeline's command line of ``run`` at ``ipc``, and its student epochs and synthesis iterations."""
     if "--syn_iterations" in run.overrides:  # a point of the iterations curve
         iterations = int(run.overrides[run.overrides.index("--syn_iterations") + 1])
     if _run_epochs(run) is not None:  # a longer student (the random subset trains as long)
         epochs = _run_epochs(run)
     baselines = ["random_real"] if run.with_random or run.name in args.random_with else [run.method]  # the main method alone = no baseline
-    argv = ["--config", str(_recipe_for(run.method, work)), "--teachers", *args.teachers, "--ipc", str(ipc),
+    argv = ["--config", str(RECIPE), "--teachers", *args.teachers, "--ipc", str(ipc),
             "--syn_iterations", str(iterations), "--syn_checkpoint_every", str(max(1, iterations // 5)),
             "--num_train_epochs", str(epochs), "--eval_seeds", *map(str, args.seeds),
             "--evaluate_hard_labels", "true", "--hard_label_seeds", *map(str, args.hard_label_seeds),
             "--relabel_export_views", "false",
             "--stats_max_samples", str(args.stats_max_samples), "--stages", "squeeze", "record", "recover", "relabel",
             "evaluate", *AUTHORS, "--syn_method", run.method, *run.overrides, *STUDENT[run.student],
-            "--baselines", *baselines, "--output_dir", str(work / f"ipc{ipc}" / run.folder)]
+            "--baselines", *baselines, "--output_dir", str(work / f"ipc{ipc}" / run.folder), *_extra(args)]
+    return _group_method_options(argv, run.method), epochs, iterations
+
+
+def _run(args, work: Path, ipc: int, epochs: int, iterations: int, run: Run) -> None:
+    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
+
+    saved = work / "rows" / f"ipc{ipc}_{run.name}.json"
+    if saved.exists():
+        return
+    argv, epochs, iterations = run_argv(args, work, ipc, epochs, iterations, run)
     t0 = time.perf_counter()
     summary = run_pipeline(parse_recipe(argv))
     rows = [r for r in summary["results"] if r["method"] in (run.method, "random_real")]
@@ -398,28 +452,29 @@ def _run_epochs(run: Run) -> int | None:
     return int(o[o.index("--num_train_epochs") + 1]) if "--num_train_epochs" in o else None
 
 
-def _recipe_for(method: str, work: Path) -> Path:
-    """RECIPE, minus the method fields (gvbsm's syn_r_bn, syn_alpha, ...) that ``method`` does not have: a
-    recipe may only set the main method's own options (``method_config``)."""
-    import dataclasses
-
+def _group_method_options(argv: list[str], method: str) -> list[str]:
+    """``argv`` with the options of ``method`` (``--syn_rded_selection kcenter``, ``--syn_init rded``, ...) moved
+    into one ``--method_args '{"<method>": {...}}'`` (a recipe holds each method's options under its name; the
+    recipe's own groups, e.g. its gvbsm options, stay and are merged per option, the flags winning). Values are
+    read as YAML (numbers, booleans, strings); an option given twice keeps its last value, as flags do."""
     import yaml
 
-    from gvbsm_hf.recover.config import SynthesisArguments
     from gvbsm_hf.methods import get_method
-    from gvbsm_hf.methods.registry import SynthesisConfig
 
-    own = {f.name for f in dataclasses.fields(get_method(method).config_class)}
-    method_fields = {f.name for f in dataclasses.fields(SynthesisArguments)} - set(SynthesisConfig.PROTOCOL_FIELDS)
-    recipe = yaml.safe_load(RECIPE.read_text())
-    kept = {k: v for k, v in recipe.items() if k == "syn_method" or k not in method_fields or k in own}
-    if kept == recipe:
-        return RECIPE
-    path = work / "recipes" / f"{RECIPE.stem}_{method}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {RECIPE.name} without the fields {method!r} does not have: {sorted(set(recipe) - set(kept))}\n"
-                    + yaml.safe_dump(kept, sort_keys=False))
-    return path
+    own = set(get_method(method).config_class.options())
+    rest, options, i = [], {}, 0
+    while i < len(argv):
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+            j += 1
+        name = argv[i][2:] if argv[i].startswith("--") else None
+        if name in own:
+            values = [yaml.safe_load(v) for v in argv[i + 1:j]]
+            options[name] = values[0] if len(values) == 1 else values
+        else:
+            rest += argv[i:j]
+        i = j
+    return rest + (["--method_args", json.dumps({method: options})] if options else [])
 
 
 def _invocation() -> str:

@@ -39,17 +39,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gvbsm_hf.backbones import create_backbone
-from gvbsm_hf.record.config import StatisticsArguments
-from gvbsm_hf.recover.config import PROTOCOLS, SynthesisArguments
-from gvbsm_hf.data import DatasetSpec
-from gvbsm_hf.record.engine import record_statistics
-from gvbsm_hf.methods import method_config
-from gvbsm_hf.recover.job_runner import JobRunner
-from gvbsm_hf.recover.teacher_slot import TeacherSlot
-from gvbsm_hf.recover.jobs import plan_jobs
-from gvbsm_hf.record.compatibility import stats_augment_kind, stats_patch_mode
-
 VARIANTS = {  # name: (method, its options; unset: the method's defaults)
     "ce_only": ("gvbsm", dict(syn_r_bn=0.0, syn_r_conv=0.0, syn_dd=False, syn_alpha=0.0)),
     "sre2l": ("sre2l", {}),
@@ -86,6 +75,18 @@ def teacher_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> i
 
 
 def main() -> None:
+    # the package is imported here, not at the top: synthesis_imagenet_scale.py imports this module's helpers
+    from gvbsm_hf.backbones import create_backbone
+    from gvbsm_hf.record.config import StatisticsArguments
+    from gvbsm_hf.recover.config import PROTOCOLS, SynthesisArguments
+    from gvbsm_hf.data import DatasetSpec
+    from gvbsm_hf.record.engine import record_statistics
+    from gvbsm_hf.methods import method_config
+    from gvbsm_hf.recover.job_runner import JobRunner
+    from gvbsm_hf.recover.teacher_slot import TeacherSlot
+    from gvbsm_hf.recover.jobs import plan_jobs
+    from gvbsm_hf.record.compatibility import stats_augment_kind, stats_patch_mode
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="convnet128")
     p.add_argument("--image-size", type=int, default=28)
@@ -131,7 +132,7 @@ def main() -> None:
         syn = method_config(method, SynthesisArguments(
             syn_method=method, ipc=args.ipc, syn_iterations=10**6, syn_mixed_precision=args.mixed_precision,
             syn_channels_last=args.channels_last, **protocol), **options)
-        # the statistics this synthesis accepts (recover.engine.check_statistics_fit): recorded with its
+        # the statistics this synthesis accepts (record.compatibility.check_statistics_fit): recorded with its
         # protocol's augmentation family (random crops of `syn_crop_scale`) and patch mode
         key = (stats_augment_kind(stats_args, syn.syn_augment), tuple(syn.syn_crop_scale),
                stats_patch_mode(stats_args, syn))
