@@ -34,7 +34,8 @@ from .fingerprint import SECRET_FIELDS, config_to_dict
 from .methods import get_method, list_methods, method_config
 from .pipeline_config import PipelineArguments
 from .record.config import StatisticsArguments
-from .recover.config import PROTOCOLS, SynthesisArguments, parse_method_args
+from .record.compatibility import stats_patch_mode
+from .recover.config import SynthesisArguments, parse_method_args
 from .relabel.config import RelabelArguments
 from .squeeze.config import (
     SqueezeArguments,
@@ -346,8 +347,7 @@ def validate_recipe(recipe: Recipe) -> None:
     if not str(r.training.output_dir or "").strip():
         raise RecipeError(f"output_dir is empty ({r.training.output_dir!r}; an unset shell variable?): nothing would "
                           "say where the run writes. Set `output_dir: <folder>` in the recipe or --output_dir <folder>.")
-    if r.stats.stats_patch_mode is None:  # a recipe-level protocol field (record and recover use it)
-        r.stats.stats_patch_mode = PROTOCOLS[r.synthesis.syn_protocol]["stats_patch_mode"]
+    r.stats.stats_patch_mode = stats_patch_mode(r.stats, r.synthesis)  # record and recover share it
     for option, subset in (("syn_teachers", r.synthesis.syn_teachers), ("relabel_teachers", r.relabel.relabel_teachers)):
         unknown = [n for n in subset or [] if n not in r.squeeze.teachers]
         if unknown:
