@@ -332,9 +332,9 @@ def test_kmeans_recovers_separated_clusters_and_is_seeded():
     assert select_boundary(ce, logits, 0, 4).tolist() == [0, 1, 2, 4]
     assert select_boundary(ce, logits, 1, 3).tolist() == [0, 4, 3]
     with pytest.raises(RecipeError, match="syn_rded_selection"):
-        SynthesisArguments(syn_rded_selection="typical")
-    SynthesisArguments(syn_rded_selection="kcenter")  # a choice
-    SynthesisArguments(syn_rded_selection="facility_location")
+        SynthesisArguments(syn_method="rded", method_args={"rded": {"syn_rded_selection": "typical"}})
+    for rule in ("kcenter", "facility_location"):  # choices
+        SynthesisArguments(syn_method="rded", method_args={"rded": {"syn_rded_selection": rule}})
     with pytest.raises(GVBSMError, match="syn_rded_selection='typical'"):
         select_clustered(torch.zeros(4), torch.zeros(4, 2), 2, "typical", torch.Generator())
 
@@ -601,9 +601,9 @@ def test_class_weight_in_recover(tmp_path, class_setup):
         recover(teachers, globals_only, SPEC, small_args(syn_class_weight=0.5), stats_args=STATS_ARGS,
                 output_dir=tmp_path / "d")
     with pytest.raises(RecipeError, match="syn_class_weight"):
-        SynthesisArguments(syn_class_weight=1.5)
+        SynthesisArguments(method_args={"gvbsm": {"syn_class_weight": 1.5}})
     with pytest.raises(GVBSMError, match="syn_class_weight"):
-        method_config("random_real", SynthesisArguments(syn_method="random_real", syn_class_weight=0.5))
+        SynthesisArguments(syn_method="random_real", method_args={"random_real": {"syn_class_weight": 0.5}})
 
 
 # ------------------------------------------------------------------------------ student options

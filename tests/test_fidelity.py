@@ -134,7 +134,7 @@ def test_first_layer_multiplier_lands_where_configured(tmp_path, teachers_and_st
     monkeypatch.setattr(gvbsm_mod, "conv_matching_loss",
                         lambda *a, **k: seen.setdefault("conv", k["layer_weights"]) and real_conv(*a, **k))
     args = SynthesisArguments(ipc=1, syn_iterations=1, syn_classes_per_batch=10, syn_first_layer=first_layer,
-                              syn_single_teacher=True)
+                              method_args={"gvbsm": {"syn_single_teacher": True}})
     recover(teachers[:1], stats[:1], SPEC, args, stats_args=StatisticsArguments(stats_augment="per_image_rrc"),
             output_dir=tmp_path / first_layer)
     convs = [n for n, m in teachers[0].named_modules() if isinstance(m, torch.nn.Conv2d)]

@@ -318,8 +318,9 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path, monkeypatch):
     recipe = yaml.safe_load(IMAGENET_RECIPE.read_text())
     used = json.loads((out / "recipe.json").read_text())
     for key in ("teachers", "stats_patch_size", "relabel_logit_norm", "student", "syn_method", "syn_protocol",
-                "syn_backbone_choice", "loss_type", "image_size", "syn_mixed_precision", "syn_channels_last"):
+                "method_args", "loss_type", "image_size", "syn_mixed_precision", "syn_channels_last"):
         assert used[key] == recipe[key], key
+    assert used["method_args"]["gvbsm"]["syn_backbone_choice"] == "round_robin"
     assert recipe["teachers"] == ["tv:resnet18", "tv:mobilenet_v2", "tv:efficientnet_b0", "tv:shufflenet_v2_x0_5"]
     assert recipe["stats_patch_size"] == 16 and recipe["relabel_logit_norm"] and recipe["student"] == "tv:resnet18"
     for name in ("tv-resnet18", "tv-mobilenet_v2", "tv-efficientnet_b0", "tv-shufflenet_v2_x0_5"):
