@@ -27,6 +27,8 @@ SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py"))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
            HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
 NEEDS = {"plot_margin.py": "matplotlib"}  # optional extras (pip install -e ".[plot]"); skipped without them
+OWN_TEST = {"cross_arch_fashion_mnist.py": "tests/test_cross_arch.py"}
+"""Scripts whose --smoke a test of their own runs (with more checks: the results schema): not run twice."""
 
 # every script's --help in ONE process (runpy), so that the imports are paid once
 _HELP_ALL = r"""
@@ -72,6 +74,9 @@ def test_benchmarks_every_script_offers_smoke():
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_benchmarks_smoke(script):
+    if script in OWN_TEST:
+        assert (REPO / OWN_TEST[script]).is_file() and "--smoke" in (REPO / OWN_TEST[script]).read_text()
+        pytest.skip(f"{script} --smoke runs in {OWN_TEST[script]}")
     if script in NEEDS and importlib.util.find_spec(NEEDS[script]) is None:
         pytest.skip(f"{script} needs {NEEDS[script]}")
     before = _results_snapshot()
