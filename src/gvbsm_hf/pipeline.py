@@ -102,7 +102,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
             check_results_file(out, cache)
             unused = sorted(set(r.synthesis.method_args) - {r.synthesis.syn_method})
             if unused:
-                logger.info(f"method_args of {unused} kept and unused: syn_method is {r.synthesis.syn_method!r} and "
+                logger.warning(f"method_args of {unused} kept and unused: syn_method is {r.synthesis.syn_method!r} and "
                             "baselines use their own defaults")
             seed_everything(r.training.seed)
             if accelerator.is_main_process:
