@@ -426,16 +426,6 @@ def _extra(args: argparse.Namespace) -> list[str]:
     return [tok for item in args.extra for tok in shlex.split(item)]
 
 
-def smoke_teachers(work: Path, extra: list[str]) -> list[str]:
-    """``--smoke``'s teacher set: one ConvNet-32 folder, trained for one epoch by the pipeline's squeeze stage
-    (as benchmarks/margin_fashion_mnist.py's smoke)."""
-    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
-
-    run_pipeline(parse_recipe(["--config", str(RECIPE), *extra, "--teachers", "convnet32", "--teacher_epochs", "1",
-                               "--output_dir", str(work / "teachers"), "--stages", "squeeze"]))
-    return [str(work / "teachers" / "teachers" / "convnet32")]
-
-
 def benchmark(args: argparse.Namespace) -> dict:
     from gvbsm_hf.teacher import load_teacher
 
@@ -492,6 +482,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cross-arch-smoke-") as tmp:
         p.set_defaults(**SMOKE, work_dir=str(Path(tmp) / "runs"))
         args = p.parse_args()
+        from margin_fashion_mnist import smoke_teachers  # the sibling script's teacher set (one for all smokes)
+
         args.teachers = args.teachers or smoke_teachers(Path(tmp), _extra(args))
         result = benchmark(args)  # validated (validate_result) before it is returned
     print(markdown(result))

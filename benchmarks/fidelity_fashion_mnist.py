@@ -67,15 +67,6 @@ def method_args(options: dict) -> list[str]:
     return ["--method_args", json.dumps({"gvbsm": options})]
 
 
-def smoke_teachers(work: Path, extra: list[str]) -> list[str]:
-    """``--smoke``'s teacher set: one ConvNet-32 folder, trained for one epoch by the pipeline's squeeze stage."""
-    from gvbsm_hf.pipeline import parse_recipe, run_pipeline
-
-    run_pipeline(parse_recipe(["--config", str(RECIPE), *extra, "--teachers", "convnet32", "--teacher_epochs", "1",
-                               "--output_dir", str(work / "teachers"), "--stages", "squeeze"]))
-    return [str(work / "teachers" / "teachers" / "convnet32")]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", nargs="+", default=None, help="Teacher folders (the fixed teacher set); required.")
@@ -99,6 +90,8 @@ def main() -> None:
         p.set_defaults(**SMOKE, work_dir=str(Path(tmp) / "runs"), out=str(Path(tmp) / "fidelity.json"))
         args = p.parse_args()
         extra = [tok for item in args.extra for tok in shlex.split(item)]
+        from margin_fashion_mnist import smoke_teachers  # the sibling script's teacher set (one for all smokes)
+
         args.teachers = args.teachers or smoke_teachers(Path(tmp), extra)
         fidelity(args)
 
