@@ -148,30 +148,15 @@ def within_class_diversity(features: torch.Tensor, labels: torch.Tensor, real_fe
 
 
 @torch.no_grad()
-def penultimate_features(teachers: Sequence[nn.Module], images: torch.Tensor, batch: int = 256) -> list[torch.Tensor]:
-    """Per teacher, the flattened input ``(N, D_t)`` (float64) of its last ``nn.Linear`` (the head) for
-    normalised ``images``."""
-    out = []
-    for teacher in teachers:
-        head = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1]
-        seen: list[torch.Tensor] = []
-        handle = head.register_forward_pre_hook(
-            lambda _m, inp, seen=seen: seen.append(inp[0].flatten(1).double().cpu()))
-        try:
-            for chunk in images.split(batch):
-                teacher(chunk)
-        finally:
-            handle.remove()
-        out.append(torch.cat(seen))
-    return out
-
-
 def teacher_feature_space(teachers: Sequence[nn.Module], images: torch.Tensor,
                           real_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(features of images, features of real_images)`` in the teachers' joint penultimate space: each
     teacher's features divided by the mean L2 norm of its real features (so every teacher weighs the same),
-    concatenated; the scale comes from the real images only, so both sets are measured in the same space."""
-    syn_f, real_f = penultimate_features(teachers, images), penultimate_features(teachers, real_images)
+    concatenated; the scale comes from the real images only, so both sets are measured in the same space.
+    Features: :func:`gvbsm_hf.methods.selection.teacher_features` (the input of each teacher's last nn.Linear)."""
+    from gvbsm_hf.methods.selection import teacher_features
+
+    syn_f, real_f = teacher_features(teachers, images), teacher_features(teachers, real_images)
     scales = [r.norm(dim=1).mean().clamp_min(1e-12) for r in real_f]
     return (torch.cat([f / s for f, s in zip(syn_f, scales)], 1), torch.cat([f / s for f, s in zip(real_f, scales)], 1))
 
