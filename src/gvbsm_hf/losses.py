@@ -1,8 +1,9 @@
 """Pure loss functions of G-VBSM (docs/method.md Eq. 1, 4-6, 8, 10, 11) and of SRe2L (KL soft labels).
 
 Every function takes tensors on any device, accepts float32 / bf16 / fp16 inputs, computes in
-float32 and returns float32. None of them syncs with the host except :func:`check_finite` and the
-class grouping of :func:`data_densification_loss` (one ``tolist`` of the class counts).
+float32 and returns float32. None of them syncs with the host except :func:`check_finite` and
+:func:`data_densification_loss` (one ``tolist`` of the class counts, and ``eigvalsh``; the recover engine
+uses :func:`gvbsm_hf.densification.class_major_dd_loss` on its class-major jobs, which syncs nowhere).
 
 Statistic matching (Eq. 1, 6, 10) uses the SDS form of the authors' code::
 
@@ -23,6 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .densification import dd_features
 from .errors import GVBSMError, NonFiniteLossError, StatisticsMismatchError
 
 __all__ = [
@@ -280,15 +282,7 @@ def data_densification_loss(
             f"labels must be (N,) class indices matching the {images.shape[0]} images, got shape {tuple(labels.shape)}."
         )
     with torch.autocast(device_type=images.device.type, enabled=False):
-        x = images.float()
-        h, w = x.shape[-2:]
-        if pool == "always":
-            x = F.adaptive_avg_pool2d(x, (pool_size, pool_size))
-        elif pool != "downsample_only":
-            raise GVBSMError(f"pool must be 'always' or 'downsample_only', got {pool!r} (syn_dd_pool).")
-        elif h > pool_size or w > pool_size:
-            x = F.adaptive_avg_pool2d(x, (min(h, pool_size), min(w, pool_size)))
-        x = x.flatten(1)
+        x = dd_features(images, pool_size, pool)
 
         sorted_labels, order = torch.sort(labels.detach().long(), stable=True)
         _, counts = torch.unique_consecutive(sorted_labels, return_counts=True)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..densification import class_major_dd_loss
 from ..errors import StatisticsMismatchError
 from ..losses import bn_matching_loss, conv_matching_loss, data_densification_loss
 from ..validation import check_range
@@ -209,8 +210,12 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
             extra["conv_class"] = conv_class
             conv = w * conv + (1.0 - w) * conv_class
     if c.syn_dd:
-        dd = data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau, pool_size=c.syn_dd_pool_size,
+        if step.group_size > 0:  # the engine's class-major job: a reshape, no host sync (Eq. 5)
+            dd = class_major_dd_loss(step.x, step.group_size, tau=c.syn_dd_tau, pool_size=c.syn_dd_pool_size,
                                      pool=c.syn_dd_pool)
+        else:
+            dd = data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau,
+                                         pool_size=c.syn_dd_pool_size, pool=c.syn_dd_pool)
     loss = c.syn_ce_weight * ce + c.syn_r_bn * bn + c.syn_r_conv * conv + c.syn_dd_weight * dd
     return loss, {"ce": ce, "bn": bn, "conv": conv, "dd": dd, **extra}
 

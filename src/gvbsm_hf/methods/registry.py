@@ -113,7 +113,9 @@ class SynthesisStep:
     ``real_labels``: a class-balanced batch of ``config.real_batch_size()`` real train images of
     the job's classes (normalised, on the device), drawn afresh every iteration; ``None`` when the
     method asks for none. ``teachers``: every synthesis teacher's model in slot order (hooks of all
-    but ``teachers[teacher_index]``, this iteration's ``teacher.model``, are off)."""
+    but ``teachers[teacher_index]``, this iteration's ``teacher.model``, are off). ``group_size``: the
+    batch is class-major with this many images per class (the recover engine's jobs), so per-class
+    terms may reshape instead of grouping ``labels``; 0: no such layout is promised."""
 
     config: SynthesisConfig
     x: "torch.Tensor"
@@ -128,6 +130,7 @@ class SynthesisStep:
     real_labels: Optional["torch.Tensor"] = None
     teachers: tuple = ()
     teacher_index: int = 0
+    group_size: int = 0
 
 
 LossFn = Callable[[SynthesisStep], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]

@@ -192,7 +192,8 @@ class JobRunner:
         step = SynthesisStep(config=args, x=x, logits=logits, labels=self.labels, teacher=slot,
                              state=self.states[k], generator=self.generator, iteration=self.iteration,
                              job_state=self.job_state, real_x=real_x, real_labels=real_labels,
-                             teachers=tuple(s.model for s in self.slots), teacher_index=k)
+                             teachers=tuple(s.model for s in self.slots), teacher_index=k,
+                             group_size=len(self.job.slots))
         try:
             loss, components = self.loss_fn(step)
         except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
