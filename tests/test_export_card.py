@@ -1,17 +1,24 @@
-"""The dataset card links only to places that exist: the paper, the Hub repos the export names
-(its own id, its published teachers, its source dataset) and files inside the exported folder."""
+"""The dataset card links only to places that exist (the paper, the package's ``[project.urls]``, the
+Hub repos the export names: its published teachers, its source dataset; files inside the exported
+folder), and its metadata header holds the dataset facts, the method, IPC and the recipe's
+non-default values only."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import DatasetCard
 from PIL import Image
 
 from gvbsm_hf.data import DatasetSpec
-from gvbsm_hf.export.card import PAPER_URL
+from gvbsm_hf.export import card as export_card
+from gvbsm_hf.export.card import PAPER_URL, project_urls
 from gvbsm_hf.export.engine import export_distilled_dataset
+from gvbsm_hf.fingerprint import NON_RESULT_FIELDS
+from gvbsm_hf.recipe import parse_recipe, recipe_defaults, recipe_to_dict
 from gvbsm_hf.relabel.store import StoredSoftLabels
 
 K = 4
@@ -35,7 +42,7 @@ def _stored(n: int, g: torch.Generator) -> StoredSoftLabels:
 
 
 def _allowed(repo_id: str | None, teachers: list[str], source: str) -> set[str]:
-    out = {PAPER_URL, f"https://huggingface.co/datasets/{source}"}
+    out = {PAPER_URL, f"https://huggingface.co/datasets/{source}", *project_urls().values()}
     out |= {f"https://huggingface.co/{t}" for t in teachers}
     if repo_id:
         out |= {f"https://huggingface.co/datasets/{repo_id}"}
@@ -86,3 +93,68 @@ def test_card_of_a_local_source_links_no_source(tmp_path):
     text = (folder / "README.md").read_text()
     assert set(URL.findall(text)) == {PAPER_URL}
     assert "](#source-data-and-license)" in text
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "recipes" / "digits" / "smoke.yaml"
+UNUSED_TRAINING_ARGUMENTS = (
+    "use_liger_kernel", "liger_kernel_config", "neftune_noise_alpha", "torch_compile", "torch_compile_backend",
+    "torch_compile_mode", "deepspeed", "fsdp", "fsdp_config", "push_to_hub", "push_to_hub_token", "hub_token",
+    "hub_strategy", "hub_model_id", "ddp_backend", "ddp_timeout", "tpu_num_cores", "label_smoothing_factor",
+    "group_by_length", "length_column_name", "include_for_metrics", "eval_accumulation_steps", "adam_beta1",
+    "adam_epsilon", "max_grad_norm", "warmup_ratio", "accelerator_config", "debug",
+    "optim_target_modules", "batch_eval_metrics", "average_tokens_across_devices", "full_determinism",
+)
+
+
+def _keys(value) -> set[str]:
+    """Every mapping key at any depth of ``value``."""
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()
+
+
+def test_card_header_holds_the_recipes_non_default_values_only(tmp_path):
+    recipe = parse_recipe(["--config", str(SMOKE), "--ipc", "2", "--syn_lr", "0.3"])
+    method, defaults = recipe_to_dict(recipe), recipe_defaults()
+    g = torch.Generator().manual_seed(2)
+    n = 2 * K
+    folder = export_distilled_dataset(
+        tmp_path / "ex", images=torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g),
+        labels=torch.arange(n) % K, spec=_spec("org/toy-source"), method=method, defaults=defaults,
+        soft_logits=torch.randn(n, K, generator=g), results=RESULTS,
+    )
+    card = DatasetCard.load(folder / "README.md")
+    header = card.data.to_dict()
+    assert not _keys(header) & set(UNUSED_TRAINING_ARGUMENTS), _keys(header) & set(UNUSED_TRAINING_ARGUMENTS)
+    assert header["method"] == "gvbsm" and header["ipc"] == 2 and header["license"] == "mit"
+    assert header["task_categories"] == ["image-classification"] and header["source_datasets"] == ["org/toy-source"]
+    assert {"configs", "dataset_info", "size_categories", "tags"} <= set(header)
+    settings = header["settings"]
+    expected = {k: v for k, v in method.items() if defaults.get(k, object()) != v}
+    expected = {k: v for k, v in expected.items() if k not in NON_RESULT_FIELDS | {"syn_method", "ipc"}}
+    assert expected and settings == expected  # every non-default value, and nothing else
+    assert settings["syn_lr"] == 0.3 and settings["dataset_name"] == "digits"
+    assert settings["method_args"] == {"gvbsm": {"syn_dd_pool_size": 32}}
+    assert "learning_rate" in settings and "adam_beta2" not in settings and "logging_steps" not in settings
+    assert len(card.content.split("---")[1].splitlines()) < 150  # was about 250 fields before
+    assert "lists the values that differ from the\ndefaults" in card.text
+    # the full recipe stays in the folder, and parses back to the same recipe
+    again = parse_recipe(["--config", str(folder / "gvbsm_config.json")])
+    assert recipe_to_dict(again) == method
+
+
+def test_card_links_the_packages_project_urls(tmp_path, monkeypatch):
+    urls = {"Paper": PAPER_URL, "Documentation": "https://example.org/gvbsm-hf/docs"}
+    monkeypatch.setattr(export_card, "project_urls", lambda: urls)
+    n = 4
+    folder = export_distilled_dataset(
+        tmp_path / "ex", images=torch.zeros(n, 3, 8, 8, dtype=torch.uint8), labels=torch.arange(n) % K,
+        spec=_spec("org/toy-source"), method=METHOD, source_dataset="org/toy-source",
+    )
+    text = (folder / "README.md").read_text()
+    assert "[Documentation](https://example.org/gvbsm-hf/docs)" in text
+    assert set(URL.findall(text)) == {PAPER_URL, "https://example.org/gvbsm-hf/docs",
+                                      "https://huggingface.co/datasets/org/toy-source"}
+    assert "](gvbsm_config.json)" in text and (folder / "gvbsm_config.json").is_file()

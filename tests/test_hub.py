@@ -233,7 +233,7 @@ def test_dataset_card(tmp_path, grid_file):
     assert data.task_categories == ["image-classification"]
     assert data.source_datasets == ["org/toy-source"]
     assert data.ipc == 2 and data.method == "gvbsm"
-    assert data.hyperparameters["syn_lr"] == 0.1
+    assert data.settings["syn_lr"] == 0.1  # no recipe defaults given: the main settings
     assert data.teachers == ["me/toy-convnet32", "me/toy-wrn_16_2"]
     configs = {c["config_name"]: c for c in data.configs}
     assert set(configs) == {"default", "statistics"}
@@ -324,8 +324,8 @@ def test_card_with_unpublished_teachers_names_no_local_path(tmp_path, monkeypatc
     card = DatasetCard.load(folder / "README.md")
     assert card.data.unpublished_teachers == ["convnet32", "wrn_16_2"]
     assert card.data.to_dict().get("teachers") is None  # the metadata lists published ids only
-    assert card.data.hyperparameters["teachers"] == ["<local: convnet32>", "<local: wrn_16_2>"]
-    assert "output_dir" not in card.data.hyperparameters and "logging_dir" not in card.data.hyperparameters
+    assert card.data.settings["teachers"] == ["<local: convnet32>", "<local: wrn_16_2>"]
+    assert "output_dir" not in card.data.settings and "logging_dir" not in card.data.settings
     body = card.text
     assert "`convnet32`, `wrn_16_2`" in body and "**not published**" in body
     assert "teacher_repo_prefix: <org>/<name>" in body and "--config gvbsm_config.json" in body

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +43,7 @@ from .export.config import PublishArguments
 from .fingerprint import SECRET_FIELDS
 from .methods import get_init, get_method, method_config
 from .pipeline_config import STAGES
+from .progress import library_bars, log_stage_done
 from .recipe import (
     Recipe,
     load_recipe_yaml,
@@ -93,7 +95,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
     check_process_count(accelerator.num_processes, r.pipeline.num_processes, logger)
     stage_name: str | None = None
     try:
-        with output_dir_lock(out, accelerator.is_main_process):
+        with output_dir_lock(out, accelerator.is_main_process), library_bars():
             if report_to:
                 accelerator.init_trackers("gvbsm", config=recipe_to_dict(r, deny=SECRET_FIELDS))
             cache = open_stage_cache(out, r.pipeline.redo, r, accelerator)
@@ -134,6 +136,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
                     if stage_name == "evaluate":
                         repair_damaged_run_files(out / "evaluate", logger)
                 accelerator.wait_for_everyone()
+                started = time.monotonic()
                 try:
                     info = stage.run(ctx)
                 except Exception as err:
@@ -146,6 +149,7 @@ def run_pipeline(recipe: Recipe) -> dict[str, Any]:
                     # cached) leaves it empty for the stages after it
                     accelerator = ctx.accelerator = make_accelerator()
                 cache.mark(stage_name, **info, runtime=runtime_provenance(accelerator.num_processes))
+                log_stage_done(stage_name, time.monotonic() - started, info)
             accelerator.wait_for_everyone()
             accelerator.end_training()
     except KeyboardInterrupt as stop:  # Ctrl-C (SIGTERM too, in recipes/distill.py): say where it stopped

@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import itertools
 import logging
 import sys
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
+from accelerate.state import AcceleratorState, PartialState
 from transformers import HfArgumentParser
 
 from .backbones import is_backbone_name, unknown_backbone_message
@@ -338,6 +341,25 @@ def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:
     recipe = Recipe(*objs)  # type: ignore[arg-type]
     validate_recipe(recipe)
     return recipe
+
+
+def recipe_defaults() -> dict[str, Any]:
+    """The flat values (:func:`recipe_to_dict`) of the recipe that sets nothing (``parse_recipe([])``):
+    the export's card lists only the values of its recipe that differ from these."""
+    return copy.deepcopy(_recipe_defaults())
+
+
+@functools.cache
+def _recipe_defaults() -> dict[str, Any]:
+    # building the default TrainingArguments resets accelerate's shared state: a running Accelerator's is put back
+    saved = [(shared, dict(shared)) for shared in (PartialState._shared_state, AcceleratorState._shared_state)]
+    try:
+        return recipe_to_dict(parse_recipe([]))
+    finally:
+        for shared, before in saved:
+            if before:
+                shared.clear()
+                shared.update(before)
 
 
 def validate_recipe(recipe: Recipe) -> None:

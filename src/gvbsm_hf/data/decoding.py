@@ -24,9 +24,9 @@ import torch
 from PIL import Image as PILImage
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
 
 from ..errors import DataValidationError, GVBSMError
+from ..progress import progress_bar
 from ..utils import seeded_generator
 from .sampling import split_labels
 from .spec import DatasetSpec
@@ -200,7 +200,8 @@ def to_uint8_tensors(
     images = torch.empty(n, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     bs = 4096
     images_only = raw.select_columns(["image"])
-    with tqdm(total=n, desc=f"decoding {spec.name}", disable=n < 20_000 or not _is_main_process(), leave=False) as bar:
+    quiet = n < 20_000 or not _is_main_process()
+    with progress_bar(total=n, desc=f"decoding {spec.name}", disable=quiet, leave=False) as bar:
         for start in range(0, n, bs):
             stop = min(start + bs, n)
             images[start:stop] = _decode_batch(images_only[start:stop]["image"], spec)

@@ -1,4 +1,5 @@
-"""Trainer callbacks of the student: the EMA of EDC and the exact resume of a killed run.
+"""Trainer callbacks of the student: the EMA of EDC, the exact resume of a killed run, and its
+output when the output is not a terminal (:func:`quiet_trainer_output`).
 
 Both work through the public ``transformers`` callback API only (``TrainerCallback`` events,
 ``TrainerControl`` flags, ``TrainerState`` fields and ``ExportableState``, whose state the Trainer
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -16,17 +18,18 @@ from accelerate.logging import get_logger
 from accelerate.utils import gather
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState, PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import is_torch_xla_available
 
 from ..errors import GVBSMError
+from ..progress import NON_TTY_INTERVAL, bar_mode
 from ..utils import load_safetensors, save_safetensors
 
 logger = get_logger(__name__)
 
-__all__ = ["EMA_STATE_FILE", "ExactResumeCallback", "StudentEMACallback"]
+__all__ = ["EMA_STATE_FILE", "ExactResumeCallback", "StudentEMACallback", "ThrottledLogCallback", "quiet_trainer_output"]
 
 EMA_STATE_FILE = "gvbsm_student_ema.safetensors"  # in each checkpoint: the student EMA (student_ema_decay)
 
@@ -218,3 +221,37 @@ class ExactResumeCallback(TrainerCallback, ExportableState):
     def train_loss(self, global_step: int) -> float:
         """``training_loss``: every drained sum plus this process's rest, per optimizer step."""
         return (self.logged_loss_sum + self.loss_since_log.item()) / max(global_step - self.first_step, 0.001)
+
+
+class ThrottledLogCallback(TrainerCallback):
+    """transformers' ``PrinterCallback`` (one printed line per ``logging_steps``) throttled: at most
+    one line every ``interval`` seconds, none in a run shorter than that."""
+
+    def __init__(self, interval: float = NON_TTY_INTERVAL) -> None:
+        self.interval = float(interval)
+        self._last = time.monotonic()
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self._last = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        now = time.monotonic()
+        if not state.is_local_process_zero or not logs or now - self._last < self.interval:
+            return
+        self._last = now
+        values = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items())
+        print(f"student {getattr(args, 'student', '?')} seed {args.seed} step {state.global_step}/{state.max_steps}: "
+              f"{values}", flush=True)
+
+
+def quiet_trainer_output(trainer: Trainer) -> None:
+    """The student Trainer's output in the mode of :func:`gvbsm_hf.progress.bar_mode`. Unless
+    ``"live"``, the caller sets ``disable_tqdm`` (a non-result field: no fingerprint changes), and
+    the ``PrinterCallback`` the Trainer then adds is replaced by :class:`ThrottledLogCallback`
+    (``"throttled"``) or by nothing (``"off"``)."""
+    mode = bar_mode()
+    if mode == "live":
+        return
+    trainer.remove_callback(PrinterCallback)
+    if mode == "throttled":
+        trainer.add_callback(ThrottledLogCallback(NON_TTY_INTERVAL))

@@ -24,8 +24,10 @@ from ..backbones import create_backbone
 from ..data import DatasetSpec
 from ..ensemble import TeacherEnsemble
 from ..errors import DataValidationError, GVBSMError
+from ..progress import bar_mode
 from ..relabel.store import StoredSoftLabels
 from ..utils import write_json_atomic
+from .callbacks import quiet_trainer_output
 from .config import GVBSMTrainingArguments
 from .datasets import RealImageDataset, SyntheticImageDataset
 from .reuse import (
@@ -178,7 +180,9 @@ def evaluate_students(
                 per_run.append(done[(student, seed)])
                 continue
             run_dir = os.path.join(args.output_dir, student.replace("/", "_").replace(":", "_"), f"seed{seed}")
-            run_args = dataclasses.replace(args, seed=seed, student=student, output_dir=run_dir)
+            # no tqdm bar outside a terminal (disable_tqdm is a non-result field: no fingerprint changes)
+            run_args = dataclasses.replace(args, seed=seed, student=student, output_dir=run_dir,
+                                           disable_tqdm=bool(args.disable_tqdm) or bar_mode() != "live")
             if fingerprints is None:
                 fingerprints = data_fingerprints(train_images, train_labels, validation, soft_labeler, stored)
             settings = run_settings(run_args, label_mode, stored_view_policy, backbone_kwargs, fingerprints)
@@ -223,6 +227,7 @@ def _train_one(run_args: GVBSMTrainingArguments, spec: DatasetSpec, train_ds: Sy
         model = model.to(memory_format=torch.channels_last)
     trainer = GVBSMTrainer(model=model, args=run_args, train_dataset=train_ds, eval_dataset=eval_ds, spec=spec,
                            **trainer_kwargs)
+    quiet_trainer_output(trainer)
     if ckpt is not None:
         logger.info(f"{student} seed {seed}: resuming from {ckpt}")
     train_out = trainer.train(resume_from_checkpoint=ckpt)

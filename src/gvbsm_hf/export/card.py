@@ -1,9 +1,11 @@
 """The dataset card of an export: a ``huggingface_hub.DatasetCard`` rendered from
 ``templates/dataset_card.md``, metadata through ``DatasetCardData``.
 
-The card links only to places that exist: the paper (:data:`PAPER_URL`), files inside the
-exported folder (relative links) and the Hub repos the export names (its own id, its published
-teachers, its source dataset). It never names a path of this machine.
+The card links only to places that exist: the paper (:data:`PAPER_URL`), the ``[project.urls]``
+of the installed package (:func:`project_urls`), files inside the exported folder (relative links)
+and the Hub repos the export names (its published teachers, its source dataset). It never names a
+path of this machine. Its metadata header holds the dataset facts, the method, IPC and the recipe's
+values that differ from the defaults (:func:`card_settings`); the full recipe is ``gvbsm_config.json``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
+from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +28,16 @@ from huggingface_hub import DatasetCard, DatasetCardData
 from .. import hub_utils
 from ..data import DatasetSpec
 from ..errors import GVBSMError
+from ..fingerprint import NON_RESULT_FIELDS
 from ..methods import get_method, list_methods
 from .layout import CONFIG_FILES, export_sizes
 
 TEMPLATE = "templates/dataset_card.md"
 """The card's body (a Jinja template, package data of gvbsm_hf)."""
 PAPER_URL = "https://arxiv.org/abs/2311.17950"
-"""G-VBSM (CVPR 2024) on arXiv, as in pyproject's ``[project.urls]``: the card's only external link
-besides the Hub repos of the export."""
+"""G-VBSM (CVPR 2024) on arXiv (also in pyproject's ``[project.urls]``)."""
+DISTRIBUTION = "gvbsm-hf"
+"""The installed distribution whose ``[project.urls]`` the card links (:func:`project_urls`)."""
 LOCAL_FOLDER_PLACEHOLDER = "path/to/this/folder"
 """What the card's snippets load when the export has no ``repo_id`` (never a path of this machine)."""
 _LOCATION_KEYS = frozenset({"output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint"})
@@ -43,7 +48,11 @@ _HUB_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+\-]*$")
 _MAIN_KEYS = ("syn_iterations", "syn_lr", "syn_r_bn", "syn_r_conv", "syn_alpha", "syn_beta_dr", "syn_dd",
               "syn_backbone_choice", "stats_patch_size", "teachers", "relabel_mode", "relabel_logit_norm",
               "student", "loss_type", "gamma", "num_train_epochs")
-"""Hyper-parameters shown in the card's "Main settings" table (all of them are in gvbsm_config.json)."""
+"""Hyper-parameters shown in the card's "Main settings" table (all of them are in gvbsm_config.json),
+and its header's ``settings`` when the recipe defaults are not known."""
+_NOT_SETTINGS = NON_RESULT_FIELDS | _LOCATION_KEYS | {"syn_method", "method", "name", "ipc"}
+"""Never in the header's ``settings``: fields that change no result, locations, and the method and
+IPC (keys of their own)."""
 LABEL_NAMES = {
     "stored_views": "trained from this folder alone (stored views)",
 }
@@ -119,6 +128,27 @@ def selection_description(method_name: str) -> str | None:
     return None if method.optimised else (method.description or "a selection of real training images")
 
 
+def card_settings(hyperparameters: Mapping[str, Any], defaults: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The recipe values of the card's header: those that differ from ``defaults`` (the values of
+    the recipe that sets nothing, :func:`gvbsm_hf.recipe.recipe_defaults`), or, without
+    ``defaults``, the main settings (:data:`_MAIN_KEYS`); local paths reduced to their names."""
+    if defaults is None:
+        chosen = {k: hyperparameters[k] for k in _MAIN_KEYS if k in hyperparameters}
+    else:
+        chosen = {k: v for k, v in hyperparameters.items() if k not in defaults or defaults[k] != v}
+    return _public({k: v for k, v in chosen.items() if k not in _NOT_SETTINGS})
+
+
+def project_urls() -> dict[str, str]:
+    """``[project.urls]`` of the installed package (label -> URL; empty when it is not installed)."""
+    try:
+        entries = metadata(DISTRIBUTION).get_all("Project-URL") or []
+    except PackageNotFoundError:
+        return {}
+    pairs = (entry.partition(",")[::2] for entry in entries)
+    return {label.strip(): url.strip() for label, url in pairs if url.strip().startswith("https://")}
+
+
 def _size_category(n: int) -> str:
     for bound, name in _SIZE_CATEGORIES:
         if n < bound:
@@ -157,13 +187,15 @@ def build_dataset_card(
     soft_kind: str | None = None,
     topk: int | None = None,
     slot_columns: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> DatasetCard:
     """The ``DatasetCard`` of an export: metadata through ``DatasetCardData`` (with the ``configs``
     and ``dataset_info`` blocks written by ``datasets``' own helpers), body from the template.
 
     ``folder`` is only read (file sizes); the card names no path of this machine: snippets load
     ``repo_id`` or :data:`LOCAL_FOLDER_PLACEHOLDER`, teachers are Hub links (``teacher_repos``) or,
-    when none is given, names said to be unpublished (``teacher_names``).
+    when none is given, names said to be unpublished (``teacher_names``). The header's ``settings``
+    are :func:`card_settings` of ``hyperparameters`` and ``defaults``.
     """
     n = len(tables["default"])
     license_id, license_name = _hub_license(license)
@@ -203,7 +235,7 @@ def build_dataset_card(
         pretty_name=title,
         ipc=ipc,
         method=method_name,
-        hyperparameters=hp,
+        settings=card_settings(hyperparameters, defaults),
         teachers=teacher_ids or None,  # published Hub ids only
         **extra,
     )
@@ -244,6 +276,8 @@ def build_dataset_card(
         method_name=method_name,
         selection=selection,
         paper_url=PAPER_URL,
+        project_links=[(label, url) for label, url in project_urls().items() if url != PAPER_URL],
+        settings_known=defaults is not None,
         grid_file=grid_file,
         config_table=config_table,
         soft_label_kind=soft_kind,

@@ -22,11 +22,11 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from tqdm.auto import tqdm
 
 from .. import hub_utils
 from ..data import DatasetSpec
 from ..errors import DataValidationError, GVBSMError
+from ..progress import progress_bar
 from ..record.statistics_file import TeacherStatistics, statistics_to_dataset
 from ..relabel.store import StoredSoftLabels
 from .card import build_dataset_card, check_teachers, format_results
@@ -134,7 +134,7 @@ def _png_bytes(images: torch.Tensor) -> list[dict[str, Any]]:
     hwc = images.permute(0, 2, 3, 1).numpy()
     mode = _PNG_MODES[hwc.shape[-1]]
     out = []
-    for a in tqdm(hwc, desc="encoding PNG", disable=len(hwc) < 5_000, leave=False):
+    for a in progress_bar(hwc, desc="encoding PNG", disable=len(hwc) < 5_000, leave=False):
         buf = io.BytesIO()
         PILImage.fromarray(a[..., 0] if mode == "L" else a, mode=mode).save(buf, format="PNG")
         out.append({"bytes": buf.getvalue(), "path": None})
@@ -243,6 +243,7 @@ def export_distilled_dataset(
     source_dataset: str | None = None,
     license: str | None = None,
     health: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a Hub-ready dataset folder (publish stage, docs/method.md "Stages": images, labels,
     soft labels of Eq. 8, statistics of Eq. 9) and return its path.
@@ -273,6 +274,9 @@ def export_distilled_dataset(
         grid_path: image grid copied into the folder and embedded in the card.
         repo_id: the Hub dataset id the folder is meant for (used in the card's snippets).
         source_dataset, license: provenance; ``license`` defaults to ``spec.license``.
+        defaults: the values of the recipe that sets nothing (:func:`gvbsm_hf.recipe.recipe_defaults`):
+            the card's metadata then lists only the values of ``method`` that differ (without them:
+            its main settings); ``gvbsm_config.json`` always holds all of ``method``.
     """
     folder = Path(folder)
     images = _check_images(images, spec)
@@ -346,6 +350,7 @@ def export_distilled_dataset(
             teacher_repos=repos, teacher_names=teacher_labels, grid_file=grid_file, repo_id=repo_id,
             source_dataset=source_dataset, license=license if license is not None else spec.license, folder=tmp,
             soft_kind=soft_kind, topk=topk, slot_columns=list(slot_metadata), views_meta=views_meta,
+            defaults=defaults,
         )
         card.save(tmp / CARD_FILE)
         if folder.exists():

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import GVBSMError
-from ..recipe import recipe_to_dict
+from ..recipe import recipe_defaults, recipe_to_dict
 from ..stage import Stage, StageContext, method_folder
 from .engine import export_distilled_dataset
 from .layout import CARD_FILE
@@ -50,6 +50,7 @@ class ExportStage(Stage):
         if main is None:
             raise GVBSMError(f"export needs the {ctx.main_method!r} synthetic set: add `recover` to `stages`.")
         folder = self.folder(ctx)
+        defaults = recipe_defaults()  # on every process: building them touches accelerate's shared state
         if acc.is_main_process:  # temporary folders of an export that was killed half-way
             for stale in folder.parent.glob(f".{folder.name}.tmp-*") if folder.parent.exists() else []:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -69,7 +70,7 @@ class ExportStage(Stage):
                 teacher_names=[p.name for p in ctx.teacher_dirs],
                 grid_path=grid if grid.exists() else None, repo_id=r.publish.dataset_repo_id,
                 source_dataset=ctx.spec.source or ctx.spec.name, license=r.publish.dataset_license or ctx.spec.license,
-                health=ctx.health.get(ctx.main_method),
+                health=ctx.health.get(ctx.main_method), defaults=defaults,
             )
             ctx.summary.update(dataset_folder=str(folder), card=str(folder / CARD_FILE), grid=str(grid))
             if r.publish.push_dataset:

@@ -25,7 +25,6 @@ from typing import Any, Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..augment import recording_augment
@@ -34,6 +33,7 @@ from ..errors import DataValidationError
 from ..hooks import StatisticsHooks
 from ..moments import CONV_STATISTICS
 from ..fingerprint import model_fingerprint
+from ..progress import progress_bar
 from ..utils import seeded_generator
 from .config import StatisticsArguments
 from .statistics_file import TeacherStatistics, augment_kind
@@ -249,7 +249,8 @@ def record_statistics(
                 f"{type(teacher).__name__} has no nn.Conv2d layer, so there are no Conv statistics to record. "
                 "Use a convolutional teacher or set syn_r_conv: 0 (BN matching only) and skip the record stage."
             )
-        progress = tqdm(batches, total=local_total, desc=f"record {teacher_name or 'teacher'}", disable=not show)
+        progress = progress_bar(batches, total=local_total, desc=f"record {teacher_name or 'teacher'}",
+                                disable=not show)
         for k, batch in enumerate(progress):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
             x = spec.normalize(images.to(device, non_blocking=True))

@@ -27,12 +27,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..record.config import StatisticsArguments
 from ..data import DatasetSpec
 from ..errors import GVBSMError, StatisticsMismatchError
 from ..methods import SynthesisConfig, SynthesisProtocol, get_init, get_method, method_config
+from ..progress import progress_bar
 from ..record.statistics_file import TeacherStatistics
 from ..synthetic_set import SyntheticSet
 from ..utils import load_safetensors, save_safetensors
@@ -141,7 +141,7 @@ def recover(
             resumed = runner.load_checkpoint()
             if resumed:
                 logger.info(f"job {job.index}: resumed at iteration {runner.iteration}", main_process_only=False)
-            bar = tqdm(
+            bar = progress_bar(
                 total=args.syn_iterations, initial=runner.iteration, desc=f"recover job {job.index + 1}/{len(jobs)}",
                 disable=not accelerator.is_local_main_process, dynamic_ncols=True,
             )

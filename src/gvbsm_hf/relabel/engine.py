@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..augment import CropFlipParams
 from ..ensemble import TeacherEnsemble
 from ..errors import DataValidationError, GVBSMError
+from ..progress import progress_bar
 from .config import RelabelArguments
 from .store import StoredSoftLabels
 from .views import ViewSampling, replay_views, sample_views
@@ -113,7 +113,7 @@ def relabel_stored(
     out_chunks: list[torch.Tensor] = []
     idx_chunks: list[torch.Tensor] = []
     num_classes: int | None = None
-    for b in tqdm(my_batches, desc="relabel", disable=not (show_progress and is_main)):
+    for b in progress_bar(my_batches, desc="relabel", disable=not (show_progress and is_main)):
         lo, hi = b * per_batch, min(n, (b + 1) * per_batch)
         x = images[lo:hi].to(device, non_blocking=True)
         # crops ordered image-major: row j -> image lo + j // V, view j % V

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..augment import CropFlipParams, apply_crop_flip, cutmix_boxes, paste_boxes, sample_crop_flip
 from ..errors import GVBSMError
+from ..progress import progress_bar
 from ..utils import derive_seed
 
 __all__ = ["ViewSampling", "replay_views", "sample_image_views", "sample_view_cutmix", "sample_views"]
@@ -129,7 +129,8 @@ def sample_views(
     process computes all of them)."""
     boxes = torch.empty(num_images, num_views, 4, dtype=torch.float32)
     flip = torch.empty(num_images, num_views, dtype=torch.bool)
-    for i in tqdm(range(num_images), desc="relabel views", disable=not (show_progress and num_images >= 10_000)):
+    quiet = not (show_progress and num_images >= 10_000)
+    for i in progress_bar(range(num_images), desc="relabel views", disable=quiet):
         p = sample_image_views(i, num_views, height, width, seed=seed, crop_scale=sampling.crop_scale,
                                flip_prob=sampling.flip_prob, clean_view=sampling.clean_view)
         boxes[i], flip[i] = p.boxes, p.flip

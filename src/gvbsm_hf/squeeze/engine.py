@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import SqueezeArguments
 import torch.distributed as dist
 
 from ..augment import pad_crop_flip
 from ..backbones.registry import has_pretrained_weights
+from ..progress import progress_bar
 from ..utils import seeded_generator
 from ..data import DatasetSpec
 from ..errors import DataValidationError, GVBSMError, NonFiniteLossError
@@ -303,7 +303,7 @@ def train_teacher(
             epoch, first = divmod(state["step"], steps_per_epoch)
             perm = torch.randperm(n_train, generator=seeded_generator(args.teacher_seed, "perm", epoch))
             t0 = time.perf_counter()
-            bar = tqdm(
+            bar = progress_bar(
                 range(first, steps_per_epoch), desc=f"squeeze {backbone} epoch {epoch + 1}/{args.teacher_epochs}",
                 disable=not accelerator.is_local_main_process, leave=False,
             )

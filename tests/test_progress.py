@@ -1,0 +1,120 @@
+"""Progress bars and logs (gvbsm_hf.progress): live in a terminal, throttled in a log file, off with
+GVBSM_HF_DISABLE_PROGRESS_BARS=1; a whole run written to a file has a few lines per stage."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import huggingface_hub.utils
+import pytest
+
+from gvbsm_hf import progress
+from gvbsm_hf.pipeline_config import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "recipes" / "digits" / "smoke.yaml"
+DISTILL = REPO / "recipes" / "distill.py"
+SWITCHES = (progress.DISABLE_ENV, progress.HF_HUB_ENV)
+BAR_LINE = re.compile(r"it/s\]|s/it\]|\d+%\|")
+TRAINER_LOG_LINE = re.compile(r"^\{'(loss|eval_|train_)")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.fixture
+def no_switch(monkeypatch):
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_not_a_terminal_throttles_the_bar(no_switch):
+    out = _Stream(tty=False)
+    bar = progress.progress_bar(range(1000), file=out, desc="work")
+    assert bar.mininterval == progress.NON_TTY_INTERVAL and bar.delay == progress.NON_TTY_INTERVAL
+    assert bar.maxinterval >= bar.mininterval and not bar.disable
+    for i in bar:
+        if i % 100 == 0:
+            bar.set_postfix(loss=i)  # an explicit refresh obeys the interval too
+    assert out.getvalue() == ""  # a bar shorter than the interval prints nothing at all
+
+    no_switch.setattr(progress, "NON_TTY_INTERVAL", 0.05)
+    out = _Stream(tty=False)
+    with progress.progress_bar(total=40, file=out, desc="slow") as bar:
+        for _ in range(40):
+            time.sleep(0.005)
+            bar.update(1)
+    updates = [s for s in re.split(r"[\r\n]", out.getvalue()) if "slow" in s]
+    assert 1 <= len(updates) <= 8, updates  # ~0.2 s of work: a handful, not 40
+
+
+def test_terminal_bar_is_live_and_the_switches_turn_it_off(no_switch):
+    tty = _Stream(tty=True)
+    bar = progress.progress_bar(range(3), file=tty)
+    assert progress.bar_mode(tty) == "live" and not bar.disable
+    assert bar.mininterval == 0.1 and bar.delay == 0  # tqdm's own defaults
+    bar.close()
+
+    no_switch.setenv(progress.DISABLE_ENV, "1")
+    assert progress.bar_mode(tty) == "off" and progress.progress_bar(range(3), file=tty).disable
+    no_switch.setenv(progress.DISABLE_ENV, "0")  # forced live, even in a file
+    assert progress.bar_mode(_Stream(tty=False)) == "live"
+    no_switch.delenv(progress.DISABLE_ENV)
+    no_switch.setenv(progress.HF_HUB_ENV, "1")  # the Hub's switch, when ours is unset
+    assert progress.bar_mode(tty) == "off"
+    no_switch.setenv(progress.DISABLE_ENV, "0")
+    assert progress.bar_mode(tty) == "live"  # ours wins
+
+
+def test_library_bars_are_off_in_a_file_and_restored(no_switch):
+    no_switch.setattr(progress, "is_terminal", lambda stream=None: False)
+    before = (datasets.is_progress_bar_enabled(), huggingface_hub.utils.are_progress_bars_disabled())
+    with progress.library_bars():
+        if datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None:
+            assert not datasets.is_progress_bar_enabled()
+    assert (datasets.is_progress_bar_enabled(), huggingface_hub.utils.are_progress_bars_disabled()) == before
+
+
+def test_stage_done_line():
+    assert progress.stage_done_line("recover", 192.4, {"methods": ["gvbsm", "random_real"]}) == \
+        "recover: done in 3 min 12 s (gvbsm, random_real)"
+    assert progress.stage_done_line("squeeze", 4, {"teachers": ["out/teachers/a", "out/teachers/b"]}) == \
+        "squeeze: done in 4 s (2 teachers)"
+    assert progress.stage_done_line("export", 3700, {"folder": "out/export/x"}) == "export: done in 1 h 01 min (folder x)"
+
+
+def test_a_run_written_to_a_file_has_a_few_lines_per_stage(tmp_path):
+    """The digits smoke recipe (tiny budget) with stdout and stderr in a file: no progress-bar
+    line, no dict per logging step, and one summary line per stage."""
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    cmd = [sys.executable, str(DISTILL), "--config", str(SMOKE), "--output_dir", str(out), "--teacher_epochs", "1",
+           "--max_train_samples", "300", "--syn_iterations", "20", "--syn_checkpoint_every", "10",
+           "--num_train_epochs", "2", "--eval_seeds", "0", "--logging_steps", "1", "--baselines", "none",
+           "--accept_unhealthy_synthesis", "true"]  # 20 iterations: the health check may fail
+    env = {k: v for k, v in os.environ.items() if k not in SWITCHES}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    lines = [s for s in re.split(r"[\r\n]", text) if s.strip()]
+    bars = [s for s in lines if BAR_LINE.search(s)]
+    assert len(bars) <= 2 * len(STAGES), "\n".join(bars[:20])
+    assert not [s for s in lines if TRAINER_LOG_LINE.match(s)], "the Trainer printed its logs"
+    for stage in STAGES:
+        done = re.compile(rf"^(\[RANK 0\] )?{stage}: done in ")  # accelerate's logger names the process
+        assert sum(bool(done.match(s)) for s in lines) == 1, f"no summary line for {stage}:\n{text}"
