@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import DatasetCard
+from huggingface_hub import DatasetCard, ModelCard
 from PIL import Image
 
 from gvbsm_hf.data import DatasetSpec
@@ -20,6 +20,7 @@ from gvbsm_hf.export.engine import export_distilled_dataset
 from gvbsm_hf.fingerprint import NON_RESULT_FIELDS
 from gvbsm_hf.recipe import parse_recipe, recipe_defaults, recipe_to_dict
 from gvbsm_hf.relabel.store import StoredSoftLabels
+from gvbsm_hf.teacher import TeacherModel
 
 K = 4
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s)\]>\"'`]+")
@@ -158,3 +159,17 @@ def test_card_links_the_packages_project_urls(tmp_path, monkeypatch):
     assert set(URL.findall(text)) == {PAPER_URL, "https://example.org/gvbsm-hf/docs",
                                       "https://huggingface.co/datasets/org/toy-source"}
     assert "](gvbsm_config.json)" in text and (folder / "gvbsm_config.json").is_file()
+
+
+@pytest.mark.parametrize("source,hub", [("org/toy-source", True), ("fashion_mnist", True),
+                                        ("sklearn.datasets.load_digits (UCI digits)", False)])
+def test_teacher_card_links_only_the_paper_and_a_hub_dataset(tmp_path, source, hub):
+    """A teacher's card: the paper, and its dataset in the metadata (a link on the Hub) only when
+    that is a Hub id, never a description such as the scikit-learn digits' source."""
+    spec = DatasetSpec(name="toy_set", num_classes=K, image_size=8, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                       source=source)
+    teacher = TeacherModel.from_backbone("convnet", spec, backbone_kwargs={"width": 4})
+    teacher.save_pretrained(tmp_path / "t")
+    card = ModelCard.load(tmp_path / "t" / "README.md")
+    assert set(URL.findall(card.text)) == {PAPER_URL}
+    assert card.data.to_dict().get("datasets") == ([source] if hub else None)

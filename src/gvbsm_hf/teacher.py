@@ -196,7 +196,9 @@ class TeacherModel(
             repo_id = "path/to/teacher"  # the card never names a folder of this machine
         local_dataset = hub_utils.is_local_path(self.dataset or "")
         dataset = hub_utils.public_name(self.dataset)  # a local dataset folder: its name only
-        dataset_id = None if local_dataset else self.dataset
+        # the metadata's `datasets` are links on the Hub: a Hub id only, never prose or a local folder
+        on_hub = not local_dataset and hub_utils.is_hub_repo_id(self.dataset or "", require_namespace=False)
+        dataset_id = self.dataset if on_hub else None
         model_name = f"{self.backbone_name} teacher for {dataset or 'an image dataset'}"
         val_top1 = self.metrics.get("val_top1")
         eval_results = None
