@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 import huggingface_hub.utils
 import pytest
+from huggingface_hub import DatasetCard
 
 from gvbsm_hf import progress
 from gvbsm_hf.pipeline_config import STAGES
@@ -97,10 +98,11 @@ def test_stage_done_line():
     assert progress.stage_done_line("export", 3700, {"folder": "out/export/x"}) == "export: done in 1 h 01 min (folder x)"
 
 
-def test_a_run_written_to_a_file_has_a_few_lines_per_stage(tmp_path):
-    """The digits smoke recipe (tiny budget) with stdout and stderr in a file: no progress-bar
-    line, no dict per logging step, and one summary line per stage."""
-    out, log = tmp_path / "run", tmp_path / "run.log"
+@pytest.fixture(scope="module")
+def file_run(tmp_path_factory):
+    """The digits smoke recipe (tiny budget) through recipes/distill.py, stdout and stderr in a file."""
+    tmp = tmp_path_factory.mktemp("file_run")
+    out, log = tmp / "run", tmp / "run.log"
     cmd = [sys.executable, str(DISTILL), "--config", str(SMOKE), "--output_dir", str(out), "--teacher_epochs", "1",
            "--max_train_samples", "300", "--syn_iterations", "20", "--syn_checkpoint_every", "10",
            "--num_train_epochs", "2", "--eval_seeds", "0", "--logging_steps", "1", "--baselines", "none",
@@ -111,6 +113,13 @@ def test_a_run_written_to_a_file_has_a_few_lines_per_stage(tmp_path):
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
+    return out, text
+
+
+def test_a_run_written_to_a_file_has_a_few_lines_per_stage(file_run):
+    """No progress-bar line (the bars end within the interval), no dict per logging step, one
+    summary line per stage."""
+    _, text = file_run
     lines = [s for s in re.split(r"[\r\n]", text) if s.strip()]
     bars = [s for s in lines if BAR_LINE.search(s)]
     assert len(bars) <= 2 * len(STAGES), "\n".join(bars[:20])
@@ -118,3 +127,18 @@ def test_a_run_written_to_a_file_has_a_few_lines_per_stage(tmp_path):
     for stage in STAGES:
         done = re.compile(rf"^(\[RANK 0\] )?{stage}: done in ")  # accelerate's logger names the process
         assert sum(bool(done.match(s)) for s in lines) == 1, f"no summary line for {stage}:\n{text}"
+    assert len(lines) < 40, text
+
+
+def test_the_runs_card_header_holds_the_non_default_values_only(file_run):
+    """The export stage passes the recipe defaults: the card's header lists what the run changed."""
+    out, _ = file_run
+    (card_path,) = (out / "export").glob("*/README.md")
+    header = DatasetCard.load(card_path).data.to_dict()
+    settings = header["settings"]
+    assert header["method"] == "gvbsm" and header["ipc"] == 1
+    assert settings["dataset_name"] == "digits" and settings["syn_iterations"] == 20
+    assert settings["num_train_epochs"] == 2 and settings["eval_seeds"] == [0]
+    assert not {"use_liger_kernel", "neftune_noise_alpha", "torch_compile_backend", "fsdp", "deepspeed",
+                "hub_strategy", "logging_steps", "output_dir", "adam_beta1", "ipc"} & set(settings)
+    assert len(settings) < 40
