@@ -128,11 +128,14 @@ def test_first_layer_multiplier_lands_where_configured(tmp_path, teachers_and_st
 
     teachers, stats = teachers_and_stats
     seen = {}
-    real_bn, real_conv = gvbsm_mod.bn_matching_loss, gvbsm_mod.conv_matching_loss
-    monkeypatch.setattr(gvbsm_mod, "bn_matching_loss",
-                        lambda *a, **k: seen.setdefault("bn", k["layer_weights"]) and real_bn(*a, **k))
-    monkeypatch.setattr(gvbsm_mod, "conv_matching_loss",
-                        lambda *a, **k: seen.setdefault("conv", k["layer_weights"]) and real_conv(*a, **k))
+    real_build = gvbsm_mod.build_layout  # the fused matching loss takes its layer weights from its layout
+
+    def build(*a, **k):
+        seen.setdefault("bn", k["bn_weights"])
+        seen.setdefault("conv", k["conv_weights"])
+        return real_build(*a, **k)
+
+    monkeypatch.setattr(gvbsm_mod, "build_layout", build)
     args = SynthesisArguments(ipc=1, syn_iterations=1, syn_classes_per_batch=10, syn_first_layer=first_layer,
                               method_args={"gvbsm": {"syn_single_teacher": True}})
     recover(teachers[:1], stats[:1], SPEC, args, stats_args=StatisticsArguments(stats_augment="per_image_rrc"),

@@ -71,21 +71,22 @@ def sds_matching_loss(
             f"statistic of shape {tuple(current.shape)} matched against a target of shape {tuple(target.shape)}; "
             "the target belongs to another teacher, patch size or resolution: record it again."
         )
-    cur = current.float()
+    dtype = torch.promote_types(current.dtype, torch.float32)  # float32; float64 stays float64 (tests)
+    cur = current.to(dtype)
     cur_sg = cur.detach()
     if ema is None:
         if ema_init not in EMA_INITS:
             raise GVBSMError(f"ema_init must be one of {EMA_INITS}, got {ema_init!r} (syn_ema_init).")
         new_ema = cur_sg if ema_init == "first" else (1.0 - alpha) * cur_sg
     else:
-        ema = ema.detach().float()
+        ema = ema.detach().to(dtype)
         if ema.shape != cur.shape:
             raise StatisticsMismatchError(
                 f"the EMA buffer has shape {tuple(ema.shape)} but the statistic has shape {tuple(cur.shape)}; "
                 "the EMA state belongs to another teacher or resolution: start synthesis afresh (new output dir)."
             )
         new_ema = alpha * ema + (1.0 - alpha) * cur_sg
-    diff = target.detach().float() - (new_ema + (cur - cur_sg))
+    diff = target.detach().to(dtype) - (new_ema + (cur - cur_sg))
     return torch.linalg.vector_norm(diff.flatten(), ord=2), new_ema
 
 

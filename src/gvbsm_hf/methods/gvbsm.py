@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..densification import class_major_dd_loss
 from ..errors import StatisticsMismatchError
-from ..losses import bn_matching_loss, conv_matching_loss, data_densification_loss
+from ..losses import data_densification_loss
+from ..matching import FlatLayout, build_layout, drop_draws, fused_matching_loss, layout_key
 from ..validation import check_range
 from .registry import SynthesisConfig, SynthesisStep, register_method
 
@@ -168,6 +169,23 @@ def class_conv_loss(stats, targets, emas, *, alpha: float, beta_dr: float, gener
     return torch.stack(terms).sum(), new
 
 
+def teacher_layout(teacher, bn_stats, conv_stats, c: GVBSMConfig, bn_multiplier: float) -> FlatLayout:
+    """The teacher's :class:`~gvbsm_hf.matching.FlatLayout` for these statistics (built once per teacher and
+    set of terms, kept in ``teacher.layouts`` when the teacher has that dict)."""
+    cache = getattr(teacher, "layouts", None)
+    key = (layout_key(bn_stats, conv_stats), float(bn_multiplier), float(c.syn_first_layer_multiplier),
+           c.syn_beta_dr_unit)
+    if cache is not None and key in cache:
+        return cache[key]
+    layout = build_layout(bn_stats, conv_stats, teacher.bn_targets, teacher.conv_targets,
+                          bn_weights=teacher.layer_weights("bn", bn_multiplier),
+                          conv_weights=teacher.layer_weights("conv", c.syn_first_layer_multiplier),
+                          drop=c.syn_beta_dr_unit)
+    if cache is not None:
+        cache[key] = layout
+    return layout
+
+
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5), each on when its weight is.
 
@@ -178,18 +196,15 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
     t = step.teacher
     ce = F.cross_entropy(step.logits.float(), step.labels)
     bn = conv = dd = ce.new_zeros(())
-    if c.syn_r_bn > 0:
-        bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
-        bn, step.state["bn"] = bn_matching_loss(
-            t.hooks.bn_stats, t.bn_targets, step.state.get("bn"), alpha=c.syn_alpha,
-            layer_weights=t.layer_weights("bn", bn_multiplier), ema_init=c.syn_ema_init,
-        )
-    if c.syn_r_conv > 0:
-        conv, step.state["conv"], _ = conv_matching_loss(
-            t.hooks.conv_stats, t.conv_targets, step.state.get("conv"), alpha=c.syn_alpha, beta_dr=c.syn_beta_dr,
-            generator=step.generator, layer_weights=t.layer_weights("conv", c.syn_first_layer_multiplier),
-            drop=c.syn_beta_dr_unit, ema_init=c.syn_ema_init,
-        )
+    bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
+    if c.syn_r_bn > 0 or c.syn_r_conv > 0:  # one fused loss over every BN and Conv term of the teacher
+        bn_stats = t.hooks.bn_stats if c.syn_r_bn > 0 else {}
+        conv_stats = t.hooks.conv_stats if c.syn_r_conv > 0 else {}
+        if bn_stats or conv_stats:  # a teacher without such layers matches nothing (zero terms)
+            layout = teacher_layout(t, bn_stats, conv_stats, c, bn_multiplier)
+            keep = drop_draws(layout, c.syn_beta_dr, step.generator) if conv_stats else None
+            bn, conv = fused_matching_loss(layout, bn_stats, conv_stats, step.state, alpha=c.syn_alpha, keep=keep,
+                                           ema_init=c.syn_ema_init)
     extra: dict[str, torch.Tensor] = {}
     if c.uses_class_stats():  # soft category-aware matching; w = 1 never gets here (exactly today's loss)
         w = float(c.syn_class_weight)

@@ -71,6 +71,7 @@ class TeacherSlot:
             for name in self._conv_layer_names():
                 self.conv_targets[name] = {k: v.to(device) for k, v in stats.layers[name].items()}
         self._weights: dict[tuple[str, float], dict[str, float]] = {}
+        self.layouts: dict = {}  # the method's flattened matching targets (gvbsm_hf.matching.FlatLayout), by terms
         self._class_all: tuple[dict, dict] | None = None
         self.class_bn_targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.class_conv_targets: dict[str, dict[str, torch.Tensor]] = {}
