@@ -265,3 +265,44 @@ def test_dry_run_names_a_missing_output(finished_run, tmp_path, capsys, no_data)
     plan = _dry(out, capsys, "--redo", "squeeze")
     assert all(action == "will run" for action, _ in plan.values()) and "damaged" in plan["squeeze"][1]
     assert json.loads((finished_run / "stages.json").read_text())["export"]["done"]
+
+
+# ============================================================================ README
+
+
+def _readme_commands() -> list[list[str]]:
+    """The ``gvbsm-hf`` / ``-m gvbsm_hf.cli`` commands of the README (shell blocks, ``$ `` lines of printouts)."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    out = []
+    for lang, block in re.findall(r"^```(\w*)\n(.*?)\n```", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            if lang not in ("sh", "bash") and not line.startswith("$ "):
+                continue  # a printout
+            line = line.removeprefix("$ ").split(" #", 1)[0].strip()
+            if "gvbsm-hf" in line or "gvbsm_hf.cli" in line:
+                out.append(shlex.split(line))
+                out += [shlex.split(inner) for inner in re.findall(r"\$\((gvbsm-hf [^)]*)\)", line)]
+    return out
+
+
+def test_readme_shows_both_forms_and_its_commands_resolve(no_data):
+    """Every ``--config NAME`` / ``--path NAME`` of the README's installed-command examples is a
+    shipped file, and the recipe with the command's overrides parses."""
+    from gvbsm_hf.pipeline import parse_recipe
+
+    commands = _readme_commands()
+    joined = [" ".join(c) for c in commands]
+    assert any(c.startswith("gvbsm-hf distill --config fashion_mnist/gvbsm_ipc10_cpu.yaml") for c in joined)
+    assert any("-m gvbsm_hf.cli distill" in c and c.startswith("accelerate launch") for c in joined)
+    assert "gvbsm-hf recipes" in joined and any("--dry_run" in c for c in joined)
+    for cmd in commands:
+        for flag in ("--path", "--config"):
+            for i in [i for i, tok in enumerate(cmd) if tok == flag]:
+                assert cmd[i + 1].startswith("$(") or (cli.recipes_folder() / cmd[i + 1]).is_file(), cmd
+        if "distill" in cmd and "--config" in cmd:
+            args = cmd[cmd.index("distill") + 1:]
+            i = args.index("--config")
+            rest = [a for a in args[:i] + args[i + 2:] if a != "--dry_run"]
+            parse_recipe(["--config", cli.resolve_config(args[i + 1]), *rest, *_bf16_fix(args[i + 1])])
