@@ -107,6 +107,13 @@ class CropFlipParams:
         return cls(boxes, flip)
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU draw on ``device``: pinned and non-blocking on CUDA (a pageable copy would wait for the stream)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
     return low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)
 
@@ -197,10 +204,10 @@ def apply_crop_flip(x: torch.Tensor, params: CropFlipParams, out_size: int | Seq
     oh, ow = _out_hw(out_size)
     compute_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xin = x.to(compute_dtype)
-    boxes = params.boxes.to(device=x.device, dtype=compute_dtype)
+    boxes = _upload(params.boxes, x.device).to(compute_dtype)
     rois = torch.cat([torch.arange(n, device=x.device, dtype=compute_dtype)[:, None], boxes], dim=1)
     out = roi_align(xin, rois, output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    flip = params.flip.to(device=x.device, dtype=torch.bool).view(-1, 1, 1, 1)
+    flip = _upload(params.flip, x.device).to(torch.bool).view(-1, 1, 1, 1)
     out = torch.where(flip, out.flip(-1), out)
     return out.to(x.dtype) if x.dtype.is_floating_point else out
 
@@ -357,8 +364,8 @@ def synthesis_augment(
         return authors_batch_augment(x, crop_scale=crop_scale, generator=generator)
     if kind == "per_image_rrc":
         n, _, h, w = x.shape
-        params = sample_crop_flip(n, h, w, scale=tuple(crop_scale), generator=generator).to(x.device)
-        return apply_crop_flip(x, params, (h, w))
+        params = sample_crop_flip(n, h, w, scale=tuple(crop_scale), generator=generator)
+        return apply_crop_flip(x, params, (h, w))  # uploads the draws itself (pinned, non-blocking)
     raise GVBSMError(f"Unknown augmentation {kind!r}; choose one of {AUGMENT_KINDS}.")
 
 

@@ -107,7 +107,9 @@ def kernel_ridge_predictions(phi_s: torch.Tensor, phi_r: torch.Tensor, targets_s
     k_ss = s @ s.T
     lam = float(ridge) * torch.diagonal(k_ss).sum() / s.shape[0]
     eye = torch.eye(s.shape[0], dtype=k_ss.dtype, device=k_ss.device)
-    alpha = torch.linalg.solve(k_ss + lam * eye, t)
+    # K_SS + lambda I is symmetric positive definite: Cholesky, whose _ex form checks nothing on the host
+    chol, _ = torch.linalg.cholesky_ex(k_ss + lam * eye)
+    alpha = torch.cholesky_solve(t, chol)
     return ((r @ s.T) @ alpha).to(targets_s.dtype)
 
 

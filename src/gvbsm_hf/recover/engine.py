@@ -154,7 +154,7 @@ def recover(
                 bar.update(1)
                 at_ckpt = runner.iteration % args.syn_checkpoint_every == 0
                 if at_ckpt or runner.iteration == args.syn_iterations:
-                    comps = runner.flush_components()  # the only host sync: every checkpoint interval
+                    comps = runner.flush_components()  # reads the loss sums back: once per checkpoint interval
                     bar.set_postfix({k: f"{v:.3g}" for k, v in comps.items()})
                     accelerator.log({f"recover/{k}": v for k, v in comps.items()} | {"recover/job": job.index},
                                     step=job.index * args.syn_iterations + runner.iteration)

@@ -46,7 +46,8 @@ def _unflatten_state(tensors: dict[str, torch.Tensor], prefix: str, device: torc
         node = root
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = t.to(device)
+        # integer scalars are counters read by Python (e.g. a pool network's age): they stay on the CPU
+        node[parts[-1]] = t if t.ndim == 0 and not t.is_floating_point() else t.to(device)
 
     def fix(node):
         if not isinstance(node, dict):
@@ -57,6 +58,24 @@ def _unflatten_state(tensors: dict[str, torch.Tensor], prefix: str, device: torc
         return node
 
     return fix(root)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: from pinned memory with a non-blocking copy on CUDA (no host sync)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def pixel_adam(x: torch.Tensor, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam on the pixels (docs/method.md "Recover"): fused (one kernel for the update), ``capturable`` where the
+    device supports it, with a tensor learning rate beside the pixels, so no step reads a value back to Python."""
+    fused = x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and x.device.type in ("cpu", "cuda")
+    capturable = x.device.type == "cuda"
+    lr_t = torch.tensor(float(lr), dtype=torch.float32, device=x.device if capturable else "cpu")
+    if fused:
+        return torch.optim.Adam([x], lr=lr_t, betas=betas, fused=True, capturable=capturable)
+    return torch.optim.Adam([x], lr=lr_t, betas=betas, foreach=True)
 
 
 class JobRunner:
@@ -85,13 +104,13 @@ class JobRunner:
         else:
             x = init_images.clone()
         self.x = x.to(device).clamp_(self.low, self.high).requires_grad_(True)
-        self.optimizer = torch.optim.Adam([self.x], lr=args.syn_lr, betas=tuple(args.syn_adam_betas))
+        self.optimizer = pixel_adam(self.x, args.syn_lr, tuple(args.syn_adam_betas))
         if args.uses_class_stats():
             for slot in slots:
                 slot.set_job_classes(job.classes, len(job.slots))
         self.states: list[dict] = [{} for _ in slots]  # per teacher, owned by the method's loss
         self.job_state: dict = {}  # the whole job's, owned by the method's loss
-        self.real_images, self.real_rows = None, []
+        self.real_images, self.real_rows, self.real_labels = None, [], None
         if args.real_batch_size() > 0:
             if real_train is None:
                 raise GVBSMError(f"syn_method={args.syn_method!r} regresses on real images every iteration and needs "
@@ -138,8 +157,9 @@ class JobRunner:
             self.x.copy_(t["x"].to(self.device))
         self.generator.set_state(t["rng"])
         if "exp_avg" in t:
-            self.optimizer.state[self.x] = {
-                "step": torch.tensor(float(t["adam_step"].item())),
+            fused = bool(self.optimizer.defaults.get("fused") or self.optimizer.defaults.get("capturable"))
+            self.optimizer.state[self.x] = {  # fused / capturable Adam keeps its step count beside the pixels
+                "step": t["adam_step"].reshape(()).float().to(self.device if fused else "cpu"),
                 "exp_avg": t["exp_avg"].to(self.device),
                 "exp_avg_sq": t["exp_avg_sq"].to(self.device),
             }
@@ -157,8 +177,10 @@ class JobRunner:
             return None, None
         per_class = max(1, self.args.real_batch_size() // len(self.real_rows))
         rows = torch.cat([r[torch.randint(len(r), (per_class,), generator=self.generator)] for r in self.real_rows])
-        labels = torch.tensor(self.job.classes, dtype=torch.long).repeat_interleave(per_class)
-        return self.spec.normalize(self.real_images[rows]).to(self.device), labels.to(self.device)
+        if self.real_labels is None:  # the same every iteration: uploaded once
+            labels = torch.tensor(self.job.classes, dtype=torch.long).repeat_interleave(per_class)
+            self.real_labels = labels.to(self.device)
+        return upload(self.spec.normalize(self.real_images[rows]), self.device), self.real_labels
 
     def choose_backbone(self) -> int:
         k = len(self.slots)
@@ -170,8 +192,8 @@ class JobRunner:
 
     def step(self) -> None:
         args = self.args
-        for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(args.syn_lr, self.iteration, args.syn_iterations)
+        for group in self.optimizer.param_groups:  # a tensor: filled in place, no new graph constant
+            group["lr"].fill_(cosine_lr(args.syn_lr, self.iteration, args.syn_iterations))
         k = self.choose_backbone()
         self.teachers_used.add(k)
         slot = self.slots[k]
