@@ -184,6 +184,15 @@ def test_a_built_wheel_holds_the_recipes_and_the_command(tmp_path):
     assert not any(n.startswith("gvbsm_hf/recipes/") and not n.endswith(".yaml") for n in names)
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     assert "gvbsm-hf = gvbsm_hf.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    # installed from the wheel (not editable), the command finds the recipes inside the installed package
+    site = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                           str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "gvbsm_hf.cli", "recipes"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env=_outside_env() | {"PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"They are in {site / 'gvbsm_hf' / 'recipes'}" in proc.stdout and "digits/smoke.yaml" in proc.stdout
 
 
 # ============================================================================ --dry_run

@@ -15,7 +15,6 @@ name of a shipped recipe when no such file exists.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -28,8 +27,6 @@ from pathlib import Path
 import yaml
 
 from .errors import GVBSMError
-
-logger = logging.getLogger(__name__)  # runs before accelerate's state exists (as gvbsm_hf.recipe)
 
 EXIT_GVBSM_ERROR = 3
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
