@@ -93,7 +93,9 @@ def no_data(monkeypatch):
     ([str(SCRIPT), "distill", "--help"], ["--config", "--dry_run", "--ipc", "--output_dir", "--redo", "method_args"]),
     ([str(SCRIPT), "recipes"], ["digits/smoke.yaml", "fashion_mnist/gvbsm_ipc10_cpu.yaml", "accelerate_configs/cpu.yaml"]),
     ([sys.executable, "-m", "gvbsm_hf.cli", "--help"], ["distill", "recipes"]),
-], ids=["gvbsm-hf --help", "gvbsm-hf distill --help", "gvbsm-hf recipes", "python -m gvbsm_hf.cli --help"])
+    ([str(SCRIPT), "--version"], ["gvbsm-hf 0."]),
+], ids=["gvbsm-hf --help", "gvbsm-hf distill --help", "gvbsm-hf recipes", "python -m gvbsm_hf.cli --help",
+        "gvbsm-hf --version"])
 def test_the_command_works_outside_the_repository(tmp_path, command, expect):
     assert SCRIPT.exists(), "the console script is missing: pip install -e . (pyproject [project.scripts])"
     proc = subprocess.run(command, cwd=tmp_path, env=_outside_env(), capture_output=True, text=True, timeout=300)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from . import __version__
 from .errors import GVBSMError
 
 EXIT_GVBSM_ERROR = 3
@@ -278,6 +279,7 @@ def command_parser() -> argparse.ArgumentParser:
     """``gvbsm-hf``'s top level: the subcommands and what they do."""
     parser = argparse.ArgumentParser(prog="gvbsm-hf", description=__doc__.split("\n\n")[0] + "\n\n" + textwrap.dedent(
         __doc__.split("\n\n")[1]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gvbsm-hf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("distill", add_help=False, help="Run a recipe (or print its plan with --dry_run); "
                    "`gvbsm-hf distill --help` lists every option.")

@@ -218,7 +218,10 @@ def format_plan(recipe: Recipe) -> str:
              f"output_dir: {where}",
              wrap(f"data: {data}" + (f", max_train_samples {d.max_train_samples}" if d.max_train_samples else "")
                   + f": not loaded (its class sizes are checked against ipc={r.synthesis.ipc} once it is)", "  "),
-             f"teachers: {list(r.squeeze.teachers)}; student: {r.training.student}"]
+             f"teachers: {list(r.squeeze.teachers)}; student: {r.training.student}",
+             f"processes: {r.pipeline.num_processes or 'as launched'}, device: "
+             f"{'cpu' if r.training.use_cpu else 'as accelerate finds it'}, torch threads: "
+             f"{r.pipeline.num_threads or 'torch default'}"]
     lines += [wrap(line, "    ") for line in method_lines(r)]
     lines += ["", "stages (in order):"]
     for p in plans:
