@@ -78,6 +78,8 @@ def stored_views(args: argparse.Namespace) -> None:
     recipe_file = Path(args.recipe).resolve()
     argv = ["--config", str(recipe_file), "--output_dir", str(work / "run"), "--eval_seeds", *map(str, args.seeds),
             "--num_train_epochs", str(args.epochs), "--baselines", "gvbsm",
+            # what this benchmark compares: on-the-fly labels against the stored views of the same set, one student
+            "--relabel_mode", "on_the_fly", "--relabel_export_views", "true", "--eval_students", "convnet128",
             *[tok for item in args.extra for tok in shlex.split(item)]]
     recipe = parse_recipe(argv)
     summary = run_pipeline(recipe)
