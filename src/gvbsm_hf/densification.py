@@ -10,8 +10,6 @@ Python and so traces into one graph under ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +38,6 @@ def jacobi_sweeps(n: int) -> int:
     return 1 if n <= 2 else 4 + math.ceil(math.log2(n))
 
 
-@lru_cache(maxsize=64)
 def _rounds(n: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
     """The round-robin (tournament) pairing of ``n`` (even) indices: ``n - 1`` rounds of ``n / 2`` disjoint
     pairs ``(p, q)``, every pair once per sweep (Brent and Luk's parallel ordering)."""
@@ -52,14 +49,22 @@ def _rounds(n: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
     return tuple(rounds)
 
 
+_ROUND_INDEX: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
 def _round_index(n: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per round: flat indices of ``(a_pp, a_qq, a_pq)`` and of the rotation's ``(pp, qq, pq, qp)`` entries."""
+    """Per round: flat indices of ``(a_pp, a_qq, a_pq)`` and of the rotation's ``(pp, qq, pq, qp)`` entries
+    (built once per size and device; a compiled step reads them as constants)."""
+    key = (n, str(device))
+    if key in _ROUND_INDEX:
+        return _ROUND_INDEX[key]
     out = []
     for p, q in _rounds(n):
         pt, qt = torch.tensor(p), torch.tensor(q)
         read = torch.cat([pt * n + pt, qt * n + qt, pt * n + qt])
         write = torch.cat([pt * n + pt, qt * n + qt, pt * n + qt, qt * n + pt])
         out.append((read.to(device), write.to(device)))
+    _ROUND_INDEX[key] = out
     return out
 
 

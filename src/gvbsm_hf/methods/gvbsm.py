@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..densification import class_major_dd_loss
-from ..errors import StatisticsMismatchError
+from ..errors import GVBSMError, StatisticsMismatchError
 from ..losses import data_densification_loss
 from ..matching import FlatLayout, build_layout, drop_draws, fused_matching_loss, layout_key
 from ..validation import check_range
@@ -183,7 +183,22 @@ def teacher_layout(teacher, bn_stats, conv_stats, c: GVBSMConfig, bn_multiplier:
                           drop=c.syn_beta_dr_unit)
     if cache is not None:
         cache[key] = layout
+        cache[("last", *key[1:])] = layout  # what draw_matching predraws for
     return layout
+
+
+def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator) -> dict | None:
+    """The ``beta_dr`` draws of the next step (:func:`gvbsm_hf.matching.drop_draws`), made before a compiled
+    step (``SynthesisStep.draws``); ``None`` before the teacher's first step (its layout is not known yet)."""
+    if c.uses_class_stats():
+        raise GVBSMError("syn_compile does not support syn_class_weight < 1 (its per-class drops draw inside the "
+                         "loss): set syn_compile: false.")
+    bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
+    layout = (getattr(teacher, "layouts", None) or {}).get(
+        ("last", float(bn_multiplier), float(c.syn_first_layer_multiplier), c.syn_beta_dr_unit))
+    if layout is None:
+        return None if c.syn_r_bn > 0 or c.syn_r_conv > 0 else {}
+    return {"keep": drop_draws(layout, c.syn_beta_dr, generator) if layout.conv_layers else None}
 
 
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -202,7 +217,10 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
         conv_stats = t.hooks.conv_stats if c.syn_r_conv > 0 else {}
         if bn_stats or conv_stats:  # a teacher without such layers matches nothing (zero terms)
             layout = teacher_layout(t, bn_stats, conv_stats, c, bn_multiplier)
-            keep = drop_draws(layout, c.syn_beta_dr, step.generator) if conv_stats else None
+            if step.draws is not None:  # drawn before a compiled step (draw_matching)
+                keep = step.draws.get("keep")
+            else:
+                keep = drop_draws(layout, c.syn_beta_dr, step.generator) if conv_stats else None
             bn, conv = fused_matching_loss(layout, bn_stats, conv_stats, step.state, alpha=c.syn_alpha, keep=keep,
                                            ema_init=c.syn_ema_init)
     extra: dict[str, torch.Tensor] = {}
@@ -234,6 +252,8 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
     loss = c.syn_ce_weight * ce + c.syn_r_bn * bn + c.syn_r_conv * conv + c.syn_dd_weight * dd
     return loss, {"ce": ce, "bn": bn, "conv": conv, "dd": dd, **extra}
 
+
+matching_loss.draw = draw_matching  # type: ignore[attr-defined]
 
 register_method("gvbsm", config=GVBSMConfig, description="G-VBSM: GBM + BN/Conv matching in SDS form + DD")(matching_loss)
 register_method("sre2l", config=SRe2LConfig, description="SRe2L: CE + BN matching, one teacher")(matching_loss)

@@ -72,6 +72,10 @@ class SynthesisProtocol(ValidatedArguments):
                                 "'downsample_only'. Unset: syn_protocol's."})
     syn_mixed_precision: MixedPrecision = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' autocast."})
     syn_channels_last: bool = field(default=False)
+    syn_compile: bool = field(
+        default=False, metadata={"help": "Compile each teacher's step (forward, statistics, loss) with "
+                                 "torch.compile(fullgraph=True): no graph break, no host sync inside; the first "
+                                 "iteration of a job runs eagerly. Methods whose loss declares its random draws."})
     syn_checkpoint_every: int = field(default=100, metadata={"help": "Iterations between checkpoints."})
     syn_seed: int = field(default=0)
 

@@ -115,7 +115,12 @@ class SynthesisStep:
     method asks for none. ``teachers``: every synthesis teacher's model in slot order (hooks of all
     but ``teachers[teacher_index]``, this iteration's ``teacher.model``, are off). ``group_size``: the
     batch is class-major with this many images per class (the recover engine's jobs), so per-class
-    terms may reshape instead of grouping ``labels``; 0: no such layout is promised."""
+    terms may reshape instead of grouping ``labels``; 0: no such layout is promised.
+
+    A loss function may carry a ``draw`` attribute, ``draw(config, teacher, generator) -> dict | None``: the
+    random draws of its next step, made eagerly before a compiled step (``syn_compile``) in the order the
+    loss would make them, then passed as ``draws`` (``None``: not ready yet, e.g. before the first forward,
+    and the step runs eagerly)."""
 
     config: SynthesisConfig
     x: "torch.Tensor"
@@ -131,6 +136,9 @@ class SynthesisStep:
     teachers: tuple = ()
     teacher_index: int = 0
     group_size: int = 0
+    draws: Optional[dict] = None
+    """Random draws the method's ``loss.draw`` made before a compiled step (``syn_compile``); ``None``: eager,
+    the loss draws from ``generator`` itself."""
 
 
 LossFn = Callable[[SynthesisStep], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]

@@ -127,6 +127,11 @@ class JobRunner:
         self.sums_count = 0
         self.teachers_used: set[int] = set()
         self.log_path = folder / f"job_{job.index:05d}.log.jsonl"
+        self.draw_fn = getattr(self.loss_fn, "draw", None)
+        if args.syn_compile and self.draw_fn is None:
+            raise GVBSMError(f"syn_compile: the loss of method {args.syn_method!r} does not declare its random draws "
+                             "(loss.draw, gvbsm_hf.methods.SynthesisStep), so it cannot be compiled; set syn_compile: false.")
+        self.compiled: dict[int, object] = {}
 
     # -- checkpointing -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -201,23 +206,14 @@ class JobRunner:
         x = synthesis_augment(x, args.syn_augment, crop_scale=args.syn_crop_scale, generator=self.generator)
         if args.syn_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        autocast = (
-            torch.autocast(self.device.type, dtype=torch.bfloat16 if args.syn_mixed_precision == "bf16" else torch.float16)
-            if args.syn_mixed_precision in ("bf16", "fp16")
-            else nullcontext()
-        )
         for other in self.slots:
             other.hooks.enabled = other is slot
-        with autocast:
-            logits = slot.model(x)
-        real_x, real_labels = self.real_batch()
-        step = SynthesisStep(config=args, x=x, logits=logits, labels=self.labels, teacher=slot,
-                             state=self.states[k], generator=self.generator, iteration=self.iteration,
-                             job_state=self.job_state, real_x=real_x, real_labels=real_labels,
-                             teachers=tuple(s.model for s in self.slots), teacher_index=k,
-                             group_size=len(self.job.slots))
+        draws = self.draw_fn(args, slot, self.generator) if args.syn_compile else None
         try:
-            loss, components = self.loss_fn(step)
+            if draws is not None:  # syn_compile: forward, statistics and loss as one graph, draws made above
+                loss, components = self.compiled_step(k)(x, draws)
+            else:
+                loss, components = self.forward_loss(k, x, None)
         except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
             if bool(torch.isfinite(x).all()):
                 raise
@@ -235,6 +231,40 @@ class JobRunner:
         self.sums_count += 1
         slot.hooks.clear()
         self.iteration += 1
+
+    def autocast(self):
+        args = self.args
+        if args.syn_mixed_precision not in ("bf16", "fp16"):
+            return nullcontext()
+        return torch.autocast(self.device.type,
+                              dtype=torch.bfloat16 if args.syn_mixed_precision == "bf16" else torch.float16)
+
+    def forward_loss(self, k: int, x: torch.Tensor, draws: dict | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Teacher ``k``'s forward of the augmented batch ``x`` (its hooks record the statistics) and the
+        method's loss: the per-teacher step that ``syn_compile`` compiles. With ``draws`` (a compiled step) the
+        loss gets no generator and iteration 0: its random draws were made before, and the iteration number
+        is no input, so the graph never recompiles."""
+        slot = self.slots[k]
+        with self.autocast():
+            logits = slot.model(x)
+        real_x, real_labels = self.real_batch()
+        eager = draws is None
+        step = SynthesisStep(config=self.args, x=x, logits=logits, labels=self.labels, teacher=slot,
+                             state=self.states[k], generator=self.generator if eager else None,
+                             iteration=self.iteration if eager else 0, job_state=self.job_state, real_x=real_x,
+                             real_labels=real_labels, teachers=tuple(s.model for s in self.slots), teacher_index=k,
+                             group_size=len(self.job.slots), draws=draws)
+        return self.loss_fn(step)
+
+    compile_backend = "inductor"
+    """``torch.compile`` backend of ``syn_compile`` (tests use ``"aot_eager"``: no C compiler, fullgraph alike)."""
+
+    def compiled_step(self, k: int):
+        """:meth:`forward_loss` of teacher ``k`` compiled with ``fullgraph=True`` (one per teacher, built once)."""
+        if k not in self.compiled:
+            self.compiled[k] = torch.compile(lambda x, draws: self.forward_loss(k, x, draws), fullgraph=True,
+                                             backend=self.compile_backend)
+        return self.compiled[k]
 
     def non_finite_error(self, what: str) -> NonFiniteLossError:
         where = (
