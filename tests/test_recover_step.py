@@ -78,3 +78,79 @@ def test_fused_adam_tensor_lr_and_bit_identical_resume(teachers_and_stats, tmp_p
 
     opt = pixel_adam(torch.zeros(2, requires_grad=True), 0.1, (0.5, 0.9))
     assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and opt.defaults["fused"]
+
+
+# ---------------------------------------------------------------- equivalence with the step before issue 32
+
+def _old_matching_loss(step):
+    """The gvbsm-family loss as it was before issue 32 (per-layer losses, drop draws inside, eigvalsh DD on
+    the labels), for global matching (syn_class_weight 1)."""
+    from gvbsm_hf import losses  # the per-layer losses kept in gvbsm_hf.losses are the old computation
+
+    c, t = step.config, step.teacher
+    ce = torch.nn.functional.cross_entropy(step.logits.float(), step.labels)
+    bn = conv = dd = ce.new_zeros(())
+    if c.syn_r_bn > 0:
+        bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
+        bn, step.state["bn"] = losses.bn_matching_loss(
+            t.hooks.bn_stats, t.bn_targets, step.state.get("bn"), alpha=c.syn_alpha,
+            layer_weights=t.layer_weights("bn", bn_multiplier), ema_init=c.syn_ema_init)
+    if c.syn_r_conv > 0:
+        conv, step.state["conv"], _ = losses.conv_matching_loss(
+            t.hooks.conv_stats, t.conv_targets, step.state.get("conv"), alpha=c.syn_alpha, beta_dr=c.syn_beta_dr,
+            generator=step.generator, layer_weights=t.layer_weights("conv", c.syn_first_layer_multiplier),
+            drop=c.syn_beta_dr_unit, ema_init=c.syn_ema_init)
+    if c.syn_dd:
+        dd = losses.data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau,
+                                            pool_size=c.syn_dd_pool_size, pool=c.syn_dd_pool)
+    loss = c.syn_ce_weight * ce + c.syn_r_bn * bn + c.syn_r_conv * conv + c.syn_dd_weight * dd
+    return loss, {"ce": ce, "bn": bn, "conv": conv, "dd": dd}
+
+
+@pytest.mark.parametrize("method,options", [
+    ("gvbsm", {}), ("gvbsm", {"syn_beta_dr_unit": "statistic", "syn_ema_init": "first", "syn_dd_pool": "downsample_only"}),
+    ("sre2l", {}), ("sre2l+dd", {}), ("sre2l+gbm", {}),
+])
+def test_new_step_matches_the_old_step(teachers_and_stats, tmp_path, method, options):
+    from contextlib import ExitStack  # only this test opens hooks by hand
+
+    teachers, stats = teachers_and_stats
+    with ExitStack() as stack:
+        new = _runner(teachers, stats, stack, tmp_path / "new", method, **options)
+        old = _runner(teachers, stats, stack, tmp_path / "old", method, **options)
+        old.loss_fn = _old_matching_loss
+        old.draw_fn = None
+        # the old optimiser: torch.optim.Adam's single-tensor loop (the lr a tensor only so that step() can fill it)
+        old.optimizer = torch.optim.Adam([old.x], lr=torch.tensor(old.args.syn_lr), betas=tuple(old.args.syn_adam_betas))
+        for _ in range(6):
+            for runner in (new, old):
+                for other in (new, old):  # only the stepping runner's hooks record
+                    for slot in other.slots:
+                        slot.hooks.enabled = False
+                runner.step()
+            # the same gradient (float tolerance: float32 eigvalsh and per-term norms before, float64 Jacobi and
+            # one segment sum now), then the same pixels and Adam moments again, so Adam's eps cannot amplify
+            # round-off on pixels whose gradient is ~0 into visible differences over the iterations
+            scale = old.x.grad.abs().max()
+            assert torch.allclose(new.x.grad, old.x.grad, rtol=1e-3, atol=1e-4 * float(scale)), \
+                (new.x.grad - old.x.grad).abs().max() / scale
+            with torch.no_grad():
+                old.x.copy_(new.x)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    old.optimizer.state[old.x][key].copy_(new.optimizer.state[new.x][key])
+        assert new.generator.get_state().equal(old.generator.get_state())  # the same draws, in the same order
+        a, b = new.flush_components(), old.flush_components()
+        assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])) for k in b), (a, b)
+
+
+def test_feature_regression_cholesky_solve_matches_linalg_solve():
+    from gvbsm_hf.methods.feature_regression import kernel_ridge_predictions  # the Eq. 12 solver under test
+
+    g = torch.Generator().manual_seed(0)
+    phi_s, phi_r = torch.randn(12, 30, generator=g), torch.randn(7, 30, generator=g)
+    targets = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    s, r = phi_s.double(), phi_r.double()
+    k_ss = s @ s.T
+    lam = 0.1 * torch.diagonal(k_ss).sum() / 12
+    ref = (r @ s.T) @ torch.linalg.solve(k_ss + lam * torch.eye(12, dtype=torch.float64), targets)
+    assert torch.allclose(kernel_ridge_predictions(phi_s, phi_r, targets, 0.1), ref, rtol=1e-10, atol=1e-12)
