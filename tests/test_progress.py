@@ -63,6 +63,17 @@ def test_not_a_terminal_throttles_the_bar(no_switch):
     assert 1 <= len(updates) <= 8, updates  # ~0.2 s of work: a handful, not 40
 
 
+def test_a_disabled_bar_takes_every_call(no_switch):
+    """What a process other than the main one gets (``disable=True``): postfix, update and close do nothing."""
+    out = _Stream(tty=False)
+    bar = progress.progress_bar(total=5, file=out, desc="rank 1", disable=True)
+    bar.set_postfix({"loss": "0.1"})
+    bar.update(1)
+    bar.set_description("still rank 1")
+    bar.close()
+    assert out.getvalue() == ""
+
+
 def test_terminal_bar_is_live_and_the_switches_turn_it_off(no_switch):
     tty = _Stream(tty=True)
     bar = progress.progress_bar(range(3), file=tty)

@@ -466,6 +466,35 @@ def test_redo_recomputes_that_stage(smoke_run, tmp_path):
         assert all(torch.equal(new[k], old_stats[p.name][k]) for k in new)
 
 
+@pytest.mark.slow
+def test_two_processes_recompute_the_same_recover_stage(smoke_run, tmp_path):
+    """The command line on 2 CPU processes (torchrun, as on N GPUs, ``--num_processes 2``): the recover
+    stage of a finished run, redone, splits its jobs between the processes and writes the same images."""
+    import shutil
+
+    from gvbsm_hf.recover.jobs import plan_jobs
+
+    split = ["--syn_classes_per_batch", "5"]  # two jobs of five classes
+    one = tmp_path / "run_1proc"
+    shutil.copytree(smoke_run["out"], one)
+    _run(one, *RECOVER_ONLY, *split)  # this process: the recipe change recomputes recover
+    two = tmp_path / "run_2proc"
+    shutil.copytree(one, two)
+    used = json.loads((two / "recipe.json").read_text())
+    assert len(plan_jobs(10, IPC, int(used["syn_classes_per_batch"]), used["syn_slots_per_batch"])) == 2
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), ACCELERATE_USE_CPU="true")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(DISTILL),
+           "--config", str(SMOKE), "--output_dir", str(two), *FAST, *RECOVER_ONLY, *split, "--redo", "recover",
+           "--num_processes", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads((two / "recipe.json").read_text())["runtime"]["processes"] == 2
+    one_set, two_set = _images(one), _images(two)
+    assert torch.equal(one_set["labels"], two_set["labels"])
+    assert torch.allclose(one_set["images"], two_set["images"], atol=1e-4, rtol=0), (
+        (one_set["images"] - two_set["images"]).abs().max())
+
+
 def _copy_of(run: dict, dst: Path) -> Path:
     import shutil
 

@@ -72,6 +72,8 @@ class _ThrottledBar(tqdm.auto.tqdm):
     ``mininterval`` too, as its updates do."""
 
     def refresh(self, nolock: bool = False, lock_args: Any = None) -> None:
+        if self.disable:  # a disabled tqdm has no clock (start_t); its refresh draws nothing anyway
+            return
         now = time.time()  # the clock of tqdm's start_t and last_print_t
         if now < self.start_t + self.delay or now - self.last_print_t < self.mininterval:
             return
