@@ -692,3 +692,25 @@ def test_stage_cache_redo_and_recipe_changes_invalidate_later_stages(tmp_path):
     # the stored views are one per student epoch: more epochs relabel too
     epochs = parse_recipe(["--config", str(SMOKE), "--output_dir", str(tmp_path), "--num_train_epochs", "7"])
     assert [s for s in STAGES if StageCache(tmp_path, [], epochs).redo_requested(s)] == ["relabel", "evaluate", "export"]
+
+
+_WORLD = """
+from accelerate import PartialState
+s = PartialState(cpu=True)  # what the pipeline's Accelerator gets from the recipe's use_cpu: true
+print(f"process {s.process_index} of {s.num_processes} on {s.device.type}", flush=True)
+"""
+
+
+def test_cpu_2proc_config_starts_two_processes(tmp_path):
+    """``accelerate launch --config_file recipes/accelerate_configs/cpu_2proc.yaml`` (the file the
+    process-count error names) starts two CPU processes that see each other."""
+    script = tmp_path / "world.py"
+    script.write_text(_WORLD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
+                           "--main_process_port", "0", str(script)], env=dict(env, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(re.findall(r"process \d of \d on \w+", proc.stdout)) == [
+        "process 0 of 2 on cpu", "process 1 of 2 on cpu"], proc.stdout + proc.stderr[-2000:]
