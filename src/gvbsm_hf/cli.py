@@ -28,6 +28,7 @@ import yaml
 
 from . import __version__
 from .errors import GVBSMError
+from .report import explain_margins, format_results_table
 
 EXIT_GVBSM_ERROR = 3
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
@@ -231,7 +232,7 @@ def distill_main(argv: list[str] | None = None) -> dict:
     ``--dry_run``); the pipeline's summary (empty for ``--help`` and ``--dry_run``)."""
     # torch, transformers, datasets are imported for distill only: gvbsm-hf --help and recipes stay fast
     from accelerate import PartialState  # (see above)
-    from .pipeline import format_results_table, parse_recipe, run_pipeline  # (see above)
+    from .pipeline import parse_recipe, run_pipeline  # (see above)
     from .plan import format_plan  # (see above)
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -249,6 +250,9 @@ def distill_main(argv: list[str] | None = None) -> dict:
     summary = run_pipeline(recipe)
     if PartialState().is_main_process:
         print("\n" + format_results_table(summary["results"]))
+        explanation = explain_margins(summary["results"], method=recipe.synthesis.syn_method)
+        if explanation:
+            print("\n" + textwrap.fill(explanation, width=100) + "\n")
         for key in ("dataset_folder", "card", "grid", "dataset_url"):
             if key in summary:
                 print(f"{key:>15}: {summary[key]}")

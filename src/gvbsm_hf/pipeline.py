@@ -51,6 +51,7 @@ from .recipe import (
     recipe_parser,
     recipe_to_dict,
 )
+from .report import format_results_table
 from .stage import StageContext
 from .stage_cache import StageCache
 from .stages import STAGE_REGISTRY, stage_configs, stage_fingerprints
@@ -345,24 +346,3 @@ def repair_damaged_run_files(folder: Path, logger) -> list[Path]:
                        f"the run in {path.parent} is recomputed unless its run_result.json is whole.")
         path.unlink()
     return damaged
-
-
-def format_results_table(rows: Sequence[dict[str, Any]], random_method: str = "random_real") -> str:
-    """Markdown table of evaluation rows (method, labels, evaluator, IPC, top-1 mean ± std) with the margin over
-    the random real subset: the row's mean minus the ``random_method`` row's mean over the seeds both have, same
-    evaluator; hard-label rows against the random subset's hard-label row, the others against its soft row
-    (docs/method.md "Scores")."""
-    randoms = {(r["labels"], r["evaluator"]): r for r in rows if r["method"] == random_method}
-    lines = ["| method | labels | evaluator | IPC | top-1 % (last epoch) | vs random subset | seeds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        rnd = randoms.get(("hard" if row["labels"] == "hard" else "soft", row["evaluator"]))
-        margin = ""
-        if rnd is not None and row["method"] != random_method:
-            mine, theirs = dict(zip(row["seeds"], row["per_seed"])), dict(zip(rnd["seeds"], rnd["per_seed"]))
-            common = [s for s in mine if s in theirs]
-            if common:
-                margin = f"{sum(mine[s] - theirs[s] for s in common) / len(common):+.2f}"
-        lines.append(f"| {row['method']} | {row['labels']} | {row['evaluator']} | {row['ipc']} | "
-                     f"{row['mean']:.2f} ± {row['std']:.2f} | {margin} | {row['n']} |")
-    return "\n".join(lines)
