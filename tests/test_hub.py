@@ -251,7 +251,7 @@ def test_dataset_card(tmp_path, grid_file):
     assert "](grid.png)" in body and (folder / "grid.png").read_bytes() == grid_file.read_bytes()
     assert "Generalized Large-Scale Data Condensation via Various Backbone and Statistical Matching" in body
     assert "Squeeze, Recover and Relabel" in body and "@inproceedings" in body
-    assert "accelerate launch recipes/distill.py --config gvbsm_config.json" in body
+    assert "gvbsm-hf distill --config gvbsm_config.json --output_dir <folder>" in body
     assert "[me/toy-convnet32](https://huggingface.co/me/toy-convnet32)" in body
     assert "[me/toy-wrn_16_2](https://huggingface.co/me/toy-wrn_16_2)" in body
     assert "not published" not in body

@@ -219,7 +219,7 @@ def load_recipe_yaml(path: str | Path) -> dict[str, Any]:
     if unknown:
         hints = {k: get_close_matches(k, list(types_), n=1) for k in unknown}
         msg = ", ".join(f"{k!r}" + (f" (did you mean {v[0]!r}?)" if v else "") for k, v in hints.items())
-        raise GVBSMError(f"Unknown key(s) in recipe {path}: {msg}. Run `python recipes/distill.py --help` for all fields.")
+        raise GVBSMError(f"Unknown key(s) in recipe {path}: {msg}. Run `gvbsm-hf distill --help` for all fields.")
     for key, value in list(data.items()):
         _, tp = types_[key]
         if isinstance(value, str) and value.strip().lower() in EMPTY_WORDS and _is_list_type(tp):
@@ -320,7 +320,7 @@ def _unknown_flags_message(remaining: list[str]) -> str:
                          f"{{\"{flag}\": VALUE}}}}'.")
         elif close := get_close_matches(flag, fields, n=1):
             hints.append(f" --{flag}: did you mean --{close[0]}?")
-    return f"Unknown command-line argument(s) {remaining}.{''.join(hints)} See `python recipes/distill.py --help`."
+    return f"Unknown command-line argument(s) {remaining}.{''.join(hints)} See `gvbsm-hf distill --help`."
 
 
 def parse_recipe(argv: Sequence[str] | None = None) -> Recipe:

@@ -49,7 +49,7 @@ class SynthesisArguments(SynthesisProtocol):
         default_factory=dict,
         metadata={"help": "Each method's own options under its name, e.g. `method_args: {gvbsm: {syn_r_bn: 0.01}}`; "
                   "on the command line a JSON object merged into the recipe's, e.g. "
-                  "--method_args '{\"gvbsm\": {\"syn_r_bn\": 0.02}}'. Options: `python recipes/distill.py --help`."},
+                  "--method_args '{\"gvbsm\": {\"syn_r_bn\": 0.02}}'. Options: `gvbsm-hf distill --help`."},
     )
 
     def validate(self) -> None:
