@@ -154,3 +154,16 @@ def test_feature_regression_cholesky_solve_matches_linalg_solve():
     lam = 0.1 * torch.diagonal(k_ss).sum() / 12
     ref = (r @ s.T) @ torch.linalg.solve(k_ss + lam * torch.eye(12, dtype=torch.float64), targets)
     assert torch.allclose(kernel_ridge_predictions(phi_s, phi_r, targets, 0.1), ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_statistics_custom_backwards_pass_gradcheck(channels_last):
+    from gvbsm_hf.moments import channel_statistics, conv_statistics  # the hooks' statistics, float64 here
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, 7, generator=g, dtype=torch.float64) + 2.0
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: channel_statistics(t), (x,))
+    assert torch.autograd.gradcheck(lambda t: tuple(conv_statistics(t, 4, "partial").values()), (x,))

@@ -24,13 +24,12 @@ class only (:func:`class_channel_statistics`, :func:`class_conv_statistics`). Th
 per image (``(N, C)`` and ``(N, ceil(H/p), ceil(W/p))``), then per class with a ``(K, N)`` weight
 matrix, so the extra memory is ``K x (channels + patches)`` per layer, never ``K x`` the map.
 
-Efficiency: one elementwise pass ``x - shift`` (a detached per-channel shift taken from the first
-image, which makes ``E[x^2] - E[x]^2`` well conditioned), an in-place square, and two reductions
-over the batch dimension; the backward is one fused ``addcmul`` (custom autograd Function, which
-saves only the activation itself). Everything else (channel and patch reductions, patch pooling)
-runs on the ``(C, H, W)`` batch averages, ``N`` times smaller. Patch statistics use the exact identity
-``E[(x-t)^2] = E[(x-s_c)^2] + 2 (s_c-t) E[x-s_c] + (s_c-t)^2`` with the scalar ``t = mean_c s_c``
-on those small averages, so a large common offset cancels before any squaring.
+Efficiency (issue 32): a BN layer's statistics are one ``var_mean`` whose backward is one ``addcmul`` over
+the map (custom autograd Function saving only the activation and the mean); a Conv layer adds, for its
+patch statistics, one pass ``x - t`` (``t`` the detached mean of the map, so a large common offset
+cancels before any squaring) reduced over batch and channels to two ``(H, W)`` maps, again with a
+one-``addcmul`` backward. Pooling into patches and the rest run on those small maps. A handful of
+kernels per layer, forward and backward, and no host sync (:mod:`gvbsm_hf.moments`).
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def fused_matching_loss(
         raise GVBSMError(f"ema_init must be one of ('zero', 'first'), got {ema_init!r} (syn_ema_init).")
     pieces = [t for name in layout.bn_layers for t in bn_stats[name]]
     pieces += [conv_stats[name][s] for name, stats in layout.conv_layers for s in stats]
-    cur = torch.cat([p.reshape(-1) for p in pieces]).to(layout.target.dtype)
+    cur = torch.cat([p if p.ndim == 1 else p.reshape(-1) for p in pieces]).to(layout.target.dtype)
     if cur.shape != layout.target.shape:
         raise StatisticsMismatchError(
             f"the statistics hold {cur.numel()} values but their targets {layout.target.numel()}: the targets "

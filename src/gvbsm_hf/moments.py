@@ -11,53 +11,97 @@ CONV_STATISTICS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
 """Keys of every ``conv_stats[layer]`` dict (and of :class:`gvbsm_hf.record.engine.TeacherStatistics`)."""
 
 
-class _ShiftedBatchMoments(torch.autograd.Function):
-    """``(mean_n(x - s), mean_n((x - s)^2))`` over dim 0, float32, with a one-pass fused backward.
+_CONSTANTS: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
 
-    Forward squares in place (one temporary); backward is ``dx = (g1 + 2 g2 (x - s)) / N`` in two
-    elementwise passes. Only ``x`` itself is saved (no ``x - s`` copy is kept for backward).
-    """
+
+def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor ``value`` on ``like``'s device and dtype, made once: multiplying by it is one kernel, where
+    a Python float is first wrapped into a tensor and converted (several dispatches per use)."""
+    key = (float(value), like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(float(value), device=like.device, dtype=like.dtype)
+    return _CONSTANTS[key]
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per-channel mean and biased variance of ``x (N, C, H, W)`` over ``(N, H, W)`` (Eq. 1), one ``var_mean``
+    (float32; float64 stays float64), any memory format. Backward in one pass over ``x``:
+    ``dx = (g_mean + 2 g_var (x - mean)) / M``, ``M = N H W``, as ``addcmul(b, x, a)`` with per-channel
+    ``a = 2 g_var / M`` and ``b = (g_mean - 2 g_var mean) / M``. Only ``x`` and the mean are saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xc = torch.sub(x, shift)  # float32 by type promotion (bf16/fp16 input is upcast in this pass)
-        s1 = xc.mean(dim=0)
-        s2 = xc.square_().mean(dim=0)
-        ctx.save_for_backward(x, shift)
-        return s1, s2
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
+        ctx.save_for_backward(x, mean)
+        return mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g1: torch.Tensor, g2: torch.Tensor):
-        x, shift = ctx.saved_tensors
-        n = x.shape[0]
-        grad = torch.addcmul(g1 / n, torch.sub(x, shift), g2, value=2.0 / n)
-        return grad.to(x.dtype), None
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor):
+        x, mean = ctx.saved_tensors
+        m = x.numel() // x.shape[1]
+        a = g_var * _constant(2.0 / m, g_var)
+        b = torch.addcmul(g_mean * _constant(1.0 / m, g_mean), a, mean, value=-1.0)
+        return torch.addcmul(b.view(1, -1, 1, 1), x, a.view(1, -1, 1, 1)).to(x.dtype)
 
 
-def _batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch averages of ``x - s`` and ``(x - s)^2``, shaped ``(C, H, W)``, and the shift ``s`` ``(C, 1, 1)``.
+class _NoContext:
+    """Stands in for an autograd context when a Function's forward runs without a graph."""
 
-    ``x`` is ``(N, C, H, W)`` in any dtype / memory format; the result is float32. ``s`` is the detached
-    per-channel mean of the first image (a cheap, well-placed shift; the statistics do not depend on it).
-    """
-    channels_last = (not x.is_contiguous()) and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last:
-        xv = x.permute(0, 2, 3, 1)  # contiguous (N, H, W, C): reductions over N stream through memory
-        shift = xv[:1].detach().float().mean(dim=(1, 2), keepdim=True)  # (1, 1, 1, C)
-    else:
-        xv = x if x.is_contiguous() else x.contiguous()
-        shift = xv[:1].detach().float().mean(dim=(2, 3), keepdim=True)  # (1, C, 1, 1)
-    if xv.requires_grad and torch.is_grad_enabled():
-        s1, s2 = _ShiftedBatchMoments.apply(xv, shift)
-    else:  # no graph: skip the autograd.Function machinery
-        xc = torch.sub(xv, shift)
-        s1 = xc.mean(dim=0)
-        s2 = xc.square_().mean(dim=0)
-    shift = shift[0]
-    if channels_last:
-        s1, s2, shift = s1.permute(2, 0, 1), s2.permute(2, 0, 1), shift.permute(2, 0, 1)
-    return s1, s2, shift
+    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+        pass
+
+
+_INV_COUNTS: dict[tuple[int, int, int, int, torch.device], torch.Tensor] = {}
+
+
+def _inverse_counts(h: int, w: int, p: int, nc: int, device: torch.device) -> torch.Tensor:
+    """``1 / (nc * real pixels of each p x p patch)``, ``(ceil(h/p), ceil(w/p))`` float32, made once per shape."""
+    key = (h, w, p, nc, device)
+    if key not in _INV_COUNTS:
+        rows = torch.full((-(-h // p),), float(p)).index_fill_(0, torch.tensor([-(-h // p) - 1]), float(h - p * (-(-h // p) - 1)))
+        cols = torch.full((-(-w // p),), float(p)).index_fill_(0, torch.tensor([-(-w // p) - 1]), float(w - p * (-(-w // p) - 1)))
+        _INV_COUNTS[key] = (1.0 / (nc * rows[:, None] * cols[None, :])).to(device)
+    return _INV_COUNTS[key]
+
+
+class _PatchMoments(torch.autograd.Function):
+    """Patch mean and biased variance of ``x (N, C, H, W)`` over batch, channels and the pixels of each ``p x p``
+    patch (Eq. 9; a partial last patch over its real pixels), about a detached shift ``t`` (float32
+    ``(1, 1, 1, 1)``): ``(ceil(H/p), ceil(W/p))`` each, float32. Forward: one pass ``x - t`` reduced to two
+    ``(H, W)`` sums, pooled per patch (sum pooling times the inverse counts). Backward: the per-patch
+    coefficients ``c1 = dL/dM1``, ``c2 = dL/dM2`` of the patch moments ``M1 = E[x - t]``, ``M2 = E[(x - t)^2]``
+    (``dL/dM1 = g_mean - 2 M1 g_var``, ``dL/dM2 = g_var`` where the variance is not clamped), spread to their
+    pixels, and ``dx = c1 + 2 c2 (x - t)`` in one ``addcmul``. Saves ``x`` and small tensors only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, t: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, c, h, w = x.shape
+        xs = torch.sub(x, t)  # float32 by type promotion (t is a float32 (1, 1, 1, 1))
+        sums = torch.stack([xs.sum(dim=(0, 1)), xs.square_().sum(dim=(0, 1))])
+        ph, pw = (-h) % p, (-w) % p
+        if ph or pw:
+            sums = F.pad(sums, (0, pw, 0, ph))
+        inv = _inverse_counts(h, w, p, n * c, x.device)
+        m1, m2 = (F.avg_pool2d(sums, p, p, divisor_override=1) * inv).unbind(0)
+        var = torch.addcmul(m2, m1, m1, value=-1.0).clamp_min_(0.0)
+        ctx.save_for_backward(x, t, m1, var, inv)
+        ctx.p = p
+        return m1 + t.view(()), var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor):
+        x, t, m1, var, inv = ctx.saved_tensors
+        p, (h, w) = ctx.p, x.shape[-2:]
+        g2 = g_var * torch.sign(var)  # no gradient where the variance was clamped to 0 (var >= 0: sign is 0 or 1)
+        coef = torch.stack([torch.addcmul(g_mean, m1, g2, value=-2.0), g2]) * inv  # (2, Hp, Wp)
+        coef = F.interpolate(coef[None], scale_factor=p, mode="nearest")[0]  # each patch's value on its pixels
+        if coef.shape[-2:] != (h, w):
+            coef = coef[:, :h, :w]
+        c1, c2 = coef.unbind(0)
+        return torch.addcmul(c1, torch.sub(x, t), c2, value=2.0).to(x.dtype), None, None
 
 
 def _patch_average(t: torch.Tensor, p: int) -> torch.Tensor:
@@ -84,10 +128,11 @@ def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.dim() != 4:
         x = x.reshape(x.shape[0], x.shape[1], 1, -1)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        s1, s2, shift = _batch_moments(x)
-        a = s1.mean(dim=(1, 2))
-        mean = a + shift.view(-1)
-        var = (s2.mean(dim=(1, 2)) - a * a).clamp_min(0.0)
+        if x.requires_grad and torch.is_grad_enabled():
+            mean, var = _ChannelMoments.apply(x)
+        else:  # no graph: skip the autograd.Function machinery
+            xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
     return mean, var
 
 
@@ -113,28 +158,18 @@ def conv_statistics(x: torch.Tensor, patch_size: int, patch_mode: str = "partial
     _check_feature_map(x, patch_mode)
     p = int(patch_size)
     h, w = x.shape[-2:]
-    if patch_mode == "resize" and (h % p or w % p):
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            channel = conv_statistics(x, p, "partial")
-            size = (-(-h // p) * p, -(-w // p) * p)
-            resized = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
-            patch = conv_statistics(resized, p, "partial")
-        return {"channel_mean": channel["channel_mean"], "channel_var": channel["channel_var"],
-                "patch_mean": patch["patch_mean"], "patch_var": patch["patch_var"]}
     with torch.autocast(device_type=x.device.type, enabled=False):
-        s1, s2, shift = _batch_moments(x)  # (C, H, W), (C, H, W), (C, 1, 1)
-        # channel statistics, shifted per channel
-        a = s1.mean(dim=(1, 2))
-        channel_mean = a + shift.view(-1)
-        channel_var = (s2.mean(dim=(1, 2)) - a * a).clamp_min(0.0)
-        # patch statistics about one scalar shift t shared by all channels
-        t = shift.mean()
-        d = shift - t  # (C, 1, 1)
-        m_t = (s1 + d).mean(dim=0, keepdim=True)  # E_c[x - t] per pixel, (1, H, W)
-        q_t = (s2 + d * (2.0 * s1 + d)).mean(dim=0, keepdim=True)  # E_c[(x - t)^2] per pixel
-        pm_t, pq_t = _patch_average(torch.cat([m_t, q_t]), p).unbind(0)
-        patch_mean = pm_t + t
-        patch_var = (pq_t - pm_t * pm_t).clamp_min(0.0)
+        channel_mean, channel_var = channel_statistics(x)
+        # the patch statistics about the map's mean (no large common offset); (1, 1, 1, 1): promotes bf16 maps
+        t = (channel_mean.detach().sum() * _constant(1.0 / channel_mean.numel(), channel_mean)).view(1, 1, 1, 1)
+        if patch_mode == "resize" and (h % p or w % p):
+            size = (-(-h // p) * p, -(-w // p) * p)
+            x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+        if x.requires_grad and torch.is_grad_enabled():
+            patch_mean, patch_var = _PatchMoments.apply(x, t, p)
+        else:  # no graph: the same forward without the autograd.Function machinery
+            with torch.no_grad():
+                patch_mean, patch_var = _PatchMoments.forward(_NoContext(), x, t, p)
     return {
         "channel_mean": channel_mean,
         "channel_var": channel_var,
