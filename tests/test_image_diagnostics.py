@@ -190,4 +190,90 @@ def test_diagnostic_rows_for_the_card():
     rows = diag.diagnostic_rows({"contrast_syn": 0.5, "contrast_real": 0.25, "within_class_diversity": 0.1})
     assert rows == [{"measure": "contrast: per-image pixel std (Eq. 13)", "synthetic": "0.500", "real": "0.250"},
                     {"measure": "within-class diversity, relative to real (Eq. 17)", "synthetic": "0.100",
-                     "real": "1.000"}]
+                     "real": "1 (reference)"}]
+
+
+# ------------------------------------------------------------------------------- health check and card
+
+
+class _Acc:
+    device = torch.device("cpu")
+    is_main_process = True
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+def _context(tmp_path, digits, dataset):
+    from pathlib import Path
+
+    from gvbsm_hf.recipe import parse_recipe
+    from gvbsm_hf.stage import StageContext
+    from gvbsm_hf.synthetic_set import SyntheticSet
+
+    images, labels, _ = digits
+    syn = SyntheticSet(SPEC.normalize(images[:30]), labels[:30], labels[:30] * 0, labels[:30] * 0, "gvbsm")
+    smoke = Path(__file__).resolve().parents[1] / "recipes" / "digits" / "smoke.yaml"
+    recipe = parse_recipe(["--config", str(smoke), "--output_dir", str(tmp_path)])
+    return StageContext(recipe=recipe, accelerator=_Acc(), output_dir=tmp_path, cache=None, dataset=dataset, spec=SPEC,
+                        logger=_Log(), synthetic={"gvbsm": syn})
+
+
+def test_the_recover_health_check_stores_the_diagnostics(tmp_path, digits):
+    import datasets
+
+    from gvbsm_hf.recover.health import diagnostic_real_per_class
+    from gvbsm_hf.recover.stage import RecoverStage
+    from gvbsm_hf.synthetic_set import SyntheticSet
+
+    images, labels, teachers = digits
+    train = SyntheticSet(SPEC.normalize(images), labels, labels * 0, labels * 0, "real").to_dataset(SPEC)
+    ctx = _context(tmp_path, digits, datasets.DatasetDict({"train": train}))
+    RecoverStage().check_health(ctx, "gvbsm", teachers)
+    health = json.loads((tmp_path / "recover" / "gvbsm" / "health.json").read_text())
+    assert health == ctx.health["gvbsm"] and health["healthy"] and not ctx.logger.warnings
+    d = health["diagnostics"]
+    assert d["num_images_syn"] == 30.0 and d["num_images_real"] == float(min(400, 10 * diagnostic_real_per_class(10)))
+    assert 0.0 <= d["high_frequency_share_syn"] <= 1.0 and "within_class_diversity" in d
+    assert diagnostic_real_per_class(10) == 50 and diagnostic_real_per_class(1000) == 2
+    # a failure keeps the set and its health, says why (warning) and stores the reason
+    (tmp_path / "recover" / "gvbsm" / "health.json").unlink()
+    ctx = _context(tmp_path, digits, None)
+    RecoverStage().check_health(ctx, "gvbsm", teachers)
+    health = ctx.health["gvbsm"]
+    assert health["healthy"] and "diagnostics" not in health and "no indexable train split" in health["diagnostics_error"]
+    assert "could not be computed" in ctx.logger.warnings[0] and "gvbsm" in ctx.synthetic
+
+
+def _card(tmp_path, health):
+    import datasets
+
+    from gvbsm_hf.export.card import build_dataset_card
+
+    from gvbsm_hf.export.layout import CONFIG_FILES
+
+    folder = tmp_path / "export"
+    table = datasets.Dataset.from_dict({"label": [0, 1]})
+    path = folder / CONFIG_FILES["default"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(str(path))
+    return str(build_dataset_card({"default": table}, spec=SPEC, method_name="gvbsm", ipc=2, hyperparameters={},
+                                  folder=folder, health=health))
+
+
+def test_the_card_shows_the_diagnostics_table(tmp_path):
+    health = {"ensemble_top1": 90.0, "ensemble_ce": 0.3, "chance_ce": 2.3026, "num_classes": 10, "healthy": True,
+              "diagnostics": {"contrast_syn": 0.41, "contrast_real": 0.3, "saturated_fraction_syn": 0.5,
+                              "saturated_fraction_real": 0.25, "within_class_diversity": 0.2}}
+    card = _card(tmp_path, health)
+    assert "| measure | synthetic | real |" in card
+    assert "| contrast: per-image pixel std (Eq. 13) | 0.410 | 0.300 |" in card
+    assert "| within-class diversity, relative to real (Eq. 17) | 0.200 | 1 (reference) |" in card
+    assert "Image diagnostics" in card
+    plain = _card(tmp_path / "b", {k: v for k, v in health.items() if k != "diagnostics"})
+    assert "| measure | synthetic | real |" not in plain and "90.0 %" in plain

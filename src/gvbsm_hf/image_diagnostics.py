@@ -290,12 +290,15 @@ def diagnose(synthetic_images: torch.Tensor, synthetic_labels: torch.Tensor, rea
 
 def diagnostic_rows(diagnostics: dict[str, Any], digits: int = 3) -> list[dict[str, str]]:
     """The card's table (:data:`DIAGNOSTIC_ROWS`): ``{"measure", "synthetic", "real"}`` strings for every
-    measure the dict holds (a fixed reference in the real column where the measure is relative to real)."""
+    measure the dict holds; where the measure is already relative to real images, the real column is what
+    real images score by definition, marked "(reference)"."""
     rows = []
     for label, syn_key, real in DIAGNOSTIC_ROWS:
         if syn_key not in diagnostics:
             continue
-        real_value = diagnostics.get(real) if isinstance(real, str) else real
-        rows.append({"measure": label, "synthetic": f"{float(diagnostics[syn_key]):.{digits}f}",
-                     "real": "–" if real_value is None else f"{float(real_value):.{digits}f}"})
+        if isinstance(real, str):
+            text = "–" if diagnostics.get(real) is None else f"{float(diagnostics[real]):.{digits}f}"
+        else:
+            text = f"{float(real):g} (reference)"
+        rows.append({"measure": label, "synthetic": f"{float(diagnostics[syn_key]):.{digits}f}", "real": text})
     return rows

@@ -29,6 +29,7 @@ from .. import hub_utils
 from ..data import DatasetSpec
 from ..errors import GVBSMError
 from ..fingerprint import NON_RESULT_FIELDS
+from ..image_diagnostics import diagnostic_rows
 from ..methods import get_method, list_methods
 from .layout import CONFIG_FILES, export_sizes
 
@@ -287,6 +288,7 @@ def build_dataset_card(
         has_views="views" in tables,
         results_rows=format_results(results, method_name),
         health=dict(health) if health else None,
+        diagnostic_rows=diagnostic_rows((health or {}).get("diagnostics") or {}),
         num_views=(views_meta or {}).get("num_views"),
         has_mix=bool((views_meta or {}).get("has_mix")),
         sizes=export_sizes(folder) if "views" in tables else None,

@@ -1,4 +1,5 @@
-"""The recover health check: the teacher ensemble (Eq. 8) on the shipped images, against chance."""
+"""The recover health check: the teacher ensemble (Eq. 8) on the shipped images, against chance, and the
+image diagnostics of the set against real images of its classes (docs/method.md "Image diagnostics")."""
 
 from __future__ import annotations
 
@@ -9,6 +10,25 @@ import torch
 import torch.nn.functional as F
 
 from ..ensemble import TeacherEnsemble
+from ..image_diagnostics import diagnose
+
+DIAGNOSTIC_REAL_PER_CLASS = 50
+"""At most this many real train images per class are the diagnostics' reference (seeded, the same for every method)."""
+DIAGNOSTIC_REAL_TOTAL = 1000
+"""... and at most about this many in all (but at least 2 per class, for the within-class spread)."""
+DIAGNOSTIC_SEED = 0
+"""Seed of the reference's class-balanced draw (``class_balanced_indices``)."""
+
+
+def diagnostic_real_per_class(num_classes: int) -> int:
+    """Real reference images per class: ``max(2, min(50, 1000 // K))`` (10 classes: 50; ImageNet-1k: 2)."""
+    return max(2, min(DIAGNOSTIC_REAL_PER_CLASS, DIAGNOSTIC_REAL_TOTAL // max(int(num_classes), 1)))
+
+
+def synthesis_diagnostics(syn, real: tuple[torch.Tensor, torch.Tensor], teachers, spec) -> dict[str, float]:
+    """:func:`~gvbsm_hf.image_diagnostics.diagnose` of the published images (uint8) of ``syn`` against the
+    real reference ``real`` (uint8 images, labels), in the teachers ``teachers`` (docs/method.md Eq. 13-17)."""
+    return diagnose(syn.uint8_images(spec), syn.labels, real[0], real[1], list(teachers), spec)
 
 
 def synthesis_health(syn, teachers, spec, device) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from ..synthetic_set import SyntheticSet
 from ..utils import write_json_atomic
 from ..visualize import save_class_grid
 from .engine import recover
-from .health import synthesis_health
+from .health import DIAGNOSTIC_SEED, diagnostic_real_per_class, synthesis_diagnostics, synthesis_health
 
 
 def random_real_rows(split, ipc: int, seed: int, spec):
@@ -98,12 +98,16 @@ class RecoverStage(Stage):
         ``accept_unhealthy_synthesis``, when the teachers find the set worse than chance. The images are
         kept on disk either way, so accepting it later costs nothing."""
         path = self.folder(ctx, method) / "health.json"
-        if path.exists():
-            health = json.loads(path.read_text())
-        else:
+        health = json.loads(path.read_text()) if path.exists() else {}
+        fresh = not health
+        if fresh:
             health = synthesis_health(ctx.synthetic[method], teachers, ctx.spec, ctx.accelerator.device)
-            if ctx.accelerator.is_main_process:
-                write_json_atomic(path, health)
+        if "diagnostics" not in health:  # a new set, a health file from before the diagnostics, or a failed try
+            health = {k: v for k, v in health.items() if k != "diagnostics_error"}
+            health.update(self.diagnose(ctx, method, teachers))
+            fresh = True
+        if fresh and ctx.accelerator.is_main_process:
+            write_json_atomic(path, health)
         ctx.health[method] = health
         if health["healthy"] or not get_method(method).optimised:
             return
@@ -116,3 +120,25 @@ class RecoverStage(Stage):
         raise GVBSMError(what + f" Its images are kept in {path.parent}. Lower syn_lr (now "
                          f"{ctx.recipe.synthesis.syn_lr}) or the loss weights and rerun (recover restarts), or set "
                          "`accept_unhealthy_synthesis: true` (--accept_unhealthy_synthesis true) to go on with it.")
+
+    def diagnose(self, ctx: StageContext, method: str, teachers) -> dict[str, Any]:
+        """``{"diagnostics": {...}}`` (:func:`synthesis_diagnostics` against :meth:`diagnostic_reference`), or,
+        when they cannot be computed, ``{"diagnostics_error": reason}`` and a warning: a diagnostic never
+        costs the synthetic set (it is already saved), and the reason is said, not swallowed."""
+        try:
+            real = self.diagnostic_reference(ctx)
+            return {"diagnostics": synthesis_diagnostics(ctx.synthetic[method], real, teachers, ctx.spec)}
+        except Exception as e:  # noqa: BLE001 - any failure is reported (log + health.json), the set is kept
+            reason = f"{type(e).__name__}: {e}"
+            ctx.logger.warning(f"recover: the image diagnostics of the {method!r} set could not be computed ({reason}); "
+                               "the set is kept, the card shows no diagnostics.")
+            return {"diagnostics_error": reason}
+
+    def diagnostic_reference(self, ctx: StageContext):
+        """The diagnostics' real reference: :func:`diagnostic_real_per_class` seeded train images of each class
+        (uint8, labels), decoding only those rows (:func:`random_real_rows`)."""
+        if ctx.dataset is None or ctx.recipe.data.streaming:
+            raise GVBSMError("no indexable train split at hand (a streamed dataset cannot be sampled per class "
+                             "without decoding it whole)")
+        return random_real_rows(ctx.dataset["train"], diagnostic_real_per_class(ctx.spec.num_classes),
+                                DIAGNOSTIC_SEED, ctx.spec)
