@@ -27,8 +27,11 @@ Each row reports its ``mean_over_evaluators``, ``min_margin_vs_random`` (its wor
 random subset on that evaluator), ``hard_label_in`` (the set with its hard labels on ``convnet128_in``,
 ``--hard-label-seeds``: how much of the result is the images and how much the soft labels) and
 ``within_class_diversity`` (:func:`within_class_diversity` in the teachers' penultimate feature space:
-1 is as spread as real images of the class, 0 is one image repeated). ``best``: the row with the highest
-``mean_over_evaluators``.
+1 is as spread as real images of the class, 0 is one image repeated), and, beside the issue's schema, the
+extra key ``diagnostics``: :func:`gvbsm_hf.image_diagnostics.diagnose` of its images against the same real
+images (docs/method.md "Image diagnostics": pixel mean and contrast, saturated pixels, high-frequency power,
+per-instance activation statistics in the teachers, within-class distances). ``best``: the row with the
+highest ``mean_over_evaluators``.
 
 Teachers: the four-teacher set of ``benchmarks/margin_fashion_mnist.py`` (trained by
 ``benchmarks/squeeze_fashion_mnist.py``, see ``benchmarks/fidelity_fashion_mnist.py``)::
@@ -72,8 +75,11 @@ from typing import Any
 import torch
 from torch import nn
 
-# gvbsm_hf is imported inside the functions that need it (as in the other benchmarks): --help and the unit
-# tests of the diversity measure (tests/test_cross_arch.py) load this file without the pipeline.
+# the measures live in the library (docs/method.md "Image diagnostics"); the rest of gvbsm_hf is imported inside
+# the functions that need it (as in the other benchmarks): --help and the unit tests of the diversity measure
+# (tests/test_cross_arch.py) load this file without the pipeline
+from gvbsm_hf.image_diagnostics import (diagnose, mean_pairwise_distance, teacher_feature_space,  # noqa: F401
+                                        within_class_diversity)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "fashion_mnist" / "gvbsm_ipc10.yaml"
@@ -113,52 +119,13 @@ SMOKE = {"ipc": 2, "recipes": ["gvbsm_authors", "rded"], "evaluators": ["convnet
 STATS_KEYS = {"mean": float, "std": float, "per_seed": list}
 ROW_KEYS = {"recipe": str, "per_evaluator": dict, "mean_over_evaluators": float, "min_margin_vs_random": float,
             "hard_label_in": float, "within_class_diversity": float}
+EXTRA_ROW_KEYS = {"diagnostics"}  # beside the issue's schema: {measure: float} (gvbsm_hf.image_diagnostics.diagnose)
 TOP_KEYS = {"command": str, "teachers": list, "ipc": int, "labels": str, "evaluators": list, "random_real": dict,
             "rows": list, "best": dict}
 BEST_KEYS = {"recipe": str, "mean_over_evaluators": float, "min_margin_vs_random": float}
 
 
 # ------------------------------------------------------------------------------------- diversity
-
-
-def mean_pairwise_distance(x: torch.Tensor) -> float:
-    """Mean Euclidean distance over the pairs ``i < j`` of the rows of ``x`` ``(N, D)`` (float64); needs N >= 2."""
-    if x.shape[0] < 2:
-        raise ValueError(f"mean_pairwise_distance needs at least 2 rows, got {x.shape[0]}.")
-    return float(torch.pdist(x.double().flatten(1)).mean())
-
-
-def within_class_diversity(features: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
-                           real_labels: torch.Tensor) -> float:
-    """Mean over classes of (mean pairwise distance of the class's ``features``) / (the same for its
-    ``real_features``), float64. Classes with fewer than 2 images on either side are left out (an error if
-    that leaves none). A random real subset scores about 1; one image repeated per class scores 0."""
-    ratios = []
-    for c in sorted(set(labels.tolist()) & set(real_labels.tolist())):
-        syn, real = features[labels == c], real_features[real_labels == c]
-        if syn.shape[0] < 2 or real.shape[0] < 2:
-            continue
-        ref = mean_pairwise_distance(real)
-        if ref <= 0.0:
-            raise ValueError(f"class {c}: the real images have zero spread in feature space; cannot normalise.")
-        ratios.append(mean_pairwise_distance(syn) / ref)
-    if not ratios:
-        raise ValueError("within_class_diversity: no class has 2 or more images on both sides (ipc >= 2 needed).")
-    return float(sum(ratios) / len(ratios))
-
-
-@torch.no_grad()
-def teacher_feature_space(teachers: Sequence[nn.Module], images: torch.Tensor,
-                          real_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(features of images, features of real_images)`` in the teachers' joint penultimate space: each
-    teacher's features divided by the mean L2 norm of its real features (so every teacher weighs the same),
-    concatenated; the scale comes from the real images only, so both sets are measured in the same space.
-    Features: :func:`gvbsm_hf.methods.selection.teacher_features` (the input of each teacher's last nn.Linear)."""
-    from gvbsm_hf.methods.selection import teacher_features
-
-    syn_f, real_f = teacher_features(teachers, images), teacher_features(teachers, real_images)
-    scales = [r.norm(dim=1).mean().clamp_min(1e-12) for r in real_f]
-    return (torch.cat([f / s for f, s in zip(syn_f, scales)], 1), torch.cat([f / s for f, s in zip(real_f, scales)], 1))
 
 
 def set_diversity(folder: Path, method: str, teachers: Sequence[nn.Module], real: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -171,6 +138,19 @@ def set_diversity(folder: Path, method: str, teachers: Sequence[nn.Module], real
     syn = SyntheticSet.load(folder / "recover" / method_folder(method))
     syn_f, real_f = teacher_feature_space(teachers, syn.shipped_images(spec), spec.normalize(real[0]))
     return within_class_diversity(syn_f, syn.labels, real_f, real[1])
+
+
+def set_diagnostics(folder: Path, method: str, teachers: Sequence[nn.Module],
+                    real: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """:func:`gvbsm_hf.image_diagnostics.diagnose` of the shipped images of ``method`` in the pipeline folder
+    ``folder`` against the real reference ``real`` (the row's extra key ``diagnostics``)."""
+    from gvbsm_hf.data import DatasetSpec
+    from gvbsm_hf.stage import method_folder
+    from gvbsm_hf.synthetic_set import SyntheticSet
+
+    spec = DatasetSpec.from_dict(json.loads((folder / "data_spec.json").read_text()))
+    syn = SyntheticSet.load(folder / "recover" / method_folder(method))
+    return diagnose(syn.uint8_images(spec), syn.labels, real[0], real[1], teachers, spec)
 
 
 def real_reference(argv: list[str], per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,6 +214,7 @@ def _run(args: argparse.Namespace, work: Path, name: str, teachers: list, real) 
     row: dict[str, Any] = {"recipe": name, "method": method, "per_evaluator": {e: soft[e] for e in args.evaluators},
                            "hard_label_in": None, "within_class_diversity": None}
     row["within_class_diversity"] = set_diversity(work / name, method, teachers, real)
+    row["diagnostics"] = set_diagnostics(work / name, method, teachers, real)
     if name != RANDOM:
         hard_summary = run_pipeline(parse_recipe(hard_argv(args, argv)))
         hard = [r for r in hard_summary["results"]
@@ -259,7 +240,7 @@ def _restore_rows(results: Path, work: Path) -> None:
     restored = [{"recipe": RANDOM, "method": RANDOM, "hard_label_in": None, "within_class_diversity": None,
                  "per_evaluator": {e: s["per_seed"] for e, s in data["random_real"].items()}}]
     restored += [{"recipe": r["recipe"], "method": RECIPES[r["recipe"]][0], "hard_label_in": r["hard_label_in"],
-                  "within_class_diversity": r["within_class_diversity"],
+                  "within_class_diversity": r["within_class_diversity"], **_diagnostics_of(r),
                   "per_evaluator": {e: s["per_seed"] for e, s in r["per_evaluator"].items()}} for r in data["rows"]]
     for row in restored:
         path = out / f"{row['recipe']}.json"
@@ -269,6 +250,13 @@ def _restore_rows(results: Path, work: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- collect
+
+
+def _diagnostics_of(row: dict) -> dict[str, Any]:
+    """``{"diagnostics": {...}}`` (rounded) when the saved row has them (a row saved before they existed has
+    none), else ``{}``: the results row's extra key beside the issue's schema."""
+    d = row.get("diagnostics")
+    return {"diagnostics": {k: round(float(v), 6) for k, v in d.items()}} if d else {}
 
 
 def _stats(values: Sequence[float]) -> dict[str, Any]:
@@ -295,7 +283,7 @@ def build_result(command: str, teachers: list[dict], ipc: int, labels: str, eval
                      "mean_over_evaluators": round(mean(per[e]["mean"] for e in evaluators), 3),
                      "min_margin_vs_random": round(min(per[e]["mean"] - random_real[e]["mean"] for e in evaluators), 3),
                      "hard_label_in": round(float(s["hard_label_in"]), 3),
-                     "within_class_diversity": round(float(s["within_class_diversity"]), 4)})
+                     "within_class_diversity": round(float(s["within_class_diversity"]), 4), **_diagnostics_of(s)})
     if not rows:
         raise RuntimeError("no row has run on every evaluator yet")
     best = max(rows, key=lambda r: r["mean_over_evaluators"])
@@ -336,6 +324,8 @@ def validate_result(result: Any) -> None:
          "rows": [{"recipe": str, "per_evaluator": {EVALUATOR: {...}}, "mean_over_evaluators": float,
                    "min_margin_vs_random": float, "hard_label_in": float, "within_class_diversity": float}],
          "best": {"recipe": str, "mean_over_evaluators": float, "min_margin_vs_random": float}}
+
+    A row may also hold the extra key ``diagnostics`` (:data:`EXTRA_ROW_KEYS`, ``{measure: float}``).
     """
     _check_keys(result, TOP_KEYS, "result")
     for i, t in enumerate(result["teachers"]):
@@ -350,7 +340,9 @@ def validate_result(result: Any) -> None:
     if not result["rows"]:
         raise ValueError("rows is empty")
     for i, row in enumerate(result["rows"]):
-        _check_keys(row, ROW_KEYS, f"rows[{i}]")
+        _check_keys({k: v for k, v in row.items() if k not in EXTRA_ROW_KEYS}, ROW_KEYS, f"rows[{i}]")
+        for k, v in row.get("diagnostics", {}).items():
+            _check(v, float, f"rows[{i}].diagnostics.{k}")
         if set(row["per_evaluator"]) != set(evaluators):
             raise ValueError(f"rows[{i}].per_evaluator: keys {sorted(row['per_evaluator'])} != {sorted(evaluators)}")
         for e, s in row["per_evaluator"].items():

@@ -130,8 +130,10 @@ def assert_schema(result: dict) -> None:
         _assert_stats(s, f"random_real.{e}")
     assert isinstance(result["rows"], list) and result["rows"]
     for row in result["rows"]:
-        assert set(row) == {"recipe", "per_evaluator", "mean_over_evaluators", "min_margin_vs_random",
-                            "hard_label_in", "within_class_diversity"}
+        assert set(row) - {"diagnostics"} == {"recipe", "per_evaluator", "mean_over_evaluators",
+                                              "min_margin_vs_random", "hard_label_in", "within_class_diversity"}
+        for k, v in row.get("diagnostics", {}).items():  # extra key beside the schema (gvbsm_hf.image_diagnostics)
+            _assert_float(v, f"{row['recipe']}.diagnostics.{k}")
         assert isinstance(row["recipe"], str)
         assert set(row["per_evaluator"]) == set(evaluators)
         for e, s in row["per_evaluator"].items():
@@ -174,6 +176,20 @@ def test_build_result_has_the_schema_and_validate_rejects_deviations():
             ca.validate_result(b)
 
 
+def test_rows_carry_their_image_diagnostics_as_an_extra_key():
+    evaluators = ["convnet128_in"]
+    saved = _fake_saved(evaluators)
+    saved["rded"]["diagnostics"] = {"contrast_syn": 0.25, "contrast_real": 0.5}
+    result = ca.build_result("python x", [{"name": "convnet32", "top1": 80.0}], 2, "soft", evaluators, saved)
+    assert_schema(result)
+    ca.validate_result(result)
+    assert result["rows"][1]["diagnostics"] == {"contrast_syn": 0.25, "contrast_real": 0.5}
+    assert "diagnostics" not in result["rows"][0]
+    result["rows"][1]["diagnostics"]["contrast_syn"] = "low"
+    with pytest.raises(ValueError, match="diagnostics.contrast_syn"):
+        ca.validate_result(result)
+
+
 def test_smoke_arguments_stay_small():
     assert ca.SMOKE["seeds"] == [0] and ca.SMOKE["epochs"] <= 2 and 1 <= len(ca.SMOKE["evaluators"]) <= 2
     assert set(ca.SMOKE["evaluators"]) <= set(ca.EVALUATORS) and ca.HARD_EVALUATOR in ca.SMOKE["evaluators"]
@@ -206,6 +222,8 @@ def test_cross_arch_smoke(tmp_path):
     assert result["evaluators"] == ca.SMOKE["evaluators"] and result["ipc"] == ca.SMOKE["ipc"]
     assert [r["recipe"] for r in result["rows"]] == ca.SMOKE["recipes"]
     assert len(result["teachers"]) == 1 and result["teachers"][0]["name"] == "convnet32"
+    assert all({"contrast_syn", "contrast_real", "instance_mean_distance"} <= set(r["diagnostics"])
+               for r in result["rows"])
 
 
 def test_smoke_refuses_an_output_under_results():
