@@ -183,7 +183,8 @@ def test_diagnose_keeps_only_real_images_of_the_synthetic_classes(digits):
     out = diag.diagnose(images[two][:10], labels[two][:10], images, labels, teachers, SPEC)
     assert out["num_images_real"] == float(int(two.sum()))
     single = diag.diagnose(images[:1], labels[:1], images, labels, teachers, SPEC)  # IPC 1: no diversity
-    assert "within_class_diversity" not in single and "contrast_syn" in single
+    assert "within_class_diversity" not in single and "instance_mean_spread_ratio" not in single
+    assert "contrast_syn" in single and "instance_mean_distance" in single
 
 
 def test_diagnostic_rows_for_the_card():

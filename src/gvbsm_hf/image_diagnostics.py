@@ -140,15 +140,14 @@ def _standardised_shift(syn: torch.Tensor, real: torch.Tensor) -> float:
     return float(((syn.mean(0) - real.mean(0)).abs() / scale).mean())
 
 
-def _within_class_spread(values: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """``S_c`` of Eq. 16 per channel: the biased std of ``values`` ``(N, C)`` within each class, pooled (root of
-    the mean within-class variance over the classes with 2 or more rows); the plain std without labels."""
+def _within_class_spread(values: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """``W`` of Eq. 16 per channel: the biased std of ``values`` ``(N, C)`` within each class, pooled (root of
+    the mean within-class variance over the classes with 2 or more rows; ``None`` if there is none, e.g.
+    IPC 1); the plain std without labels."""
     if labels is None:
         return values.std(dim=0, correction=0)
     parts = [values[labels == c].var(dim=0, correction=0) for c in labels.unique() if int((labels == c).sum()) >= 2]
-    if not parts:
-        return torch.zeros(values.shape[1], dtype=values.dtype)
-    return torch.stack(parts).mean(0).sqrt()
+    return torch.stack(parts).mean(0).sqrt() if parts else None
 
 
 def instance_statistic_distances(syn: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -160,17 +159,20 @@ def instance_statistic_distances(syn: dict[str, tuple[torch.Tensor, torch.Tensor
     channel means / stds, mean over layers; 0 for two samples of one distribution) and
     ``instance_mean_spread_ratio`` (``Σ_c S_syn / Σ_c S_real`` of the per-instance means within each class
     (pooled; the whole set without labels), mean over layers: 1 when the synthetic images of a class vary
-    as much as real ones, 0 when they all look alike to the layer)."""
+    as much as real ones, 0 when they all look alike to the layer; left out when a side has no class with
+    2 images)."""
     layers = [k for k in syn if k in real]
     if not layers:
         raise ValueError("instance_statistic_distances: the two sets share no hooked layer.")
     d_mean = [_standardised_shift(syn[k][0], real[k][0]) for k in layers]
     d_std = [_standardised_shift(syn[k][1], real[k][1]) for k in layers]
-    ratio = [float(_within_class_spread(syn[k][0], syn_labels).sum()
-                   / _within_class_spread(real[k][0], real_labels).sum().clamp_min(1e-12)) for k in layers]
     n = float(len(layers))
-    return {"instance_mean_distance": sum(d_mean) / n, "instance_std_distance": sum(d_std) / n,
-            "instance_mean_spread_ratio": sum(ratio) / n, "instance_layers": n}
+    out = {"instance_mean_distance": sum(d_mean) / n, "instance_std_distance": sum(d_std) / n, "instance_layers": n}
+    spreads = [(_within_class_spread(syn[k][0], syn_labels), _within_class_spread(real[k][0], real_labels))
+               for k in layers]
+    if all(s is not None and r is not None for s, r in spreads):  # left out without a within-class spread
+        out["instance_mean_spread_ratio"] = sum(float(s.sum() / r.sum().clamp_min(1e-12)) for s, r in spreads) / n
+    return out
 
 
 # ------------------------------------------------------------------------------------- diversity
