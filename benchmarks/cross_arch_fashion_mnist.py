@@ -364,6 +364,33 @@ def markdown(result: dict) -> str:
                                                       f"{r['per_evaluator'][e]['std']:.2f}" for e in evs)
                      + f" | {r['mean_over_evaluators']:.2f} | {r['min_margin_vs_random']:+.2f} | "
                        f"{r['hard_label_in']:.2f} | {r['within_class_diversity']:.3f} |")
+    return "\n".join(lines) + "\n" + diagnostics_markdown(result["rows"])
+
+
+DIAGNOSTIC_COLUMNS = ("contrast", "saturated_fraction", "high_frequency_share", "instance_mean_distance",
+                      "instance_std_distance", "instance_mean_spread_ratio", "within_class_diversity")
+"""The measures of :func:`diagnostics_markdown` (docs/method.md "Image diagnostics", Eq. 13-17)."""
+
+
+def diagnostics_markdown(rows: Sequence[dict]) -> str:
+    """A second table: each row's image diagnostics (:data:`DIAGNOSTIC_COLUMNS`), and a ``real images`` line
+    with the real reference's values (``_real``; 0 / 1 for the measures relative to real); empty when no row
+    has diagnostics."""
+    rows = [r for r in rows if r.get("diagnostics")]
+    if not rows:
+        return ""
+
+    def cell(d: dict, key: str, side: str) -> str:
+        value = d.get(f"{key}_{side}", d.get(key) if side == "syn" else None)
+        if value is None and side == "real":
+            value = {"instance_mean_distance": 0.0, "instance_std_distance": 0.0}.get(key, 1.0)
+        return "" if value is None else f"{float(value):.3f}"
+
+    lines = ["", "| images | " + " | ".join(DIAGNOSTIC_COLUMNS) + " |", "| --- |" + " --- |" * len(DIAGNOSTIC_COLUMNS)]
+    lines.append("| real images | " + " | ".join(cell(rows[0]["diagnostics"], k, "real") for k in DIAGNOSTIC_COLUMNS)
+                 + " |")
+    lines += [f"| {r['recipe']} | " + " | ".join(cell(r["diagnostics"], k, "syn") for k in DIAGNOSTIC_COLUMNS) + " |"
+              for r in rows]
     return "\n".join(lines) + "\n"
 
 

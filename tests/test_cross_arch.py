@@ -185,6 +185,10 @@ def test_rows_carry_their_image_diagnostics_as_an_extra_key():
     ca.validate_result(result)
     assert result["rows"][1]["diagnostics"] == {"contrast_syn": 0.25, "contrast_real": 0.5}
     assert "diagnostics" not in result["rows"][0]
+    table = ca.markdown(result).splitlines()
+    assert table[-2].startswith("| real images | 0.500 |") and table[-1].startswith("| rded | 0.250 |")
+    assert "| images | contrast |" in ca.markdown(result) and "| images |" not in ca.markdown(
+        ca.build_result("python x", [{"name": "c", "top1": 80.0}], 2, "soft", evaluators, _fake_saved(evaluators)))
     result["rows"][1]["diagnostics"]["contrast_syn"] = "low"
     with pytest.raises(ValueError, match="diagnostics.contrast_syn"):
         ca.validate_result(result)
