@@ -248,9 +248,10 @@ def diagnose(synthetic_images: torch.Tensor, synthetic_labels: torch.Tensor, rea
     classes, as one flat dict of floats: :func:`pixel_diagnostics` of both sets (``_syn`` / ``_real``),
     :func:`instance_statistic_distances` over every hooked layer of every teacher, and
     ``within_class_distance_syn`` / ``_real`` (mean over classes of ``D_c``) and ``within_class_diversity``
-    (Eq. 17; left out when no class has 2 images on both sides), plus ``num_images_syn`` / ``_real``.
-    Images are shipped pixels (uint8, or float in ``[0, 1]``); the teachers see ``spec.normalize`` of them.
-    Real images of classes the synthetic set lacks are left out."""
+    (Eq. 17; left out when no class has 2 images on both sides), plus ``num_images_syn`` / ``_real`` and
+    ``instance_layers`` (hooked layers over all teachers). Images are shipped pixels (uint8, or float in
+    ``[0, 1]``); the teachers see ``spec.normalize`` of them. Real images of classes the synthetic set lacks
+    are left out, and so is a measure that is not finite (the dict stays JSON-ready)."""
     syn_labels = torch.as_tensor(synthetic_labels).long().cpu()
     real_labels = torch.as_tensor(real_labels).long().cpu()
     keep = torch.isin(real_labels, syn_labels.unique())
