@@ -167,3 +167,15 @@ def test_statistics_custom_backwards_pass_gradcheck(channels_last):
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda t: channel_statistics(t), (x,))
     assert torch.autograd.gradcheck(lambda t: tuple(conv_statistics(t, 4, "partial").values()), (x,))
+
+
+def test_compiled_recover_resumes_bit_identically(teachers_and_stats, tmp_path, monkeypatch):
+    torch._dynamo.reset()
+    monkeypatch.setattr(JobRunner, "compile_backend", "aot_eager")  # fullgraph alike; no C compiler needed
+    teachers, stats = teachers_and_stats
+    args = small_args(syn_iterations=6, syn_checkpoint_every=3, syn_compile=True, syn_classes_per_batch=10)
+    full = recover(teachers, stats, SPEC, args, stats_args=STATS_ARGS, output_dir=tmp_path / "full")
+    assert recover(teachers, stats, SPEC, args, stats_args=STATS_ARGS, output_dir=tmp_path / "cut",
+                   stop_after_iterations=4) is None
+    resumed = recover(teachers, stats, SPEC, args, stats_args=STATS_ARGS, output_dir=tmp_path / "cut")
+    assert torch.equal(full.images, resumed.images)  # every step compiled, from the first (a probe forward)

@@ -14,36 +14,43 @@ CONV_STATISTICS = ("channel_mean", "channel_var", "patch_mean", "patch_var")
 _CONSTANTS: dict[tuple[float, torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _constant(value: float, like: torch.Tensor) -> torch.Tensor:
+def _constant(value: float, like: torch.Tensor | tuple[torch.device, torch.dtype]) -> torch.Tensor:
     """A 0-dim tensor ``value`` on ``like``'s device and dtype, made once: multiplying by it is one kernel, where
     a Python float is first wrapped into a tensor and converted (several dispatches per use)."""
-    key = (float(value), like.device, like.dtype)
+    device, dtype = like if isinstance(like, tuple) else (like.device, like.dtype)
+    key = (float(value), device, dtype)
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = torch.tensor(float(value), device=like.device, dtype=like.dtype)
+        _CONSTANTS[key] = torch.tensor(float(value), device=device, dtype=dtype)
     return _CONSTANTS[key]
+
+
+def _compute_type(x: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype the statistics of ``x`` are computed (float64 stays, the rest is float32)."""
+    return x.device, (torch.float64 if x.dtype == torch.float64 else torch.float32)
 
 
 class _ChannelMoments(torch.autograd.Function):
     """Per-channel mean and biased variance of ``x (N, C, H, W)`` over ``(N, H, W)`` (Eq. 1), one ``var_mean``
     (float32; float64 stays float64), any memory format. Backward in one pass over ``x``:
     ``dx = (g_mean + 2 g_var (x - mean)) / M``, ``M = N H W``, as ``addcmul(b, x, a)`` with per-channel
-    ``a = 2 g_var / M`` and ``b = (g_mean - 2 g_var mean) / M``. Only ``x`` and the mean are saved."""
+    ``a = 2 g_var / M`` and ``b = (g_mean - 2 g_var mean) / M``. Only ``x`` and the mean are saved; ``inv_m``,
+    ``two_inv_m`` are the constants ``1 / M``, ``2 / M`` (made outside: a compiled graph must not fill a cache
+    inside the Function)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, x: torch.Tensor, inv_m: torch.Tensor, two_inv_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
         var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-        ctx.save_for_backward(x, mean)
+        ctx.save_for_backward(x, mean, inv_m, two_inv_m)
         return mean, var
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor):
-        x, mean = ctx.saved_tensors
-        m = x.numel() // x.shape[1]
-        a = g_var * _constant(2.0 / m, g_var)
-        b = torch.addcmul(g_mean * _constant(1.0 / m, g_mean), a, mean, value=-1.0)
-        return torch.addcmul(b.view(1, -1, 1, 1), x, a.view(1, -1, 1, 1)).to(x.dtype)
+        x, mean, inv_m, two_inv_m = ctx.saved_tensors
+        a = g_var * two_inv_m
+        b = torch.addcmul(g_mean * inv_m, a, mean, value=-1.0)
+        return torch.addcmul(b.view(1, -1, 1, 1), x, a.view(1, -1, 1, 1)).to(x.dtype), None, None
 
 
 class _NoContext:
@@ -76,14 +83,13 @@ class _PatchMoments(torch.autograd.Function):
     pixels, and ``dx = c1 + 2 c2 (x - t)`` in one ``addcmul``. Saves ``x`` and small tensors only."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, t: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n, c, h, w = x.shape
+    def forward(ctx, x: torch.Tensor, t: torch.Tensor, p: int, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, w = x.shape[-2:]
         xs = torch.sub(x, t)  # float32 by type promotion (t is a float32 (1, 1, 1, 1))
         sums = torch.stack([xs.sum(dim=(0, 1)), xs.square_().sum(dim=(0, 1))])
         ph, pw = (-h) % p, (-w) % p
         if ph or pw:
             sums = F.pad(sums, (0, pw, 0, ph))
-        inv = _inverse_counts(h, w, p, n * c, x.device)
         m1, m2 = (F.avg_pool2d(sums, p, p, divisor_override=1) * inv).unbind(0)
         var = torch.addcmul(m2, m1, m1, value=-1.0).clamp_min_(0.0)
         ctx.save_for_backward(x, t, m1, var, inv)
@@ -101,7 +107,7 @@ class _PatchMoments(torch.autograd.Function):
         if coef.shape[-2:] != (h, w):
             coef = coef[:, :h, :w]
         c1, c2 = coef.unbind(0)
-        return torch.addcmul(c1, torch.sub(x, t), c2, value=2.0).to(x.dtype), None, None
+        return torch.addcmul(c1, torch.sub(x, t), c2, value=2.0).to(x.dtype), None, None, None
 
 
 def _patch_average(t: torch.Tensor, p: int) -> torch.Tensor:
@@ -129,7 +135,8 @@ def channel_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.reshape(x.shape[0], x.shape[1], 1, -1)
     with torch.autocast(device_type=x.device.type, enabled=False):
         if x.requires_grad and torch.is_grad_enabled():
-            mean, var = _ChannelMoments.apply(x)
+            where, m = _compute_type(x), x.numel() // x.shape[1]
+            mean, var = _ChannelMoments.apply(x, _constant(1.0 / m, where), _constant(2.0 / m, where))
         else:  # no graph: skip the autograd.Function machinery
             xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
             var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
@@ -165,11 +172,12 @@ def conv_statistics(x: torch.Tensor, patch_size: int, patch_mode: str = "partial
         if patch_mode == "resize" and (h % p or w % p):
             size = (-(-h // p) * p, -(-w // p) * p)
             x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False)
+        inv = _inverse_counts(x.shape[-2], x.shape[-1], p, x.shape[0] * x.shape[1], x.device)
         if x.requires_grad and torch.is_grad_enabled():
-            patch_mean, patch_var = _PatchMoments.apply(x, t, p)
+            patch_mean, patch_var = _PatchMoments.apply(x, t, p, inv)
         else:  # no graph: the same forward without the autograd.Function machinery
             with torch.no_grad():
-                patch_mean, patch_var = _PatchMoments.forward(_NoContext(), x, t, p)
+                patch_mean, patch_var = _PatchMoments.forward(_NoContext(), x, t, p, inv)
     return {
         "channel_mean": channel_mean,
         "channel_var": channel_var,

@@ -189,15 +189,22 @@ def teacher_layout(teacher, bn_stats, conv_stats, c: GVBSMConfig, bn_multiplier:
 
 def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator) -> dict | None:
     """The ``beta_dr`` draws of the next step (:func:`gvbsm_hf.matching.drop_draws`), made before a compiled
-    step (``SynthesisStep.draws``); ``None`` before the teacher's first step (its layout is not known yet)."""
+    step (``SynthesisStep.draws``). The terms' layout comes from the teacher's last step, or from the
+    statistics its hooks hold (a probe forward); ``None`` when neither exists yet."""
     if c.uses_class_stats():
         raise GVBSMError("syn_compile does not support syn_class_weight < 1 (its per-class drops draw inside the "
                          "loss): set syn_compile: false.")
     bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
     layout = (getattr(teacher, "layouts", None) or {}).get(
         ("last", float(bn_multiplier), float(c.syn_first_layer_multiplier), c.syn_beta_dr_unit))
+    if layout is None and (c.syn_r_bn > 0 or c.syn_r_conv > 0):
+        bn_stats = teacher.hooks.bn_stats if c.syn_r_bn > 0 else {}
+        conv_stats = teacher.hooks.conv_stats if c.syn_r_conv > 0 else {}
+        if not (bn_stats or conv_stats):
+            return None
+        layout = teacher_layout(teacher, bn_stats, conv_stats, c, bn_multiplier)
     if layout is None:
-        return None if c.syn_r_bn > 0 or c.syn_r_conv > 0 else {}
+        return {}
     return {"keep": drop_draws(layout, c.syn_beta_dr, generator) if layout.conv_layers else None}
 
 

@@ -209,6 +209,11 @@ class JobRunner:
         for other in self.slots:
             other.hooks.enabled = other is slot
         draws = self.draw_fn(args, slot, self.generator) if args.syn_compile else None
+        if args.syn_compile and draws is None:  # the draws need one forward's statistics: a probe, no graph
+            with torch.no_grad(), self.autocast():
+                slot.model(x)
+            draws = self.draw_fn(args, slot, self.generator)
+            slot.hooks.clear()
         try:
             if draws is not None:  # syn_compile: forward, statistics and loss as one graph, draws made above
                 loss, components = self.compiled_step(k)(x, draws)
