@@ -165,7 +165,10 @@ def measure(backbone: str, size: int, channels: int, classes: int, method: str, 
 
         def ce_step() -> None:
             slot.hooks.enabled = False
-            loss = F.cross_entropy(slot.model(x_ce).float(), labels)
+            x_in = x_ce.contiguous(memory_format=torch.channels_last) if syn.syn_channels_last else x_ce
+            with runner.autocast():  # the same precision and layout as the method's step (--gpu: bf16, channels_last)
+                logits = slot.model(x_in)
+            loss = F.cross_entropy(logits.float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -197,7 +200,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variant", default="after", choices=VARIANTS, help="label of the rows (and syn_compile for "
-                   "after_compiled); only this variant's rows are replaced in the results file")
+                   "after_compiled); only this variant's rows are replaced in the results file. 'before' was run on "
+                   "the code before issue 32 (commit fc25f61) and is kept in the file")
     p.add_argument("--backbones", nargs="*", default=None, help="subset of the row backbones (default: all)")
     p.add_argument("--methods", nargs="*", default=list(METHODS))
     p.add_argument("--classes-per-job", type=int, default=2)
