@@ -40,7 +40,8 @@ def test_margins_use_common_seeds_and_matching_label_rows():
     ({"convnet128": 0.5, "convnet128_in": -0.9}, "as good as a random subset, no better"),
     ({"convnet128": -3.0, "convnet128_in": -1.5}, "a random real subset is the better choice"),
     ({"convnet128": 2.0, "convnet128_in": 0.0}, "help convnet128 and are level"),
-    ({"convnet128": -0.3, "convnet128_in": -19.6}, "lose on convnet128_in"),
+    ({"convnet128": -0.3, "convnet128_in": -19.6}, "worse on convnet128_in: what they carry does not transfer"),
+    ({"convnet128": 0.7, "convnet128_in": -1.2}, "worse on convnet128_in: what they carry does not transfer"),
 ])
 def test_explanation_follows_the_margins(margins, expect):
     text = explain_margins(_rows(margins))
@@ -49,6 +50,16 @@ def test_explanation_follows_the_margins(margins, expect):
         shown = f"{abs(m):.1f} points {'above' if m > 0 else 'below'}" if abs(m) > MARGIN_NOISE else f"level with ({m:+.1f})"
         assert f"on {student} {shown}" in text
     assert "2 seeds" in text
+
+
+def test_a_small_gap_on_one_seed_asks_for_seeds():
+    rows = [_row("gvbsm", "a", [77.3]), _row("random_real", "a", [76.6]),
+            _row("gvbsm", "b", [75.8]), _row("random_real", "b", [77.0])]
+    text = explain_margins(rows)
+    assert "on a level with (+0.7)" in text and "on b 1.2 points below" in text and "1 seed;" in text
+    assert "worse on b: a gap this small on one seed needs more seeds" in text
+    rows[2] = _row("gvbsm", "b", [70.0])  # -7: not noise
+    assert "does not transfer" in explain_margins(rows)
 
 
 def test_explanation_names_the_requested_method_and_is_empty_without_a_random_subset():

@@ -86,6 +86,9 @@ def explain_margins(rows: Sequence[Mapping[str, Any]], method: str | None = None
         then = (f"The images help {', '.join(above)} and are level with a random subset on the other students: "
                 "worth using where they help.")
     else:
-        then = (f"The images lose on {', '.join(below)}: what they carry does not transfer to every architecture, "
-                "so check the student you will train (docs/results.md, cross-architecture table).")
+        worst = min(m for _, m, _ in mine)
+        why = ("a gap this small on one seed needs more seeds (`eval_seeds`) before it means much"
+               if seeds == 1 and worst >= -2 * MARGIN_NOISE else "what they carry does not transfer to every architecture")
+        then = (f"The images do worse on {', '.join(below)}: {why}; check the student you will train "
+                "(docs/results.md, cross-architecture table).")
     return f"{first} {then}"
