@@ -282,8 +282,8 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path, monkeypatch):
     from gvbsm_hf.pipeline import STAGES, parse_recipe, run_pipeline
 
     reh = _rehearsal_module()
-    folder = reh.make_imagenet_folder(tmp_path / "imagenet", classes=20, train_per_class=4, val_per_class=3)
-    assert folder["classes"] >= 20 and {"L", "CMYK", "RGB"} <= set(folder["modes"]) and len(folder["sizes"]) > 50
+    folder = reh.make_imagenet_folder(tmp_path / "imagenet", classes=10, train_per_class=4, val_per_class=3)
+    assert folder["classes"] >= 10 and {"L", "CMYK", "RGB"} <= set(folder["modes"]) and len(folder["sizes"]) > 50
     assert len({round(w / h, 1) for w, h in folder["sizes"]}) > 5  # many aspect ratios, both orientations
     ipc = int(reh.SHRINK[reh.SHRINK.index("--ipc") + 1])
 
@@ -298,6 +298,12 @@ def test_imagenet_recipe_dress_rehearsal(tmp_path, monkeypatch):
         if getattr(module, "to_uint8_tensors", None) is original:  # every module that imported it
             monkeypatch.setattr(module, "to_uint8_tensors", recorded)
 
+    # the recover health check's real reference at ImageNet-1k's size: diagnostic_real_per_class(1000) = 2 per
+    # class (here 50 per class would be every train image: the whole split)
+    from gvbsm_hf.recover import health, stage as recover_stage
+
+    assert health.diagnostic_real_per_class(1000) == 2
+    monkeypatch.setattr(recover_stage, "diagnostic_real_per_class", lambda num_classes: 2)
     out = tmp_path / "run"
     argv = reh.rehearsal_argv(folder["root"], out)
     assert argv[:2] == ["--config", str(IMAGENET_RECIPE)]
