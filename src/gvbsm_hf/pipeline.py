@@ -53,7 +53,7 @@ from .recipe import (
 )
 from .report import format_results_table
 from .stage import StageContext
-from .stage_cache import StageCache
+from .stage_cache import StageCache, check_stages_file
 from .stages import STAGE_REGISTRY, stage_configs, stage_fingerprints
 from .utils import runtime_provenance, seed_everything, write_json_atomic
 
@@ -304,17 +304,7 @@ def open_stage_cache(out: Path, redo: Sequence[str], recipe: Recipe, accelerator
     """The run's :class:`StageCache`; a damaged ``stages.json`` is named with its fix, and set aside
     (``stages.json.damaged``) when ``--redo squeeze`` recomputes every stage anyway."""
     path = out / "stages.json"
-    problem = None
-    if path.exists():
-        try:
-            if not isinstance(json.loads(path.read_text()), dict):
-                problem = "not a mapping of stages"
-        except (ValueError, UnicodeDecodeError) as err:
-            problem = f"{type(err).__name__}: {err}"
-    if problem and "squeeze" not in redo:
-        raise GVBSMError(f"{path} (the index of finished stages) is damaged or incomplete ({problem}): delete it and "
-                         "rerun the same command (every stage is rechecked; teachers, statistics and student runs "
-                         "whose settings match are reused), or rerun with `--redo squeeze` to recompute everything.")
+    problem = check_stages_file(out, redo)
     accelerator.wait_for_everyone()  # every process has looked at it before the main one moves it
     if problem and accelerator.is_main_process:
         path.replace(path.with_name(path.name + ".damaged"))

@@ -25,7 +25,7 @@ from .recipe import Recipe
 from .relabel.store import STORED_LABELS_FILE
 from .squeeze.config import is_teacher_reference
 from .stage import StageContext, method_folder
-from .stage_cache import StageCache
+from .stage_cache import StageCache, check_stages_file
 from .stages import STAGE_REGISTRY
 
 SPEC_NEEDED = "<dataset>"
@@ -59,23 +59,6 @@ def check_output_dir_readonly(out: Path) -> str:
     pid = out / ".gvbsm.lock.pid"
     held = f"; a run (pid {pid.read_text().strip()}) may be using it now" if pid.exists() else ""
     return f"{out} (exists{held})"
-
-
-def read_stages_file(out: Path, redo: list[str]) -> str | None:
-    """A damaged ``stages.json``: raise what the run would (unless ``--redo squeeze``, with which the
-    run sets it aside); its problem, or None when it is whole or absent."""
-    path = out / "stages.json"
-    if not path.is_file():
-        return None
-    try:
-        problem = None if isinstance(json.loads(path.read_text()), dict) else "not a mapping of stages"
-    except (ValueError, UnicodeDecodeError) as err:
-        problem = f"{type(err).__name__}: {err}"
-    if problem and "squeeze" not in redo:
-        raise GVBSMError(f"{path} (the index of finished stages) is damaged or incomplete ({problem}): delete it and "
-                         "rerun the same command (every stage is rechecked; teachers, statistics and student runs "
-                         "whose settings match are reused), or rerun with `--redo squeeze` to recompute everything.")
-    return problem
 
 
 def known_spec(out: Path) -> DatasetSpec | None:
@@ -150,7 +133,7 @@ def plan_stages(recipe: Recipe) -> list[StagePlan]:
     """Each stage of ``recipe``: cached / will run / not run, why, and what it writes."""
     out = Path(recipe.training.output_dir)
     redo = list(recipe.pipeline.redo)
-    damaged = read_stages_file(out, redo)
+    damaged = check_stages_file(out, redo)
     cache = None if damaged else StageCache(out, redo, recipe)
     state = cache.state if cache is not None else {}
     marked = [s for s in STAGES if s in redo or (cache is not None and cache.changed.get(s))]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import GVBSMError
 from .pipeline_config import STAGES
 from .recipe import RECIPE_CLASSES, Recipe
 from .stages import stage_configs, stage_fingerprints
@@ -107,3 +108,20 @@ class StageCache:
 
     def redo_requested(self, stage: str) -> bool:
         return stage in self.redo
+
+
+def check_stages_file(out: Path, redo: Sequence[str]) -> str | None:
+    """A damaged ``stages.json`` is named with its fix (unless ``--redo squeeze``, with which the run
+    sets it aside); its problem, or None when it is whole or absent. The run and ``--dry_run`` both call it."""
+    path = out / "stages.json"
+    if not path.is_file():
+        return None
+    try:
+        problem = None if isinstance(json.loads(path.read_text()), dict) else "not a mapping of stages"
+    except (ValueError, UnicodeDecodeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    if problem and "squeeze" not in redo:
+        raise GVBSMError(f"{path} (the index of finished stages) is damaged or incomplete ({problem}): delete it and "
+                         "rerun the same command (every stage is rechecked; teachers, statistics and student runs "
+                         "whose settings match are reused), or rerun with `--redo squeeze` to recompute everything.")
+    return problem
