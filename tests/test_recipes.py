@@ -695,9 +695,13 @@ def test_stage_cache_redo_and_recipe_changes_invalidate_later_stages(tmp_path):
 
 
 _WORLD = """
+import sys
+from pathlib import Path
 from accelerate import PartialState
 s = PartialState(cpu=True)  # what the pipeline's Accelerator gets from the recipe's use_cpu: true
-print(f"process {s.process_index} of {s.num_processes} on {s.device.type}", flush=True)
+# one file per process: two processes printing to one pipe interleave their lines
+Path(sys.argv[1], f"rank{s.process_index}.txt").write_text(
+    f"process {s.process_index} of {s.num_processes} on {s.device.type}")
 """
 
 
@@ -709,8 +713,8 @@ def test_cpu_2proc_config_starts_two_processes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"),
-                           "--main_process_port", "0", str(script)], env=dict(env, OMP_NUM_THREADS="1"),
+                           "--main_process_port", "0", str(script), str(tmp_path)], env=dict(env, OMP_NUM_THREADS="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(re.findall(r"process \d of \d on \w+", proc.stdout)) == [
+    assert sorted(f.read_text() for f in tmp_path.glob("rank*.txt")) == [
         "process 0 of 2 on cpu", "process 1 of 2 on cpu"], proc.stdout + proc.stderr[-2000:]
