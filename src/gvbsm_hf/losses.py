@@ -1,4 +1,5 @@
-"""Pure loss functions of G-VBSM (docs/method.md Eq. 1, 4-6, 8, 10, 11) and of SRe2L (KL soft labels).
+"""Pure loss functions of G-VBSM (docs/method.md Eq. 1, 4-6, 8, 10, 11), of SRe2L (KL soft labels) and the
+total-variation image prior (Eq. 18).
 
 Every function takes tensors on any device, accepts float32 / bf16 / fp16 inputs, computes in
 float32 and returns float32. None of them syncs with the host except :func:`check_finite` and
@@ -33,6 +34,7 @@ __all__ = [
     "conv_matching_loss",
     "first_layer_weights",
     "data_densification_loss",
+    "total_variation_loss",
     "ensemble_logits",
     "soft_labels",
     "mse_gt_loss",
@@ -301,6 +303,17 @@ def data_densification_loss(
         if total is None:
             return images.float().sum() * 0.0
         return total
+
+
+def total_variation_loss(images: torch.Tensor) -> torch.Tensor:
+    """Total-variation image prior (docs/method.md Eq. 18): the mean squared difference of vertically and of
+    horizontally adjacent pixels, summed over the two directions and averaged over the images,
+    ``(1/N) sum_i [mean (x[i, :, 1:, :] - x[i, :, :-1, :])^2 + mean (x[i, :, :, 1:] - x[i, :, :, :-1])^2]``.
+    ``images`` ``(N, C, H, W)`` with ``H, W >= 2``; float32 result."""
+    if images.ndim != 4 or images.shape[-1] < 2 or images.shape[-2] < 2:
+        raise GVBSMError(f"images must be (N, C, H, W) with H, W >= 2, got shape {tuple(images.shape)}.")
+    x = images.float()
+    return (x[:, :, 1:, :] - x[:, :, :-1, :]).square().mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).square().mean()
 
 
 def ensemble_logits(logits: Sequence[torch.Tensor], *, logit_norm: bool = False) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..densification import class_major_dd_loss
 from ..errors import GVBSMError, StatisticsMismatchError
-from ..losses import data_densification_loss
+from ..losses import data_densification_loss, total_variation_loss
 from ..matching import FlatLayout, build_layout, drop_draws, fused_matching_loss, layout_key
 from ..validation import check_range
 from .registry import SynthesisConfig, SynthesisStep, register_method
@@ -49,10 +49,14 @@ class GVBSMConfig(SynthesisConfig):
     syn_class_weight: float = field(
         default=1.0, metadata={"help": "w of soft category-aware matching (EDC): w * global + (1 - w) * per-class "
                                "BN/Conv matching; 1 = global only (needs stats_per_class: true when < 1)."})
+    syn_tv_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the total-variation image prior on the teacher's input (Eq. 18, "
+                               "DeepInversion's smoothness prior, not in G-VBSM); 0 = off (the authors' loss)."})
 
     def validate(self) -> None:
         super().validate()
-        for name in ("syn_ce_weight", "syn_r_bn", "syn_r_conv", "syn_first_layer_multiplier", "syn_dd_weight"):
+        for name in ("syn_ce_weight", "syn_r_bn", "syn_r_conv", "syn_first_layer_multiplier", "syn_dd_weight",
+                     "syn_tv_weight"):
             check_range(name, getattr(self, name), 0)
         check_range("syn_alpha", self.syn_alpha, 0, 1, high_open=True)
         check_range("syn_beta_dr", self.syn_beta_dr, 0, 1)
@@ -209,7 +213,8 @@ def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator) -> dict |
 
 
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5), each on when its weight is.
+    """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5) (+ the TV prior, Eq. 18),
+    each on when its weight is.
 
     The first-layer multiplier goes to the first hooked Conv only (``syn_first_layer="first_conv"``,
     authors) or to the first BN too; ``syn_beta_dr_unit`` drops whole layers or single statistics;
@@ -257,6 +262,9 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
             dd = data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau,
                                          pool_size=c.syn_dd_pool_size, pool=c.syn_dd_pool)
     loss = c.syn_ce_weight * ce + c.syn_r_bn * bn + c.syn_r_conv * conv + c.syn_dd_weight * dd
+    if c.syn_tv_weight > 0:  # the image prior (Eq. 18); off by default, so the authors' loss is unchanged
+        extra["tv"] = total_variation_loss(step.x)
+        loss = loss + c.syn_tv_weight * extra["tv"]
     return loss, {"ce": ce, "bn": bn, "conv": conv, "dd": dd, **extra}
 
 
