@@ -24,6 +24,12 @@ class only (:func:`class_channel_statistics`, :func:`class_conv_statistics`). Th
 per image (``(N, C)`` and ``(N, ceil(H/p), ceil(W/p))``), then per class with a ``(K, N)`` weight
 matrix, so the extra memory is ``K x (channels + patches)`` per layer, never ``K x`` the map.
 
+Per-instance statistics (docs/method.md Eq. 19): with ``bn_instance=True`` (or after
+:meth:`StatisticsHooks.set_instance_stats`) every BN hook also reduces its input to the per-image spatial
+channel means ``m_{i,c}`` ``(N, C)`` and keeps their variance over the images, ``bn_instance_stats[name]``
+``(C,)`` (and their mean, ``bn_instance_means[name]``, which the record pass needs to pool batches):
+:func:`~gvbsm_hf.moments.instance_mean_statistics`. Extra memory: ``N x C`` per layer.
+
 Efficiency (issue 32): a BN layer's statistics are one ``var_mean`` whose backward is one ``addcmul`` over
 the map (custom autograd Function saving only the activation and the mean); a Conv layer adds, for its
 patch statistics, one pass ``x - t`` (``t`` the detached mean of the map, so a large common offset
@@ -40,7 +46,8 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from .moments import channel_statistics, class_channel_statistics, class_conv_statistics, class_weights, conv_statistics
+from .moments import (channel_statistics, class_channel_statistics, class_conv_statistics, class_weights, conv_statistics,
+                      instance_mean_statistics)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +81,8 @@ class StatisticsHooks:
         enabled: compute statistics (switch off cheaply with ``hooks.enabled = False``).
         bn_global: compute the (global) ``bn_stats`` of the hooked BN layers (``False``: only their
             per-class statistics, e.g. in the record pass, where the BN targets are the running stats).
+        bn_instance: also compute ``bn_instance_stats`` / ``bn_instance_means`` of the hooked BN layers
+            (docs/method.md Eq. 19); switch later with :meth:`set_instance_stats`.
 
     Works under ``torch.compile`` (hooks registered before the compiled call are traced into the
     graph; toggling ``enabled`` recompiles once per value) and with channels_last inputs.
@@ -91,6 +100,7 @@ class StatisticsHooks:
         layer_filter: Callable[[str, nn.Module], bool] | None = None,
         enabled: bool = True,
         bn_global: bool = True,
+        bn_instance: bool = False,
     ) -> None:
         if conv_target not in ("input", "output"):
             raise ValueError(f"conv_target must be 'input' or 'output', got {conv_target!r} (stats_conv_target).")
@@ -101,6 +111,9 @@ class StatisticsHooks:
         self.patch_mode = patch_mode
         self.enabled = enabled
         self.bn_global = bn_global
+        self.bn_instance = bool(bn_instance)
+        self.bn_instance_stats: dict[str, torch.Tensor] = {}
+        self.bn_instance_means: dict[str, torch.Tensor] = {}
         self.class_labels: torch.Tensor | None = None
         self.num_label_classes = 0
         self._class_weights: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -141,6 +154,8 @@ class StatisticsHooks:
                 self.bn_stats[name] = channel_statistics(x)
             if self.class_labels is not None:
                 self.bn_class_stats[name] = class_channel_statistics(x, self.class_weights(x.device)[0])
+            if self.bn_instance:
+                self.bn_instance_means[name], self.bn_instance_stats[name] = instance_mean_statistics(x)
 
         return hook
 
@@ -189,6 +204,12 @@ class StatisticsHooks:
             self.class_labels, self.num_label_classes = labels, k
         self._class_weights = {}
 
+    def set_instance_stats(self, on: bool = True) -> None:
+        """Also compute (or stop computing) the per-instance statistic of every hooked BN layer in the next
+        forwards: ``bn_instance_stats[name]`` ``(C,)``, the variance over the batch's images of their spatial
+        channel means (docs/method.md Eq. 19)."""
+        self.bn_instance = bool(on)
+
     def class_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """:func:`class_weights` of the current class labels, on ``device`` (computed once per device)."""
         if self.class_labels is None:
@@ -203,6 +224,8 @@ class StatisticsHooks:
         self.conv_stats.clear()
         self.bn_class_stats.clear()
         self.conv_class_stats.clear()
+        self.bn_instance_stats.clear()
+        self.bn_instance_means.clear()
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""

@@ -217,6 +217,20 @@ def class_channel_statistics(x: torch.Tensor, weights: torch.Tensor) -> tuple[to
     return mean, var
 
 
+def instance_mean_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance over the images of the per-image spatial channel means (docs/method.md Eq. 19):
+    ``m_{i,c} = mean_{h,w} x[i, c]`` ``(N, C)``, returned as ``(E_i[m_{i,c}], V_c = Var_i(m_{i,c}))``, ``(C,)``
+    each. ``x`` ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; float32 (float64 stays),
+    differentiable w.r.t. ``x``, no host sync (one spatial mean of the map, then a ``var_mean`` of ``(N, C)``)."""
+    if x.dim() != 4:
+        x = x.reshape(x.shape[0], x.shape[1], 1, -1)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        m = x.mean(dim=(2, 3), dtype=dtype)  # (N, C), no float32 copy of the map
+        var, mean = torch.var_mean(m, dim=0, correction=0)
+    return mean, var
+
+
 def class_conv_statistics(x: torch.Tensor, weights: torch.Tensor, patch_size: int,
                           patch_mode: str = "partial") -> dict[str, torch.Tensor]:
     """The four statistics of :func:`conv_statistics` per class: ``channel_mean``/``channel_var`` ``(K, C)``

@@ -375,7 +375,11 @@ def validate_recipe(recipe: Recipe) -> None:
         if unknown:
             raise RecipeError(f"{option} lists {unknown}, which are not in teachers {r.squeeze.teachers}: "
                               "name teachers exactly as in `teachers`.")
-    method_config(r.synthesis.syn_method, r.synthesis)  # the main method accepts every method field set
+    main = method_config(r.synthesis.syn_method, r.synthesis)  # the main method accepts every method field set
+    if main.uses_instance_stats() and not r.stats.stats_instance:
+        raise RecipeError(f"syn_r_instance={getattr(main, 'syn_r_instance', None)} matches per-instance BN statistics "
+                          "(docs/method.md Eq. 19), which the record stage stores only with `stats_instance: true`: "
+                          "set `stats_instance: true` (the record stage then records them), or syn_r_instance: 0.")
     check_backbone_names(r)
     trained = [n for n in r.squeeze.teachers if not is_teacher_reference(n)]
     untrained = [n for n in trained if not teacher_starts_pretrained(n, r.squeeze.teacher_pretrained)]

@@ -15,6 +15,15 @@ recorded per-class BN-input mean / variance, since running statistics are global
 norm taken per class and averaged over the job's classes. Conv terms of ``L^class`` are dropped
 with ``beta_dr`` by their own draws (after the global ones, in the same ``syn_beta_dr_unit``).
 ``w = 1`` (default) computes no per-class term and is today's loss exactly.
+
+Per-instance statistic matching (docs/method.md Eq. 19, ``syn_r_instance``, off by default)::
+
+    loss -> loss + r_inst L_inst,    L_inst = sum_l w_l || V^syn_l - V^real_l ||_2
+
+``V_{l,c}`` the variance over the images of their spatial channel means of BN layer ``l``'s input (synthetic
+batch: :attr:`gvbsm_hf.hooks.StatisticsHooks.bn_instance_stats`; real: recorded with ``stats_instance``),
+``w_l`` the BN terms' layer weights; a plain L2 distance as Eq. 1, no EMA. ``syn_r_instance = 0`` computes
+nothing and is the loss above exactly.
 """
 
 from __future__ import annotations
@@ -52,11 +61,15 @@ class GVBSMConfig(SynthesisConfig):
     syn_tv_weight: float = field(
         default=0.0, metadata={"help": "Weight of the total-variation image prior on the teacher's input (Eq. 18, "
                                "DeepInversion's smoothness prior, not in G-VBSM); 0 = off (the authors' loss)."})
+    syn_r_instance: float = field(
+        default=0.0, metadata={"help": "Weight of per-instance statistic matching (Eq. 19, not in G-VBSM): the "
+                               "variance over the images of their per-image BN-input channel means against the "
+                               "real images'; 0 = off (the authors' loss); > 0 needs stats_instance: true."})
 
     def validate(self) -> None:
         super().validate()
         for name in ("syn_ce_weight", "syn_r_bn", "syn_r_conv", "syn_first_layer_multiplier", "syn_dd_weight",
-                     "syn_tv_weight"):
+                     "syn_tv_weight", "syn_r_instance"):
             check_range(name, getattr(self, name), 0)
         check_range("syn_alpha", self.syn_alpha, 0, 1, high_open=True)
         check_range("syn_beta_dr", self.syn_beta_dr, 0, 1)
@@ -72,6 +85,9 @@ class GVBSMConfig(SynthesisConfig):
 
     def uses_class_stats(self) -> bool:
         return self.syn_class_weight < 1.0 and (self.syn_r_bn > 0 or self.syn_r_conv > 0)
+
+    def uses_instance_stats(self) -> bool:
+        return self.syn_r_instance > 0
 
 
 @dataclass
@@ -132,6 +148,27 @@ def class_bn_loss(stats, targets, emas, *, alpha: float, layer_weights=None, ema
         new[name] = (e_m, e_v)
         terms.append(float(weights.get(name, 1.0)) * (l_m + l_v))
     return (torch.stack(terms).sum() if terms else torch.zeros(())), new
+
+
+def instance_bn_loss(stats: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+                     layer_weights: dict[str, float] | None = None) -> torch.Tensor:
+    """``L_inst = sum_l w_l ||V^syn_l - V^real_l||_2`` (docs/method.md Eq. 19) over the BN layers of ``stats``
+    (``hooks.bn_instance_stats``, ``(C,)`` each) against the recorded ``targets[l]`` ``(C,)``; float32, no host
+    sync. A plain L2 distance (Eq. 1 form), no EMA."""
+    weights = layer_weights or {}
+    terms = []
+    for name, current in stats.items():
+        target = targets.get(name)
+        if target is None or target.shape != current.shape:
+            raise StatisticsMismatchError(
+                f"per-instance statistic of BN layer {name!r} ({tuple(current.shape)}) has no recorded target of that "
+                f"shape ({None if target is None else tuple(target.shape)}); the statistics belong to another "
+                "teacher: record them again (`--redo record`).")
+        distance = torch.linalg.vector_norm(target.detach().float() - current.float(), ord=2)
+        terms.append(float(weights.get(name, 1.0)) * distance)
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
 
 
 def class_conv_loss(stats, targets, emas, *, alpha: float, beta_dr: float, generator=None, layer_weights=None,
@@ -213,8 +250,8 @@ def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator) -> dict |
 
 
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5) (+ the TV prior, Eq. 18),
-    each on when its weight is.
+    """docs/method.md Eq. 2 extended: CE + BN (Eq. 1/6) + Conv (Eq. 10) + DD (Eq. 5) (+ the TV prior, Eq. 18,
+    + per-instance statistic matching, Eq. 19), each on when its weight is.
 
     The first-layer multiplier goes to the first hooked Conv only (``syn_first_layer="first_conv"``,
     authors) or to the first BN too; ``syn_beta_dr_unit`` drops whole layers or single statistics;
@@ -262,6 +299,10 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
             dd = data_densification_loss(step.x.float(), step.labels, tau=c.syn_dd_tau,
                                          pool_size=c.syn_dd_pool_size, pool=c.syn_dd_pool)
     loss = c.syn_ce_weight * ce + c.syn_r_bn * bn + c.syn_r_conv * conv + c.syn_dd_weight * dd
+    if c.syn_r_instance > 0:  # per-instance BN statistics (Eq. 19); off by default: the authors' loss unchanged
+        extra["inst"] = instance_bn_loss(t.hooks.bn_instance_stats, t.instance_bn_targets,
+                                         t.layer_weights("bn", bn_multiplier))
+        loss = loss + c.syn_r_instance * extra["inst"]
     if c.syn_tv_weight > 0:  # the image prior (Eq. 18); off by default, so the authors' loss is unchanged
         extra["tv"] = total_variation_loss(step.x)
         loss = loss + c.syn_tv_weight * extra["tv"]

@@ -89,6 +89,10 @@ class SynthesisConfig(SynthesisProtocol):
         """Whether per-class (category-aware) statistics are matched: recorded with ``stats_per_class``."""
         return False
 
+    def uses_instance_stats(self) -> bool:
+        """Whether per-instance BN statistics are matched (docs/method.md Eq. 19): recorded with ``stats_instance``."""
+        return False
+
     def real_batch_size(self) -> int:
         """Real train images the engine draws per iteration for the loss (``SynthesisStep.real_x``);
         0: none (the default; only methods that regress on real data, e.g. ``feature_regression``)."""

@@ -36,6 +36,10 @@ class StatisticsArguments(ValidatedArguments):
         default=False, metadata={"help": "Also record per-class BN-input and Conv statistics in the same pass (soft "
                                  "category-aware matching, syn_class_weight < 1; docs/method.md \"Beyond G-VBSM\"). "
                                  "Memory grows with classes x channels, not images."})
+    stats_instance: bool = field(
+        default=False, metadata={"help": "Also record, for every BN layer, the variance over the images of their "
+                                 "per-image spatial channel means of the BN input (per-instance statistic matching, "
+                                 "syn_r_instance > 0; docs/method.md Eq. 19). Memory: channels per layer."})
 
     def validate(self) -> None:
         check_range("stats_patch_size", self.stats_patch_size, 1)

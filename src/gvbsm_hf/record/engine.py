@@ -14,7 +14,11 @@ the end: 1 and N processes record the same statistics.
 Per-class statistics (``stats_per_class``, docs/method.md "Beyond G-VBSM", which gives their size)
 are recorded in the same pass: the BN-input mean / variance and the four Conv statistics of each
 class over ALL its images (pooled), merged exactly in float64 (Chan et al.) across batches and
-processes. Files: :mod:`gvbsm_hf.record.statistics_file`.
+processes. Per-instance statistics (``stats_instance``, docs/method.md Eq. 19) likewise: for every BN
+layer, ``V_{l,c}`` = the biased variance over ALL recorded images of their spatial channel means ``m_{i,c}``
+of the BN input, i.e. ``E[m^2] - E[m]^2`` pooled over every image (not a mean of per-batch variances),
+merged exactly in float64 across batches and processes the same way. Files:
+:mod:`gvbsm_hf.record.statistics_file`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 VARIANCE_DEFINITION = "mean of per-batch biased variances, weighted by batch size"
 CLASS_VARIANCE_DEFINITION = "per class: biased variance over all images of the class (pooled), merged exactly"
+INSTANCE_VARIANCE_DEFINITION = ("per BN layer and channel: biased variance over all recorded images of the per-image "
+                                "spatial means of the BN input (pooled), merged exactly")
 
 PAIR_KEYS = {("bn", ""): ("mean", "var"), ("conv", "channel"): ("channel_mean", "channel_var"),
              ("conv", "patch"): ("patch_mean", "patch_var")}
@@ -176,6 +182,12 @@ def _class_stats(hooks: StatisticsHooks) -> dict[tuple[str, str, str], tuple[tor
     return stats
 
 
+def _instance_stats(hooks: StatisticsHooks) -> dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]]:
+    """This batch's per-instance (mean, variance) of the per-image channel means, one 'class' row ``(1, C)``."""
+    return {("bn", name, ""): (hooks.bn_instance_means[name][None], var[None])
+            for name, var in hooks.bn_instance_stats.items()}
+
+
 def _set_class_labels(hooks: StatisticsHooks, batch: Any, num_classes: int, device: torch.device) -> None:
     if not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise DataValidationError("per_class statistics need (images, labels) batches.")
@@ -209,7 +221,7 @@ def record_statistics(
         spec: the images' normalisation (``spec.normalize``), classes and name (provenance).
         args: ``stats_patch_size``, ``stats_conv_target``, ``stats_patch_mode`` (unset: ``"partial"``),
             ``stats_augment`` (unset: ``"none"``; :func:`gvbsm_hf.augment.recording_augment`) and
-            ``stats_per_class``; ``None``: the defaults. Batch size and sample cap belong to the caller.
+            ``stats_per_class``, ``stats_instance``; ``None``: the defaults. Batch size and sample cap belong to the caller.
         accelerator: ``accelerate.Accelerator`` (device, process index, reduction); None = one
             process on the teacher's device.
         seed, crop_scale: the recording augmentation's generator seed (with the global batch
@@ -239,10 +251,12 @@ def record_statistics(
     num_classes = int(spec.num_classes)
     sums = _ConvSums()
     class_moments = _ClassMoments() if per_class else None
+    per_instance = bool(getattr(args, "stats_instance", False))
+    instance_moments = _ClassMoments() if per_instance else None  # one row: every image in one 'class'
     image_size: tuple[int, int] | None = None
 
-    hooks = StatisticsHooks(teacher, bn=per_class, conv=True, conv_target=conv_target, patch_size=patch_size,
-                            patch_mode=patch_mode, bn_global=False)
+    hooks = StatisticsHooks(teacher, bn=per_class or per_instance, conv=True, conv_target=conv_target,
+                            patch_size=patch_size, patch_mode=patch_mode, bn_global=False, bn_instance=per_instance)
     try:
         if not hooks.conv_layers:
             raise DataValidationError(
@@ -266,6 +280,8 @@ def record_statistics(
             sums.add(hooks.conv_stats, float(n))
             if class_moments is not None:
                 class_moments.add(_class_stats(hooks), hooks.class_weights(device)[1])
+            if instance_moments is not None:
+                instance_moments.add(_instance_stats(hooks), torch.full((1,), float(n), device=device))
             sums.count += n
         if world > 1:
             if not sums.sums:  # an empty shard still has to take part in the reduction with the right shapes
@@ -276,11 +292,15 @@ def record_statistics(
                 sums.add(hooks.conv_stats, 0.0)
                 if class_moments is not None:
                     class_moments.add(_class_stats(hooks), torch.zeros(num_classes, device=device))
+                if instance_moments is not None:
+                    instance_moments.add(_instance_stats(hooks), torch.zeros(1, device=device))
             sums.reduce(accelerator, device)
             if image_size is None:
                 image_size = (spec.image_size, spec.image_size)
             if class_moments is not None:
                 class_moments.reduce(accelerator)
+            if instance_moments is not None:
+                instance_moments.reduce(accelerator)
     finally:
         hooks.remove()
         teacher.train(was_training)
@@ -317,6 +337,10 @@ def record_statistics(
         result.class_counts = counts
         provenance.update(per_class=True, num_classes=num_classes,
                           per_class_variance_definition=CLASS_VARIANCE_DEFINITION)
+    if instance_moments is not None:
+        instance_bn = instance_moments.result()[0]
+        result.instance_bn = {n: instance_bn[n]["var"][0] for n in order if n in instance_bn}
+        provenance.update(per_instance=True, instance_variance_definition=INSTANCE_VARIANCE_DEFINITION)
     if show:
         logger.info("Recorded Conv statistics of %d layers over %d images (%s).", len(layers), sums.count, teacher_name)
     return result

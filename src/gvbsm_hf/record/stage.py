@@ -22,10 +22,11 @@ from .statistics_file import TeacherStatistics, load_statistics, save_statistics
 
 
 def needs_statistics(ctx: StageContext) -> bool:
-    """Whether any method of the run (main or baseline) matches Conv statistics or per-class statistics."""
+    """Whether any method of the run (main or baseline) matches Conv, per-class or per-instance statistics."""
     r = ctx.recipe
     configs = [method_config(m, r.synthesis, baseline=m != ctx.main_method) for m in ctx.methods]
-    return any(get_method(c.syn_method).optimised and (c.uses_conv() or c.uses_class_stats()) for c in configs)
+    return any(get_method(c.syn_method).optimised and (c.uses_conv() or c.uses_class_stats() or c.uses_instance_stats())
+               for c in configs)
 
 
 class RecordStage(Stage):
@@ -53,6 +54,7 @@ class RecordStage(Stage):
             path, expect_fingerprint=teacher.fingerprint, expect_patch_size=s.stats_patch_size,
             expect_conv_target=s.stats_conv_target, expect_augment=augment,
             expect_patch_mode=s.stats_patch_mode, expect_per_class=s.stats_per_class,
+            expect_per_instance=s.stats_instance,
         )
 
     def _record(self, ctx: StageContext, teacher: TeacherModel, folder: Path, split, augment: str) -> TeacherStatistics:

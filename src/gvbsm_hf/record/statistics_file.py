@@ -5,6 +5,8 @@ safetensors on disk (``"<layer>/<stat>"`` keys, provenance as JSON metadata) and
 Per-class statistics (``stats_per_class``, docs/method.md "Beyond G-VBSM") go in the same file
 under extra keys (``class_bn/<layer>/{mean,var}``, ``class_conv/<layer>/<stat>``,
 ``class_counts``); files without them still load (``TeacherStatistics.per_class`` is False).
+Per-instance statistics (``stats_instance``, docs/method.md Eq. 19) likewise: ``instance_bn/<layer>/mean_var``
+(``TeacherStatistics.instance_bn``; ``TeacherStatistics.per_instance`` is False without them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ _REDO_FIX = "Re-run the record stage for this teacher (`--redo record`)."
 CLASS_BN_STATISTICS = ("mean", "var")
 """Keys of every ``TeacherStatistics.class_bn[layer]`` dict."""
 CLASS_COUNTS_KEY = "class_counts"
+INSTANCE_PREFIX = "instance_bn"
+INSTANCE_STATISTIC = "mean_var"
+"""``instance_bn/<bn_layer>/mean_var``: the per-instance statistic ``V_{l,c}`` of Eq. 19 in the file."""
 
 
 @dataclass
@@ -52,6 +57,9 @@ class TeacherStatistics:
     """Per-class Conv statistics: ``{conv_layer: {channel_mean, channel_var: (K, C), patch_mean, patch_var: (K, Hp, Wp)}}``."""
     class_counts: torch.Tensor | None = None
     """Images of each class in the pass ``(K,)`` (float32); a class with 0 has no per-class statistics."""
+    instance_bn: dict[str, torch.Tensor] | None = None
+    """Per-instance statistic of every BN layer (``stats_instance``, docs/method.md Eq. 19): ``{bn_layer: V (C,)}``,
+    the variance over all recorded images of their per-image spatial channel means of the BN input."""
 
     @property
     def layer_names(self) -> list[str]:
@@ -62,6 +70,11 @@ class TeacherStatistics:
     def per_class(self) -> bool:
         """Whether per-class statistics were recorded (``stats_per_class``)."""
         return self.class_counts is not None
+
+    @property
+    def per_instance(self) -> bool:
+        """Whether the per-instance statistics were recorded (``stats_instance``)."""
+        return self.instance_bn is not None
 
 
 def augment_kind(augment: bool | str) -> str:
@@ -89,7 +102,14 @@ def save_statistics(stats: TeacherStatistics, path: str | Path) -> Path:
                 for key, value in layer_stats.items():
                     tensors[f"{kind}/{name}/{key}"] = value.detach().to("cpu", torch.float32).contiguous()
         tensors[CLASS_COUNTS_KEY] = stats.class_counts.detach().to("cpu", torch.float32).contiguous()
+    if stats.per_instance:  # extra keys, optional as the per-class ones
+        for name, value in (stats.instance_bn or {}).items():
+            if "/" in name:
+                raise ValueError(f"Layer name {name!r} contains '/', which the statistics file uses as separator.")
+            tensors[f"{INSTANCE_PREFIX}/{name}/{INSTANCE_STATISTIC}"] = value.detach().to("cpu", torch.float32).contiguous()
     metadata = {key: json.dumps(value) for key, value in stats.provenance.items()}
+    if stats.per_instance:
+        metadata[_RESERVED_PREFIX + "instance_bn_layers"] = json.dumps(list(stats.instance_bn or {}))
     if stats.per_class:
         metadata[_RESERVED_PREFIX + "class_bn_layers"] = json.dumps(list(stats.class_bn or {}))
     metadata[_RESERVED_PREFIX + "format"] = FORMAT_NAME
@@ -116,10 +136,12 @@ def load_statistics(
     expect_augment: str | None = None,
     expect_patch_mode: str | None = None,
     expect_per_class: bool = False,
+    expect_per_instance: bool = False,
 ) -> TeacherStatistics:
     """Read a file written by :func:`save_statistics`, checking that it fits its use.
 
-    Per-class statistics (extra keys) are loaded when present; ``expect_per_class=True`` requires them.
+    Per-class statistics (extra keys) are loaded when present; ``expect_per_class=True`` requires them; the
+    same for the per-instance statistics (Eq. 19) and ``expect_per_instance=True``.
 
     Raises:
         FileNotFoundError: no such file (run the record stage).
@@ -149,8 +171,14 @@ def load_statistics(
     layers: dict[str, dict[str, torch.Tensor]] = {name: {} for name in order}
     per_class: dict[str, dict[str, dict[str, torch.Tensor]]] = {"class_bn": {}, "class_conv": {}}
     class_counts = tensors.pop(CLASS_COUNTS_KEY, None)
+    instance: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         parts = key.split("/")
+        if len(parts) == 3 and parts[0] == INSTANCE_PREFIX:
+            if parts[2] != INSTANCE_STATISTIC:
+                raise StatisticsMismatchError(f"{path} holds an unknown per-instance statistic {key!r}. {_REDO_FIX}")
+            instance[parts[1]] = value
+            continue
         if len(parts) == 3 and parts[0] in per_class:  # a layer name never holds '/': not a global key
             per_class[parts[0]].setdefault(parts[1], {})[parts[2]] = value
             continue
@@ -187,6 +215,17 @@ def load_statistics(
         raise StatisticsMismatchError(
             f"Statistics file {path} has no per-class statistics, which soft category-aware matching "
             "(syn_class_weight < 1) needs: set `stats_per_class: true` and re-run the record stage (`--redo record`).")
+    has_instance = bool(instance) or (_RESERVED_PREFIX + "instance_bn_layers") in metadata
+    if expect_per_instance and not has_instance:
+        raise StatisticsMismatchError(
+            f"Statistics file {path} has no per-instance statistics, which per-instance statistic matching "
+            "(syn_r_instance > 0, docs/method.md Eq. 19) needs: set `stats_instance: true` and re-run the record "
+            "stage (`--redo record`).")
+    instance_bn = None
+    if has_instance:
+        inst_order = json.loads(metadata.get(_RESERVED_PREFIX + "instance_bn_layers", "[]"))
+        inst_order = [n for n in inst_order if n in instance] + sorted(set(instance) - set(inst_order))
+        instance_bn = {n: instance[n] for n in inst_order}
     if expect_layers is not None:
         expected = list(expect_layers)
         missing = [n for n in expected if n not in layers]
@@ -198,12 +237,13 @@ def load_statistics(
                 f"({len(missing)} missing, {len(extra)} unexpected); it was recorded for another backbone. {_REDO_FIX}"
             )
     if not has_class:
-        return TeacherStatistics(layers=layers, provenance=provenance)
+        return TeacherStatistics(layers=layers, provenance=provenance, instance_bn=instance_bn)
     bn_order = json.loads(metadata.get(_RESERVED_PREFIX + "class_bn_layers", "[]"))
     bn_order = [n for n in bn_order if n in per_class["class_bn"]] + sorted(set(per_class["class_bn"]) - set(bn_order))
     return TeacherStatistics(layers=layers, provenance=provenance,
                              class_bn={n: per_class["class_bn"][n] for n in bn_order},
-                             class_conv={n: per_class["class_conv"][n] for n in layers}, class_counts=class_counts)
+                             class_conv={n: per_class["class_conv"][n] for n in layers}, class_counts=class_counts,
+                             instance_bn=instance_bn)
 
 
 def statistics_to_dataset(stats: Sequence[TeacherStatistics]) -> datasets.Dataset:

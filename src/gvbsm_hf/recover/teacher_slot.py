@@ -47,10 +47,18 @@ class TeacherSlot:
                 f"syn_class_weight={getattr(args, 'syn_class_weight', None)} matches per-class statistics, which "
                 "every teacher's statistics file must hold: set `stats_per_class: true` and run the record stage "
                 "(`--redo record`), or set syn_class_weight: 1.")
+        use_instance = args.uses_instance_stats()
+        if use_instance and (stats is None or not stats.per_instance):
+            raise StatisticsMismatchError(
+                f"syn_r_instance={getattr(args, 'syn_r_instance', None)} matches per-instance BN statistics "
+                "(docs/method.md Eq. 19), which every teacher's statistics file must hold: set `stats_instance: true` "
+                "and run the record stage (`--redo record`), or set syn_r_instance: 0.")
         self.hooks = stack.enter_context(  # removed when the stack closes, also on errors
             StatisticsHooks(
                 self.model,
-                bn=args.uses_bn(),
+                bn=args.uses_bn() or use_instance,
+                bn_global=args.uses_bn(),
+                bn_instance=use_instance,
                 conv=use_conv,
                 conv_target=stats_args.stats_conv_target,
                 patch_size=stats_args.stats_patch_size,
@@ -91,6 +99,17 @@ class TeacherSlot:
                 {n: {k: v.to(device) for k, v in stats.class_conv[n].items()} for n in need_conv},
             )
             self._class_counts = stats.class_counts
+
+        self.instance_bn_targets: dict[str, torch.Tensor] = {}
+        if use_instance:
+            assert stats is not None and stats.instance_bn is not None
+            check_statistics_fit(stats, stats_args, args)
+            missing = [n for n in self.hooks.bn_layers if n not in stats.instance_bn]
+            if missing:
+                raise StatisticsMismatchError(
+                    f"The per-instance statistics have no entry for BN layer(s) {missing[:3]} of this teacher; they "
+                    "were recorded for another backbone. Re-run the record stage (`--redo record`).")
+            self.instance_bn_targets = {n: stats.instance_bn[n].to(device) for n in self.hooks.bn_layers}
 
     def set_job_classes(self, classes: Sequence[int], slots_per_class: int) -> None:
         """Per-class matching of a job (class-major batch, ``slots_per_class`` images per class): the hooks
