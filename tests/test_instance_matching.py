@@ -321,3 +321,18 @@ def test_compiled_step_supports_the_term(inst_setup, monkeypatch, tmp_path):
         assert torch.allclose(compiled.x, eager.x, rtol=1e-4, atol=1e-5)
         a, b = eager.flush_components(), compiled.flush_components()
         assert "inst" in a and abs(a["inst"] - b["inst"]) <= 1e-4 * max(1.0, abs(a["inst"]))
+
+
+def test_record_stage_runs_for_the_term_alone():
+    """A method that matches no Conv statistic (sre2l) still needs the record stage once syn_r_instance > 0."""
+    from types import SimpleNamespace
+
+    from gvbsm_hf.record.stage import needs_statistics
+
+    def ctx(*flags):
+        r = parse_recipe(["--config", str(SMOKE), "--syn_method", "sre2l", "--baselines", "random_real", *flags])
+        return SimpleNamespace(recipe=r, methods=["sre2l", "random_real"], main_method="sre2l")
+
+    assert not needs_statistics(ctx())
+    on = ctx("--method_args", '{"sre2l": {"syn_r_instance": 0.5}}', "--stats_instance", "true")
+    assert needs_statistics(on)
