@@ -21,6 +21,10 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
 * ``edc_style``: G-VBSM from RDED crops (``syn_init: rded``) with soft category-aware matching
   (``stats_per_class: true``, ``syn_class_weight: 0.5``);
 * ``feature_regression``: feature regression from random real images (the margin benchmark's row);
+* ``gvbsm_real_init``: G-VBSM (authors' protocol) started from random real images (``syn_init: real``);
+* ``gvbsm_real_init_tv``: the same with the total-variation prior (``syn_tv_weight``, docs/method.md Eq. 18);
+* ``gvbsm_real_init_instance``: the same with per-instance BN statistic matching (``syn_r_instance``,
+  ``stats_instance: true``, docs/method.md Eq. 19);
 
 and the baseline ``random_real`` (a random real subset, same teachers, labels, students and seeds).
 Each row reports its ``mean_over_evaluators``, ``min_margin_vs_random`` (its worst evaluator against the
@@ -93,6 +97,8 @@ RANDOM = "random_real"
 # the authors' student protocol for every row and evaluator (as benchmarks/margin_fashion_mnist.py's AUTHORS)
 STUDENT = ["--cutmix_prob", "1.0", "--cutmix_ce_label", "original"]
 RDED_CROPS = {"syn_rded_factor": 1, "syn_rded_crop_scale": [0.5, 1.0]}  # margin_fashion_mnist.py's RDED_CROPS
+TV_WEIGHT = 0.1  # syn_tv_weight of the gvbsm_real_init_tv row
+INSTANCE_WEIGHT = 0.01  # syn_r_instance of the gvbsm_real_init_instance row
 
 # name: (syn_method, recipe flags, that method's own options -> --method_args '{"<method>": {...}}')
 RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
@@ -106,6 +112,14 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
                            ["--syn_protocol", "authors", "--syn_augment", "per_image_rrc", "--stats_augment", "authors",
                             "--syn_crop_scale", "0.5", "1.0", "--syn_lr", "0.01"],
                            {"syn_init": "real"}),
+    # remedies (issue 35 item 3): G-VBSM (authors' protocol) from random real images, and with the
+    # total-variation prior (docs/method.md Eq. 18) on top
+    "gvbsm_real_init": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", "syn_init": "real"}),
+    "gvbsm_real_init_tv": ("gvbsm", ["--syn_protocol", "authors"],
+                           {"syn_backbone_choice": "round_robin", "syn_init": "real", "syn_tv_weight": TV_WEIGHT}),
+    "gvbsm_real_init_instance": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
+                                 {"syn_backbone_choice": "round_robin", "syn_init": "real",
+                                  "syn_r_instance": INSTANCE_WEIGHT}),
     RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
 }
 
