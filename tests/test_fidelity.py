@@ -287,3 +287,33 @@ def test_the_evaluate_stage_trains_on_the_exported_uint8_images(tmp_path, monkey
     exported = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.uint8))[None] for im in ds["image"]])
     assert torch.equal(seen["images"], SPEC.normalize(exported))
     assert not torch.equal(seen["images"], images)  # the float tensor is NOT what is trained on
+
+
+@pytest.mark.parametrize("size", [16, 28, 32, 160])
+def test_authors_augmentation_equals_slice_flip_roll_with_its_gradient(size):
+    """The gather form (tensor draws, issue 32) gives bit for bit the values AND the pixel gradient of the
+    slicing / flip / torch.roll form it replaced, for many draws (both flips, shifts beyond the side)."""
+    from gvbsm_hf.augment import apply_crop_flip, authors_pad, is_imagenet_scale, sample_crop_flip, CropFlipParams
+
+    x = torch.randn(3, 2, size, size, generator=torch.Generator().manual_seed(size))
+    weight = torch.randn(3, 2, size, size, generator=torch.Generator().manual_seed(size + 1))
+    for seed in range(8):
+        a = x.clone().requires_grad_(True)
+        out = authors_batch_augment(a, generator=torch.Generator().manual_seed(seed))
+        (grad,) = torch.autograd.grad((out * weight).sum(), a)
+        g = torch.Generator().manual_seed(seed)
+        b = x.clone().requires_grad_(True)
+        if is_imagenet_scale(size):
+            one = sample_crop_flip(1, size, size, scale=(0.08, 1.0), generator=g)
+            ref = apply_crop_flip(b, CropFlipParams(one.boxes.expand(3, 4).contiguous(),
+                                                    one.flip.expand(3).contiguous()), (size, size))
+        else:
+            p = authors_pad(size)
+            i, j = (int(v) for v in torch.randint(0, 2 * p + 1, (2,), generator=g))
+            flip = bool(torch.rand((), generator=g) < 0.5)
+            ref = F.pad(b, (p, p, p, p))[..., i:i + size, j:j + size]
+            ref = ref.flip(-1) if flip else ref
+        dh, dw = (int(v) for v in torch.randint(0, 33, (2,), generator=g))
+        ref = torch.roll(ref, shifts=(dh, dw), dims=(2, 3))
+        (ref_grad,) = torch.autograd.grad((ref * weight).sum(), b)
+        assert torch.equal(out, ref) and torch.equal(grad, ref_grad), seed

@@ -319,6 +319,12 @@ def paste_boxes(x: torch.Tensor, source: torch.Tensor, boxes: torch.Tensor) -> t
     return torch.where(inside[:, None], source.to(x.dtype), x)
 
 
+def _roll_index(size: int, shift: torch.Tensor) -> torch.Tensor:
+    """Indices ``r -> (r - shift) mod size`` on ``shift``'s device: gathering along an axis with them is
+    ``torch.roll(..., shift)`` along it, with the shift a tensor (no Python number, one graph for every draw)."""
+    return (torch.arange(size, device=shift.device) - shift).remainder(size)
+
+
 def authors_batch_augment(
     x: torch.Tensor,
     *,
@@ -333,7 +339,12 @@ def authors_batch_augment(
     (``crop_scale``) + flip resized back to ``H x W``. Then ``torch.roll`` by one random shift
     ``(dh, dw)`` with ``dh, dw`` uniform in ``0..jitter``. Differentiable w.r.t. ``x``. Generator
     draws, in order: the crop (2 integers, or the RRC numbers of :func:`sample_crop_flip` for one
-    image), the flip, the two shifts."""
+    image), the flip, the two shifts.
+
+    The draws stay tensors: uploaded once (pinned, non-blocking on CUDA) and applied as index gathers
+    (``index_select`` with ``offset + (arange - shift) mod size``, the flip reading the columns backwards), so
+    nothing is read back to Python and the ops are the same at every iteration (issue 32). The result and its
+    gradient are bit for bit those of slicing, ``flip`` and ``torch.roll`` (tests/test_fidelity.py)."""
     if x.ndim != 4:
         raise GVBSMError(f"authors_batch_augment expects (N, C, H, W), got shape {tuple(x.shape)}.")
     n, _, h, w = x.shape
@@ -341,15 +352,17 @@ def authors_batch_augment(
         one = sample_crop_flip(1, h, w, scale=crop_scale, generator=generator)
         params = CropFlipParams(one.boxes.expand(n, 4).contiguous(), one.flip.expand(n).contiguous())
         out = apply_crop_flip(x, params, (h, w))
-    else:
-        p = authors_pad(h)
-        i, j = (int(v) for v in torch.randint(0, 2 * p + 1, (2,), generator=generator))
-        flip = bool(torch.rand((), generator=generator) < 0.5)
-        out = F.pad(x, (p, p, p, p))[..., i : i + h, j : j + w]
-        if flip:
-            out = out.flip(-1)
-    dh, dw = (int(v) for v in torch.randint(0, int(jitter) + 1, (2,), generator=generator))
-    return torch.roll(out, shifts=(dh, dw), dims=(2, 3))
+        shift = _upload(torch.randint(0, int(jitter) + 1, (2,), generator=generator), x.device)
+        return out.index_select(2, _roll_index(h, shift[0])).index_select(3, _roll_index(w, shift[1]))
+    p = authors_pad(h)
+    offset = torch.randint(0, 2 * p + 1, (2,), generator=generator)
+    flip = (torch.rand((), generator=generator) < 0.5).long().view(1)
+    shift = torch.randint(0, int(jitter) + 1, (2,), generator=generator)
+    i, j, f, dh, dw = _upload(torch.cat([offset, flip, shift]), x.device)  # one upload of the five draws
+    cols = _roll_index(w, dw)
+    cols = torch.where(f.bool(), (w - 1) - cols, cols)  # the flip before the roll: read the columns backwards
+    padded = F.pad(x, (p, p, p, p))
+    return padded.index_select(2, i + _roll_index(h, dh)).index_select(3, j + cols)
 
 
 def synthesis_augment(
