@@ -25,6 +25,7 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
 * ``gvbsm_real_init_tv``: the same with the total-variation prior (``syn_tv_weight``, docs/method.md Eq. 18);
 * ``gvbsm_real_init_instance``: the same with per-instance BN statistic matching (``syn_r_instance``,
   ``stats_instance: true``, docs/method.md Eq. 19);
+* ``gvbsm_real_init_tv_instance``: both remedies at once;
 
 and the baseline ``random_real`` (a random real subset, same teachers, labels, students and seeds).
 Each row reports its ``mean_over_evaluators``, ``min_margin_vs_random`` (its worst evaluator against the
@@ -98,7 +99,7 @@ RANDOM = "random_real"
 STUDENT = ["--cutmix_prob", "1.0", "--cutmix_ce_label", "original"]
 RDED_CROPS = {"syn_rded_factor": 1, "syn_rded_crop_scale": [0.5, 1.0]}  # margin_fashion_mnist.py's RDED_CROPS
 TV_WEIGHT = 0.1  # syn_tv_weight of the gvbsm_real_init_tv row
-INSTANCE_WEIGHT = 0.01  # syn_r_instance of the gvbsm_real_init_instance row
+INSTANCE_WEIGHT = 0.05  # syn_r_instance of the gvbsm_real_init_instance row (5 x syn_r_bn)
 
 # name: (syn_method, recipe flags, that method's own options -> --method_args '{"<method>": {...}}')
 RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
@@ -120,6 +121,9 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "gvbsm_real_init_instance": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
                                  {"syn_backbone_choice": "round_robin", "syn_init": "real",
                                   "syn_r_instance": INSTANCE_WEIGHT}),
+    "gvbsm_real_init_tv_instance": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
+                                    {"syn_backbone_choice": "round_robin", "syn_init": "real", "syn_tv_weight": TV_WEIGHT,
+                                     "syn_r_instance": INSTANCE_WEIGHT}),
     RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
 }
 

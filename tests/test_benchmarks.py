@@ -27,7 +27,7 @@ RESULTS = BENCHMARKS / "results"
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py"))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
            HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", MPLBACKEND="Agg")
-NEEDS = {"plot_margin.py": "matplotlib"}  # optional extras (pip install -e ".[plot]"); skipped without them
+NEEDS = {"plot_margin.py": "matplotlib", "plot_cross_arch.py": "matplotlib"}  # optional extras (pip install -e ".[plot]"); skipped without them
 OWN_TEST = {"cross_arch_fashion_mnist.py": "tests/test_cross_arch.py"}
 """Scripts whose --smoke a test of their own runs (with more checks: the results schema): not run twice."""
 
