@@ -198,7 +198,13 @@ def test_smoke_arguments_stay_small():
     assert ca.SMOKE["seeds"] == [0] and ca.SMOKE["epochs"] <= 2 and 1 <= len(ca.SMOKE["evaluators"]) <= 2
     assert set(ca.SMOKE["evaluators"]) <= set(ca.EVALUATORS) and ca.HARD_EVALUATOR in ca.SMOKE["evaluators"]
     assert set(ca.RECIPES) == {"sre2l", "gvbsm_authors", "gvbsm_hf_v0", "rded", "edc_style", "feature_regression",
-                               "random_real"}
+                               "gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance",
+                               "gvbsm_real_init_tv_instance", "random_real"}
+    for name in ("gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance", "gvbsm_real_init_tv_instance"):
+        method, flags, options = ca.RECIPES[name]  # the remedy rows: G-VBSM, authors' protocol, from real images
+        assert method == "gvbsm" and options["syn_init"] == "real" and flags[flags.index("--syn_protocol") + 1] == "authors"
+        assert (options.get("syn_tv_weight", 0) > 0) == ("tv" in name)
+        assert (options.get("syn_r_instance", 0) > 0) == ("instance" in name) == ("--stats_instance" in flags)
     method, flags, options = ca.RECIPES["edc_style"]
     assert method == "gvbsm" and options["syn_init"] == "rded" and options["syn_class_weight"] == 0.5
     assert flags[flags.index("--stats_per_class") + 1] == "true"

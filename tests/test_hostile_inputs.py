@@ -233,7 +233,10 @@ def test_a_refused_second_run_writes_nothing_into_the_first_runs_folder(tmp_path
 # ------------------------------------------------------------------------------ Ctrl-C and SIGTERM
 
 _STOPPED_IN = textwrap.dedent("""
-    import importlib.util, sys, time
+    import importlib.util, signal, sys, time
+    # as in a terminal: a shell starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler (the test hung when pytest itself ran in the background)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = importlib.util.spec_from_file_location("distill_cli", {distill!r})
     distill = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(distill)
