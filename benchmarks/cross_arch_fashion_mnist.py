@@ -21,6 +21,9 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
 * ``edc_style``: G-VBSM from RDED crops (``syn_init: rded``) with soft category-aware matching
   (``stats_per_class: true``, ``syn_class_weight: 0.5``);
 * ``feature_regression``: feature regression from random real images (the margin benchmark's row);
+* ``rded_kcenter``: selection without optimisation, whole real images covering the teachers' penultimate
+  feature space (``syn_rded_selection: kcenter`` over 1000 candidates per class, docs/method.md);
+* ``feature_regression_kcenter_init``: feature regression started from those k-center picks;
 * ``gvbsm_real_init``: G-VBSM (authors' protocol) started from random real images (``syn_init: real``);
 * ``gvbsm_real_init_tv``: the same with the total-variation prior (``syn_tv_weight``, docs/method.md Eq. 18);
 * ``gvbsm_real_init_instance``: the same with per-instance BN statistic matching (``syn_r_instance``,
@@ -100,6 +103,12 @@ STUDENT = ["--cutmix_prob", "1.0", "--cutmix_ce_label", "original"]
 RDED_CROPS = {"syn_rded_factor": 1, "syn_rded_crop_scale": [0.5, 1.0]}  # margin_fashion_mnist.py's RDED_CROPS
 TV_WEIGHT = 0.1  # syn_tv_weight of the gvbsm_real_init_tv row
 INSTANCE_WEIGHT = 0.05  # syn_r_instance of the gvbsm_real_init_instance row (5 x syn_r_bn)
+# k-center coverage of the teachers' penultimate features over 1000 whole real images per class (margin_fashion_mnist.py's
+# KCENTER + FULL_IMAGES: the best selection rule of the margin benchmark)
+KCENTER_FULL = {"syn_rded_factor": 1, "syn_rded_crop_scale": [1.0, 1.0], "syn_rded_selection": "kcenter",
+                "syn_rded_candidates": 1000}
+FR_FLAGS = ["--syn_protocol", "authors", "--syn_augment", "per_image_rrc", "--stats_augment", "authors",
+            "--syn_crop_scale", "0.5", "1.0", "--syn_lr", "0.01"]
 
 # name: (syn_method, recipe flags, that method's own options -> --method_args '{"<method>": {...}}')
 RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
@@ -109,10 +118,10 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "rded": ("rded", ["--syn_protocol", "authors"], dict(RDED_CROPS)),
     "edc_style": ("gvbsm", ["--syn_protocol", "authors", "--stats_per_class", "true"],
                   {"syn_init": "rded", **RDED_CROPS, "syn_class_weight": 0.5}),
-    "feature_regression": ("feature_regression",
-                           ["--syn_protocol", "authors", "--syn_augment", "per_image_rrc", "--stats_augment", "authors",
-                            "--syn_crop_scale", "0.5", "1.0", "--syn_lr", "0.01"],
-                           {"syn_init": "real"}),
+    "feature_regression": ("feature_regression", FR_FLAGS, {"syn_init": "real"}),
+    # selection by coverage, and feature regression started from it (the margin benchmark's best rows)
+    "rded_kcenter": ("rded", ["--syn_protocol", "authors"], dict(KCENTER_FULL)),
+    "feature_regression_kcenter_init": ("feature_regression", FR_FLAGS, {"syn_init": "rded", **KCENTER_FULL}),
     # remedies (issue 35 item 3): G-VBSM (authors' protocol) from random real images, and with the
     # total-variation prior (docs/method.md Eq. 18) on top
     "gvbsm_real_init": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", "syn_init": "real"}),

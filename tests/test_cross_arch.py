@@ -4,6 +4,7 @@ within-class diversity measure against a float64 reference. Select with ``pytest
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import itertools
 import json
@@ -198,7 +199,7 @@ def test_smoke_arguments_stay_small():
     assert ca.SMOKE["seeds"] == [0] and ca.SMOKE["epochs"] <= 2 and 1 <= len(ca.SMOKE["evaluators"]) <= 2
     assert set(ca.SMOKE["evaluators"]) <= set(ca.EVALUATORS) and ca.HARD_EVALUATOR in ca.SMOKE["evaluators"]
     assert set(ca.RECIPES) == {"sre2l", "gvbsm_authors", "gvbsm_hf_v0", "rded", "edc_style", "feature_regression",
-                               "gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance",
+                               "rded_kcenter", "feature_regression_kcenter_init", "gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance",
                                "gvbsm_real_init_tv_instance", "random_real"}
     for name in ("gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance", "gvbsm_real_init_tv_instance"):
         method, flags, options = ca.RECIPES[name]  # the remedy rows: G-VBSM, authors' protocol, from real images
@@ -208,6 +209,13 @@ def test_smoke_arguments_stay_small():
     method, flags, options = ca.RECIPES["edc_style"]
     assert method == "gvbsm" and options["syn_init"] == "rded" and options["syn_class_weight"] == 0.5
     assert flags[flags.index("--stats_per_class") + 1] == "true"
+    # the coverage rows: whole images (one per stored image), k-center over 1000 candidates per class
+    for name, want_method, init in (("rded_kcenter", "rded", None), ("feature_regression_kcenter_init", "feature_regression", "rded")):
+        method, flags, options = ca.RECIPES[name]
+        assert method == want_method and options.get("syn_init") == init
+        assert options["syn_rded_selection"] == "kcenter" and options["syn_rded_candidates"] == 1000
+        assert options["syn_rded_factor"] == 1 and options["syn_rded_crop_scale"] == [1.0, 1.0]
+    assert ca.RECIPES["feature_regression_kcenter_init"][1] == ca.RECIPES["feature_regression"][1]
 
 
 # --------------------------------------------------------------------------------------- smoke
@@ -241,3 +249,18 @@ def test_smoke_refuses_an_output_under_results():
                           env=ENV, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "writes nothing under" in proc.stderr
     assert not (RESULTS / "x.json").exists()
+
+
+def test_every_row_passes_the_pipelines_parse_time_validation():
+    """Each row's command line is a valid recipe (options checked before any compute), with its method and
+    that method's own options as the row declares them (zoo names stand in for the teacher folders)."""
+    from gvbsm_hf.pipeline import parse_recipe
+    from gvbsm_hf.recover.config import parse_method_args
+
+    args = argparse.Namespace(teachers=["convnet32"], ipc=10, syn_iterations=1000, epochs=100, seeds=[0],
+                              evaluators=ca.EVALUATORS, stats_max_samples=10000, extra=[], hard_label_seeds=[0])
+    for name, (method, _, options) in ca.RECIPES.items():
+        recipe = parse_recipe(ca.run_argv(args, name, Path("unused")))
+        assert recipe.synthesis.syn_method == method, name
+        parsed = parse_method_args(recipe.synthesis.method_args or {}).get(method, {})  # the YAML's options + the row's
+        assert {k: parsed.get(k) for k in options} == options, name
