@@ -249,7 +249,8 @@ def _run(args: argparse.Namespace, work: Path, name: str, teachers: list, real) 
         if not hard:
             raise RuntimeError(f"{name}: the pipeline returned no hard-label row for {HARD_EVALUATOR}")
         row["hard_label_in"] = mean(hard[0]["per_seed"])
-    row.update(invocation=_invocation(), argv=argv, wall_time_s=round(time.perf_counter() - t0, 1))
+    row.update(invocation=_invocation(), argv=argv, wall_time_s=round(time.perf_counter() - t0, 1),
+               teachers=teacher_set(args.teachers))
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(row, indent=2) + "\n")
     print(f"{name}: " + ", ".join(f"{e} {mean(v):.2f}" for e, v in row["per_evaluator"].items())
@@ -272,7 +273,8 @@ def _restore_rows(results: Path, work: Path) -> None:
     for row in restored:
         path = out / f"{row['recipe']}.json"
         if not path.exists():
-            path.write_text(json.dumps({**row, "invocation": data["command"], "restored_from": str(results)}, indent=2)
+            path.write_text(json.dumps({**row, "invocation": data["command"], "restored_from": str(results),
+                                        "teachers": data["teachers"]}, indent=2)
                             + "\n")
 
 
@@ -421,18 +423,43 @@ def diagnostics_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def collect(args: argparse.Namespace, work: Path) -> dict:
-    from gvbsm_hf.recipe import parse_recipe
+def teacher_set(folders: Sequence[str]) -> list[dict[str, Any]]:
+    """``[{"name", "top1"}]`` of the teacher folders (their squeeze-stage accuracy, in %)."""
     from gvbsm_hf.teacher import load_teacher
 
     teachers = []
-    for folder in args.teachers:
+    for folder in folders:
         acc = load_teacher(folder).config.get("accuracy")
         if acc is None:
             raise RuntimeError(f"teacher folder {folder} records no accuracy (config.json 'accuracy'): train it with "
                                "the squeeze stage (teacher_epochs >= 1) so that its top-1 can be reported")
         teachers.append({"name": Path(folder).name, "top1": round(100.0 * float(acc), 2)})
-    saved = {json.loads(f.read_text())["recipe"]: json.loads(f.read_text()) for f in sorted((work / "rows").glob("*.json"))}
+    return teachers
+
+
+def saved_rows(work: Path) -> dict[str, dict]:
+    """``{recipe: row}`` of the rows saved under ``work/rows/``."""
+    rows = [json.loads(f.read_text()) for f in sorted((work / "rows").glob("*.json"))]
+    return {row["recipe"]: row for row in rows}
+
+
+def check_same_teachers(saved: dict[str, dict], teachers: list[dict[str, Any]], work: Path) -> None:
+    """Every saved row was made with ``teachers`` (rows record their teacher set; a re-made set differs across
+    CPUs, docs/results.md): a table compares its rows with ONE random subset under the same teachers."""
+    other = sorted(name for name, row in saved.items() if row.get("teachers") not in (None, teachers))
+    if other:
+        raise RuntimeError(f"rows {other} in {work / 'rows'} were made with another teacher set "
+                           f"({saved[other[0]]['teachers']}) than --teachers ({teachers}): give this teacher set its own "
+                           "--work-dir and --output, so that every row is compared with a random subset under the same "
+                           "teachers.")
+
+
+def collect(args: argparse.Namespace, work: Path) -> dict:
+    from gvbsm_hf.recipe import parse_recipe
+
+    teachers = teacher_set(args.teachers)
+    saved = saved_rows(work)
+    check_same_teachers(saved, teachers, work)
     invocations = []  # the commands that ran the rows (one per process), then this one
     for s in saved.values():
         if s.get("invocation") and s["invocation"] not in invocations:
@@ -464,6 +491,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     if args.resume_from:
         _restore_rows(Path(args.resume_from), work)
     if not args.collect:
+        saved = saved_rows(work)
+        check_same_teachers(saved, teacher_set(args.teachers), work)  # before any compute
         teachers = [load_teacher(f).eval() for f in args.teachers]
         real = real_reference(run_argv(args, RANDOM, work), args.real_per_class)
         for name in [RANDOM, *args.recipes]:

@@ -264,3 +264,20 @@ def test_every_row_passes_the_pipelines_parse_time_validation():
         assert recipe.synthesis.syn_method == method, name
         parsed = parse_method_args(recipe.synthesis.method_args or {}).get(method, {})  # the YAML's options + the row's
         assert {k: parsed.get(k) for k in options} == options, name
+
+
+def test_rows_of_another_teacher_set_are_refused_with_the_fix(tmp_path):
+    """A table compares every row with one random subset under the same teachers: a saved row made with other
+    teachers (a set re-made on another CPU differs by a few hundredths) stops the run before any compute."""
+    mine = [{"name": "convnet128", "top1": 90.37}, {"name": "convnet32", "top1": 86.18}]
+    theirs = [{"name": "convnet128", "top1": 90.28}, {"name": "convnet32", "top1": 86.18}]
+    saved = {"random_real": {"recipe": "random_real", "teachers": mine},
+             "rded": {"recipe": "rded", "teachers": theirs},
+             "sre2l": {"recipe": "sre2l"}}  # saved before rows recorded their teachers: accepted
+    with pytest.raises(RuntimeError, match=r"rows \['rded'\].*its own --work-dir and --output"):
+        ca.check_same_teachers(saved, mine, tmp_path)
+    ca.check_same_teachers({k: v for k, v in saved.items() if k != "rded"}, mine, tmp_path)
+    (tmp_path / "rows").mkdir()
+    for name, row in saved.items():
+        (tmp_path / "rows" / f"{name}.json").write_text(json.dumps(row))
+    assert ca.saved_rows(tmp_path) == saved
