@@ -30,6 +30,9 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
   ``stats_instance: true``, docs/method.md Eq. 19);
 * ``gvbsm_real_init_tv_instance``: both remedies at once;
 
+* ``random_real_draw1``: another random real subset (``syn_seed: 1``): how far two random draws lie apart
+  under this protocol, the scale against which every other row's margin is read;
+
 and the baseline ``random_real`` (a random real subset, same teachers, labels, students and seeds).
 Each row reports its ``mean_over_evaluators``, ``min_margin_vs_random`` (its worst evaluator against the
 random subset on that evaluator), ``hard_label_in`` (the set with its hard labels on ``convnet128_in``,
@@ -133,6 +136,8 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "gvbsm_real_init_tv_instance": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
                                     {"syn_backbone_choice": "round_robin", "syn_init": "real", "syn_tv_weight": TV_WEIGHT,
                                      "syn_r_instance": INSTANCE_WEIGHT}),
+    # another random subset (syn_seed 1): the baseline's own draw-to-draw spread, the scale of every margin
+    "random_real_draw1": (RANDOM, ["--syn_seed", "1"], {}),
     RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
 }
 

@@ -199,7 +199,7 @@ def test_smoke_arguments_stay_small():
     assert ca.SMOKE["seeds"] == [0] and ca.SMOKE["epochs"] <= 2 and 1 <= len(ca.SMOKE["evaluators"]) <= 2
     assert set(ca.SMOKE["evaluators"]) <= set(ca.EVALUATORS) and ca.HARD_EVALUATOR in ca.SMOKE["evaluators"]
     assert set(ca.RECIPES) == {"sre2l", "gvbsm_authors", "gvbsm_hf_v0", "rded", "edc_style", "feature_regression",
-                               "rded_kcenter", "feature_regression_kcenter_init", "gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance",
+                               "rded_kcenter", "feature_regression_kcenter_init", "random_real_draw1", "gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance",
                                "gvbsm_real_init_tv_instance", "random_real"}
     for name in ("gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance", "gvbsm_real_init_tv_instance"):
         method, flags, options = ca.RECIPES[name]  # the remedy rows: G-VBSM, authors' protocol, from real images
@@ -216,6 +216,8 @@ def test_smoke_arguments_stay_small():
         assert options["syn_rded_selection"] == "kcenter" and options["syn_rded_candidates"] == 1000
         assert options["syn_rded_factor"] == 1 and options["syn_rded_crop_scale"] == [1.0, 1.0]
     assert ca.RECIPES["feature_regression_kcenter_init"][1] == ca.RECIPES["feature_regression"][1]
+    # another random draw: the baseline's method with another selection seed, nothing else changed
+    assert ca.RECIPES["random_real_draw1"] == (ca.RANDOM, ["--syn_seed", "1"], {})
 
 
 # --------------------------------------------------------------------------------------- smoke
