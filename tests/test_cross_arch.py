@@ -200,12 +200,15 @@ def test_smoke_arguments_stay_small():
     assert set(ca.SMOKE["evaluators"]) <= set(ca.EVALUATORS) and ca.HARD_EVALUATOR in ca.SMOKE["evaluators"]
     assert set(ca.RECIPES) == {"sre2l", "gvbsm_authors", "gvbsm_hf_v0", "rded", "edc_style", "feature_regression",
                                "rded_kcenter", "feature_regression_kcenter_init", "random_real_draw1", "gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance",
-                               "gvbsm_real_init_tv_instance", "random_real"}
-    for name in ("gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance", "gvbsm_real_init_tv_instance"):
+                               "gvbsm_real_init_tv_instance", "gvbsm_real_init_tv_instance_strong", "random_real"}
+    for name in ("gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance", "gvbsm_real_init_tv_instance",
+                 "gvbsm_real_init_tv_instance_strong"):
         method, flags, options = ca.RECIPES[name]  # the remedy rows: G-VBSM, authors' protocol, from real images
         assert method == "gvbsm" and options["syn_init"] == "real" and flags[flags.index("--syn_protocol") + 1] == "authors"
         assert (options.get("syn_tv_weight", 0) > 0) == ("tv" in name)
         assert (options.get("syn_r_instance", 0) > 0) == ("instance" in name) == ("--stats_instance" in flags)
+    strong, weak = ca.RECIPES["gvbsm_real_init_tv_instance_strong"][2], ca.RECIPES["gvbsm_real_init_tv_instance"][2]
+    assert strong["syn_tv_weight"] > weak["syn_tv_weight"] and strong["syn_r_instance"] >= 10 * weak["syn_r_instance"]
     method, flags, options = ca.RECIPES["edc_style"]
     assert method == "gvbsm" and options["syn_init"] == "rded" and options["syn_class_weight"] == 0.5
     assert flags[flags.index("--stats_per_class") + 1] == "true"
