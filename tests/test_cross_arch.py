@@ -286,3 +286,30 @@ def test_rows_of_another_teacher_set_are_refused_with_the_fix(tmp_path):
     for name, row in saved.items():
         (tmp_path / "rows" / f"{name}.json").write_text(json.dumps(row))
     assert ca.saved_rows(tmp_path) == saved
+
+
+@pytest.mark.parametrize("recipe_file, row", [("rded_transfer_ipc10.yaml", "rded"),
+                                              ("feature_regression_transfer_ipc10.yaml", "feature_regression")])
+def test_shipped_transfer_recipes_synthesise_as_their_table_row(recipe_file, row):
+    """The recipes shipped from the table (README) make their row's set: the same method, method options,
+    synthesis protocol, labels and evaluators as the benchmark's command line (zoo teachers, trained by the recipe)."""
+    from gvbsm_hf.methods import get_method
+    from gvbsm_hf.pipeline import parse_recipe
+    from gvbsm_hf.recover.config import parse_method_args
+
+    shipped = parse_recipe(["--config", str(REPO / "recipes" / "fashion_mnist" / recipe_file)])
+    args = argparse.Namespace(teachers=list(shipped.squeeze.teachers), ipc=10, syn_iterations=1000, epochs=300,
+                              seeds=[0, 1, 2], evaluators=ca.EVALUATORS, stats_max_samples=10000, extra=[],
+                              hard_label_seeds=[0])
+    bench = parse_recipe(ca.run_argv(args, row, Path("unused")))
+    method = ca.RECIPES[row][0]
+    assert shipped.synthesis.syn_method == bench.synthesis.syn_method == method
+    skip = {"method_args", "syn_checkpoint_every"}
+    if get_method(method).select is not None:  # a selection runs no synthesis jobs: their layout is unused
+        skip |= {"syn_classes_per_batch", "syn_slots_per_batch"}
+    differ = {f: (getattr(shipped.synthesis, f), getattr(bench.synthesis, f)) for f in vars(bench.synthesis)
+              if f not in skip and getattr(shipped.synthesis, f) != getattr(bench.synthesis, f)}
+    assert not differ, differ
+    options = parse_method_args(shipped.synthesis.method_args or {})[method]
+    assert {k: options.get(k) for k in ca.RECIPES[row][2]} == ca.RECIPES[row][2]
+    assert list(shipped.training.eval_students) == ca.EVALUATORS and shipped.relabel.relabel_mode == "stored"
