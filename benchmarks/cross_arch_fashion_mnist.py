@@ -30,7 +30,6 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
   ``stats_instance: true``, docs/method.md Eq. 19);
 * ``gvbsm_real_init_tv_instance``: both remedies at once; ``gvbsm_real_init_tv_instance_strong``: both at
   weights that move their terms (``TV_WEIGHT_STRONG``, ``INSTANCE_WEIGHT_STRONG``);
-
 * ``random_real_draw1``: another random real subset (``syn_seed: 1``): how far two random draws lie apart
   under this protocol, the scale against which every other row's margin is read;
 
@@ -125,9 +124,6 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "edc_style": ("gvbsm", ["--syn_protocol", "authors", "--stats_per_class", "true"],
                   {"syn_init": "rded", **RDED_CROPS, "syn_class_weight": 0.5}),
     "feature_regression": ("feature_regression", FR_FLAGS, {"syn_init": "real"}),
-    "gvbsm_real_init_tv_instance_strong": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
-                                           {"syn_backbone_choice": "round_robin", "syn_init": "real",
-                                            "syn_tv_weight": TV_WEIGHT_STRONG, "syn_r_instance": INSTANCE_WEIGHT_STRONG}),
     # selection by coverage, and feature regression started from it (the margin benchmark's best rows)
     "rded_kcenter": ("rded", ["--syn_protocol", "authors"], dict(KCENTER_FULL)),
     "feature_regression_kcenter_init": ("feature_regression", FR_FLAGS, {"syn_init": "rded", **KCENTER_FULL}),
@@ -142,6 +138,9 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "gvbsm_real_init_tv_instance": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
                                     {"syn_backbone_choice": "round_robin", "syn_init": "real", "syn_tv_weight": TV_WEIGHT,
                                      "syn_r_instance": INSTANCE_WEIGHT}),
+    "gvbsm_real_init_tv_instance_strong": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
+                                           {"syn_backbone_choice": "round_robin", "syn_init": "real",
+                                            "syn_tv_weight": TV_WEIGHT_STRONG, "syn_r_instance": INSTANCE_WEIGHT_STRONG}),
     # another random subset (syn_seed 1): the baseline's own draw-to-draw spread, the scale of every margin
     "random_real_draw1": (RANDOM, ["--syn_seed", "1"], {}),
     RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
@@ -233,7 +232,8 @@ def hard_argv(args: argparse.Namespace, argv: list[str]) -> list[str]:
                    "--hard_label_seeds", *map(str, args.hard_label_seeds)]
 
 
-def _run(args: argparse.Namespace, work: Path, name: str, teachers: list, real) -> None:
+def _run(args: argparse.Namespace, work: Path, name: str, teachers: list, real,
+         teacher_info: list[dict[str, Any]]) -> None:
     from gvbsm_hf.pipeline import parse_recipe, run_pipeline
 
     saved = work / "rows" / f"{name}.json"
@@ -261,7 +261,7 @@ def _run(args: argparse.Namespace, work: Path, name: str, teachers: list, real) 
             raise RuntimeError(f"{name}: the pipeline returned no hard-label row for {HARD_EVALUATOR}")
         row["hard_label_in"] = mean(hard[0]["per_seed"])
     row.update(invocation=_invocation(), argv=argv, wall_time_s=round(time.perf_counter() - t0, 1),
-               teachers=teacher_set(args.teachers))
+               teachers=teacher_info)
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(row, indent=2) + "\n")
     print(f"{name}: " + ", ".join(f"{e} {mean(v):.2f}" for e, v in row["per_evaluator"].items())
@@ -502,12 +502,12 @@ def benchmark(args: argparse.Namespace) -> dict:
     if args.resume_from:
         _restore_rows(Path(args.resume_from), work)
     if not args.collect:
-        saved = saved_rows(work)
-        check_same_teachers(saved, teacher_set(args.teachers), work)  # before any compute
+        teacher_info = teacher_set(args.teachers)
+        check_same_teachers(saved_rows(work), teacher_info, work)  # before any compute
         teachers = [load_teacher(f).eval() for f in args.teachers]
         real = real_reference(run_argv(args, RANDOM, work), args.real_per_class)
         for name in [RANDOM, *args.recipes]:
-            _run(args, work, name, teachers, real)
+            _run(args, work, name, teachers, real, teacher_info)
     return collect(args, work)
 
 

@@ -199,7 +199,8 @@ def test_smoke_arguments_stay_small():
     assert ca.SMOKE["seeds"] == [0] and ca.SMOKE["epochs"] <= 2 and 1 <= len(ca.SMOKE["evaluators"]) <= 2
     assert set(ca.SMOKE["evaluators"]) <= set(ca.EVALUATORS) and ca.HARD_EVALUATOR in ca.SMOKE["evaluators"]
     assert set(ca.RECIPES) == {"sre2l", "gvbsm_authors", "gvbsm_hf_v0", "rded", "edc_style", "feature_regression",
-                               "rded_kcenter", "feature_regression_kcenter_init", "random_real_draw1", "gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance",
+                               "rded_kcenter", "feature_regression_kcenter_init", "random_real_draw1", "gvbsm_real_init",
+                               "gvbsm_real_init_tv", "gvbsm_real_init_instance",
                                "gvbsm_real_init_tv_instance", "gvbsm_real_init_tv_instance_strong", "random_real"}
     for name in ("gvbsm_real_init", "gvbsm_real_init_tv", "gvbsm_real_init_instance", "gvbsm_real_init_tv_instance",
                  "gvbsm_real_init_tv_instance_strong"):
@@ -213,7 +214,8 @@ def test_smoke_arguments_stay_small():
     assert method == "gvbsm" and options["syn_init"] == "rded" and options["syn_class_weight"] == 0.5
     assert flags[flags.index("--stats_per_class") + 1] == "true"
     # the coverage rows: whole images (one per stored image), k-center over 1000 candidates per class
-    for name, want_method, init in (("rded_kcenter", "rded", None), ("feature_regression_kcenter_init", "feature_regression", "rded")):
+    for name, want_method, init in (("rded_kcenter", "rded", None),
+                                    ("feature_regression_kcenter_init", "feature_regression", "rded")):
         method, flags, options = ca.RECIPES[name]
         assert method == want_method and options.get("syn_init") == init
         assert options["syn_rded_selection"] == "kcenter" and options["syn_rded_candidates"] == 1000
