@@ -32,6 +32,13 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
   weights that move their terms (``TV_WEIGHT_STRONG``, ``INSTANCE_WEIGHT_STRONG``);
 * ``random_real_draw1``: another random real subset (``syn_seed: 1``): how far two random draws lie apart
   under this protocol, the scale against which every other row's margin is read;
+* each component's share in ``gvbsm_authors`` (issue 35 item 3), one change each: ``gvbsm_authors_no_bn``
+  (``syn_r_bn: 0``, no BN statistic matching), ``gvbsm_authors_no_conv`` (``syn_r_conv: 0``, no Conv
+  statistic matching), ``gvbsm_authors_no_dd`` (``syn_dd: false``, no data densification),
+  ``gvbsm_authors_first_layer_1`` (``syn_first_layer_multiplier: 1``, the first layer weighted like the
+  others) and ``gvbsm_authors_convnet_teachers`` (synthesis from the ConvNet teachers only,
+  ``syn_teachers``: the teacher family; relabelling keeps every teacher); the initialisation's share is
+  ``gvbsm_real_init``;
 
 and the baseline ``random_real`` (a random real subset, same teachers, labels, students and seeds).
 Each row reports its ``mean_over_evaluators``, ``min_margin_vs_random`` (its worst evaluator against the
@@ -78,7 +85,7 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Any
@@ -141,10 +148,37 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "gvbsm_real_init_tv_instance_strong": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
                                            {"syn_backbone_choice": "round_robin", "syn_init": "real",
                                             "syn_tv_weight": TV_WEIGHT_STRONG, "syn_r_instance": INSTANCE_WEIGHT_STRONG}),
+    # each component's share in gvbsm_authors: one change each (docs/method.md Eqs. 6, 10, 5; the first-layer weight)
+    "gvbsm_authors_no_bn": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", "syn_r_bn": 0.0}),
+    "gvbsm_authors_no_conv": ("gvbsm", ["--syn_protocol", "authors"],
+                              {"syn_backbone_choice": "round_robin", "syn_r_conv": 0.0}),
+    "gvbsm_authors_no_dd": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", "syn_dd": False}),
+    "gvbsm_authors_first_layer_1": ("gvbsm", ["--syn_protocol", "authors"],
+                                    {"syn_backbone_choice": "round_robin", "syn_first_layer_multiplier": 1.0}),
+    "gvbsm_authors_convnet_teachers": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin"}),
     # another random subset (syn_seed 1): the baseline's own draw-to-draw spread, the scale of every margin
     "random_real_draw1": (RANDOM, ["--syn_seed", "1"], {}),
     RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
 }
+
+# rows that synthesise from a subset of the teachers (``--syn_teachers``; relabelling keeps all): row -> keep(teacher)
+SYN_TEACHER_FILTER: dict[str, Callable[[str], bool]] = {
+    "gvbsm_authors_convnet_teachers": lambda teacher: Path(teacher).name.startswith("convnet"),
+}
+
+
+def syn_teachers(name: str, teachers: Sequence[str]) -> list[str]:
+    """The ``--syn_teachers`` of row ``name`` (empty: every teacher synthesises); refuses a filter that keeps
+    no teacher or every teacher (the row would not be what its name says)."""
+    if name not in SYN_TEACHER_FILTER:
+        return []
+    kept = [t for t in teachers if SYN_TEACHER_FILTER[name](t)]
+    if not kept or len(kept) == len(teachers):
+        raise SystemExit(f"row {name} synthesises from a subset of the teachers, but {teachers} gives "
+                         f"{len(kept)} of {len(teachers)}: pass teachers of more than one family (the ConvNets and "
+                         "another), e.g. the margin benchmark's four.")
+    return kept
+
 
 # --smoke (module docstring); explicit flags still win
 SMOKE = {"ipc": 2, "recipes": ["gvbsm_authors", "rded"], "evaluators": ["convnet128_in", "vit_tiny_p4"],
@@ -220,6 +254,8 @@ def run_argv(args: argparse.Namespace, name: str, work: Path) -> list[str]:
             "--stats_max_samples", str(args.stats_max_samples),
             "--stages", "squeeze", "record", "recover", "relabel", "evaluate", *STUDENT,
             "--syn_method", method, *flags, "--baselines", method, "--output_dir", str(work / name), *_extra(args)]
+    subset = syn_teachers(name, args.teachers)
+    argv += ["--syn_teachers", *subset] if subset else []
     return argv + (["--method_args", json.dumps({method: options})] if options else [])
 
 

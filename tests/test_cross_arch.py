@@ -264,13 +264,25 @@ def test_every_row_passes_the_pipelines_parse_time_validation():
     from gvbsm_hf.pipeline import parse_recipe
     from gvbsm_hf.recover.config import parse_method_args
 
-    args = argparse.Namespace(teachers=["convnet32"], ipc=10, syn_iterations=1000, epochs=100, seeds=[0],
-                              evaluators=ca.EVALUATORS, stats_max_samples=10000, extra=[], hard_label_seeds=[0])
+    args = argparse.Namespace(teachers=["convnet32", "shufflenetv2_050"], ipc=10, syn_iterations=1000, epochs=100,
+                              seeds=[0], evaluators=ca.EVALUATORS, stats_max_samples=10000, extra=[], hard_label_seeds=[0])
     for name, (method, _, options) in ca.RECIPES.items():
         recipe = parse_recipe(ca.run_argv(args, name, Path("unused")))
         assert recipe.synthesis.syn_method == method, name
         parsed = parse_method_args(recipe.synthesis.method_args or {}).get(method, {})  # the YAML's options + the row's
         assert {k: parsed.get(k) for k in options} == options, name
+        assert recipe.synthesis.syn_teachers == (["convnet32"] if name == "gvbsm_authors_convnet_teachers" else None), name
+
+
+def test_teacher_family_row_synthesises_from_the_convnets_and_refuses_a_one_family_set():
+    """The teacher-family row keeps the ConvNet teachers of the folders given (relabelling keeps all); a set of one
+    family would make it the plain row under another name, so it stops before any compute with the fix."""
+    four = ["runs/t/convnet128", "runs/t/convnet32", "runs/t/convnet32_d2", "runs/t/shufflenetv2_050"]
+    assert ca.syn_teachers("gvbsm_authors_convnet_teachers", four) == four[:3]
+    assert ca.syn_teachers("gvbsm_authors", four) == []
+    for one_family in (four[:3], four[3:]):
+        with pytest.raises(SystemExit, match="teachers of more than one family"):
+            ca.syn_teachers("gvbsm_authors_convnet_teachers", one_family)
 
 
 def test_rows_of_another_teacher_set_are_refused_with_the_fix(tmp_path):
