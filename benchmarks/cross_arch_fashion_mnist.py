@@ -39,6 +39,10 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
   others) and ``gvbsm_authors_convnet_teachers`` (synthesis from the ConvNet teachers only,
   ``syn_teachers``: the teacher family; relabelling keeps every teacher); the initialisation's share is
   ``gvbsm_real_init``;
+* the relabel ensemble (the paper's Table 3 and Table 6, on the random subset's images, whose synthesis costs
+  nothing): ``random_real_relabel_1`` / ``_2`` / ``_3`` (soft labels of the first 1, 2, 3 teachers as given,
+  ``relabel_teachers``; ``random_real`` itself is all four) and ``random_real_logit_norm``
+  (``relabel_logit_norm: true``, docs/method.md Eq. 13);
 
 and the baseline ``random_real`` (a random real subset, same teachers, labels, students and seeds).
 Each row reports its ``mean_over_evaluators``, ``min_margin_vs_random`` (its worst evaluator against the
@@ -156,6 +160,11 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
     "gvbsm_authors_first_layer_1": ("gvbsm", ["--syn_protocol", "authors"],
                                     {"syn_backbone_choice": "round_robin", "syn_first_layer_multiplier": 1.0}),
     "gvbsm_authors_convnet_teachers": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin"}),
+    # the relabel ensemble's size and logit normalisation, on the random subset's images (RELABEL_ENSEMBLE)
+    "random_real_relabel_1": (RANDOM, [], {}),
+    "random_real_relabel_2": (RANDOM, [], {}),
+    "random_real_relabel_3": (RANDOM, [], {}),
+    "random_real_logit_norm": (RANDOM, ["--relabel_logit_norm", "true"], {}),
     # another random subset (syn_seed 1): the baseline's own draw-to-draw spread, the scale of every margin
     "random_real_draw1": (RANDOM, ["--syn_seed", "1"], {}),
     RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
@@ -165,6 +174,21 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
 SYN_TEACHER_FILTER: dict[str, Callable[[str], bool]] = {
     "gvbsm_authors_convnet_teachers": lambda teacher: Path(teacher).name.startswith("convnet"),
 }
+
+
+# rows relabelled by the first k teachers as given (``--relabel_teachers``; synthesis unchanged): row -> k
+RELABEL_ENSEMBLE: dict[str, int] = {"random_real_relabel_1": 1, "random_real_relabel_2": 2, "random_real_relabel_3": 3}
+
+
+def relabel_teachers(name: str, teachers: Sequence[str]) -> list[str]:
+    """The ``--relabel_teachers`` of row ``name`` (empty: the whole ensemble); refuses a set too small for the row."""
+    if name not in RELABEL_ENSEMBLE:
+        return []
+    k = RELABEL_ENSEMBLE[name]
+    if k >= len(teachers):
+        raise SystemExit(f"row {name} relabels with the first {k} teachers, so it needs more than {k} (got "
+                         f"{len(teachers)}: it would be random_real under another name); pass the margin benchmark's four.")
+    return list(teachers[:k])
 
 
 def syn_teachers(name: str, teachers: Sequence[str]) -> list[str]:
@@ -254,8 +278,9 @@ def run_argv(args: argparse.Namespace, name: str, work: Path) -> list[str]:
             "--stats_max_samples", str(args.stats_max_samples),
             "--stages", "squeeze", "record", "recover", "relabel", "evaluate", *STUDENT,
             "--syn_method", method, *flags, "--baselines", method, "--output_dir", str(work / name), *_extra(args)]
-    subset = syn_teachers(name, args.teachers)
+    subset, ensemble = syn_teachers(name, args.teachers), relabel_teachers(name, args.teachers)
     argv += ["--syn_teachers", *subset] if subset else []
+    argv += ["--relabel_teachers", *ensemble] if ensemble else []
     return argv + (["--method_args", json.dumps({method: options})] if options else [])
 
 

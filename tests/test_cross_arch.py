@@ -264,14 +264,25 @@ def test_every_row_passes_the_pipelines_parse_time_validation():
     from gvbsm_hf.pipeline import parse_recipe
     from gvbsm_hf.recover.config import parse_method_args
 
-    args = argparse.Namespace(teachers=["convnet32", "shufflenetv2_050"], ipc=10, syn_iterations=1000, epochs=100,
+    args = argparse.Namespace(teachers=["convnet32", "convnet32_d2", "convnet128", "shufflenetv2_050"], ipc=10, syn_iterations=1000, epochs=100,
                               seeds=[0], evaluators=ca.EVALUATORS, stats_max_samples=10000, extra=[], hard_label_seeds=[0])
     for name, (method, _, options) in ca.RECIPES.items():
         recipe = parse_recipe(ca.run_argv(args, name, Path("unused")))
         assert recipe.synthesis.syn_method == method, name
         parsed = parse_method_args(recipe.synthesis.method_args or {}).get(method, {})  # the YAML's options + the row's
         assert {k: parsed.get(k) for k in options} == options, name
-        assert recipe.synthesis.syn_teachers == (["convnet32"] if name == "gvbsm_authors_convnet_teachers" else None), name
+        assert recipe.synthesis.syn_teachers == (args.teachers[:3] if name == "gvbsm_authors_convnet_teachers" else None), name
+        k = ca.RELABEL_ENSEMBLE.get(name)
+        assert recipe.relabel.relabel_teachers == (args.teachers[:k] if k else None), name
+        assert recipe.relabel.relabel_logit_norm == (name == "random_real_logit_norm"), name
+
+
+def test_ensemble_size_rows_relabel_with_the_first_k_teachers_and_refuse_a_set_too_small():
+    four = ["runs/t/convnet128", "runs/t/convnet32", "runs/t/convnet32_d2", "runs/t/shufflenetv2_050"]
+    assert [ca.relabel_teachers(f"random_real_relabel_{k}", four) for k in (1, 2, 3)] == [four[:1], four[:2], four[:3]]
+    assert ca.relabel_teachers("random_real", four) == []
+    with pytest.raises(SystemExit, match="needs more than 3"):
+        ca.relabel_teachers("random_real_relabel_3", four[:3])
 
 
 def test_teacher_family_row_synthesises_from_the_convnets_and_refuses_a_one_family_set():
