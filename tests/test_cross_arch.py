@@ -338,3 +338,19 @@ def test_shipped_transfer_recipes_synthesise_as_their_table_row(recipe_file, row
     options = parse_method_args(shipped.synthesis.method_args or {})[method]
     assert {k: options.get(k) for k in ca.RECIPES[row][2]} == ca.RECIPES[row][2]
     assert list(shipped.training.eval_students) == ca.EVALUATORS and shipped.relabel.relabel_mode == "stored"
+
+
+def test_plot_picks_rows_in_the_order_given_and_refuses_unknown_ones():
+    spec = importlib.util.spec_from_file_location("plot_cross_arch", REPO / "benchmarks" / "plot_cross_arch.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    result = {"evaluators": ["a", "b"], "random_real": {"a": {"mean": 50.0}, "b": {"mean": 40.0}},
+              "rows": [{"recipe": name, "per_evaluator": {"a": {"mean": 50.0 + k, "std": 0.0},
+                                                          "b": {"mean": 40.0 - k, "std": 0.0}}}
+                       for k, name in enumerate(["x", "y", "z"])]}
+    picked = plot.pick_rows(result, ["z", "x"])
+    assert [r["recipe"] for r in picked["rows"]] == ["z", "x"]
+    assert plot.margins(picked) == {"z": {"a": (2.0, 0.0), "b": (-2.0, 0.0)}, "x": {"a": (0.0, 0.0), "b": (0.0, 0.0)}}
+    assert plot.pick_rows(result, None) is result
+    with pytest.raises(SystemExit, match=r"\['w'\] are not in the results"):
+        plot.pick_rows(result, ["x", "w"])
