@@ -153,13 +153,10 @@ RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
                                            {"syn_backbone_choice": "round_robin", "syn_init": "real",
                                             "syn_tv_weight": TV_WEIGHT_STRONG, "syn_r_instance": INSTANCE_WEIGHT_STRONG}),
     # each component's share in gvbsm_authors: one change each (docs/method.md Eqs. 6, 10, 5; the first-layer weight)
-    "gvbsm_authors_no_bn": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", "syn_r_bn": 0.0}),
-    "gvbsm_authors_no_conv": ("gvbsm", ["--syn_protocol", "authors"],
-                              {"syn_backbone_choice": "round_robin", "syn_r_conv": 0.0}),
-    "gvbsm_authors_no_dd": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", "syn_dd": False}),
-    "gvbsm_authors_first_layer_1": ("gvbsm", ["--syn_protocol", "authors"],
-                                    {"syn_backbone_choice": "round_robin", "syn_first_layer_multiplier": 1.0}),
-    "gvbsm_authors_convnet_teachers": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin"}),
+    **{f"gvbsm_authors_{suffix}": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", **change})
+       for suffix, change in {"no_bn": {"syn_r_bn": 0.0}, "no_conv": {"syn_r_conv": 0.0}, "no_dd": {"syn_dd": False},
+                              "first_layer_1": {"syn_first_layer_multiplier": 1.0},
+                              "convnet_teachers": {}}.items()},  # the teacher family: SYN_TEACHER_FILTER
     # the relabel ensemble's size and logit normalisation, on the random subset's images (RELABEL_ENSEMBLE)
     "random_real_relabel_1": (RANDOM, [], {}),
     "random_real_relabel_2": (RANDOM, [], {}),
@@ -567,6 +564,8 @@ def benchmark(args: argparse.Namespace) -> dict:
     if not args.collect:
         teacher_info = teacher_set(args.teachers)
         check_same_teachers(saved_rows(work), teacher_info, work)  # before any compute
+        for name in args.recipes:  # every row's command line, so a row the teachers cannot make stops here
+            run_argv(args, name, work)
         teachers = [load_teacher(f).eval() for f in args.teachers]
         real = real_reference(run_argv(args, RANDOM, work), args.real_per_class)
         for name in [RANDOM, *args.recipes]:
