@@ -112,7 +112,7 @@ def test_real_batch_is_class_balanced_over_the_job_classes(teachers):
     config = method_config("feature_regression", _fr_args())
     job = plan_jobs(10, config.ipc, config.syn_classes_per_batch, config.syn_slots_per_batch)[1]
     runner = JobRunner(job, [], SPEC, config, torch.device("cpu"), Path("/nonexistent"), None, real)
-    x, labels = runner.real_batch()
+    x, labels = runner.real_batch(runner.draw_real_rows())
     per_class = config.syn_fr_real_batch // len(job.classes)
     assert labels.tolist() == [c for c in job.classes for _ in range(per_class)]
     # every drawn image is a real image of its class: find it among the class's images

@@ -54,7 +54,7 @@ def test_compiled_step_has_no_graph_break_and_matches_eager(teachers_and_stats, 
         assert torch.allclose(compiled.x, eager.x, rtol=1e-4, atol=1e-5)
         a, b = eager.flush_components(), compiled.flush_components()
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(a[k])) for k in a)
-        assert eager.generator.get_state().equal(compiled.generator.get_state())  # the same draws
+        assert eager.rng_state().equal(compiled.rng_state())  # the same draws
 
 
 def test_syn_compile_refuses_a_method_without_declared_draws(teachers_and_stats, tmp_path):
@@ -138,7 +138,7 @@ def test_new_step_matches_the_old_step(teachers_and_stats, tmp_path, method, opt
                 old.x.copy_(new.x)
                 for key in ("exp_avg", "exp_avg_sq"):
                     old.optimizer.state[old.x][key].copy_(new.optimizer.state[new.x][key])
-        assert new.generator.get_state().equal(old.generator.get_state())  # the same draws, in the same order
+        assert new.rng_state().equal(old.rng_state())  # the same draws, in the same order
         a, b = new.flush_components(), old.flush_components()
         assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])) for k in b), (a, b)
 

@@ -38,6 +38,8 @@ __all__ = [
     "AugmentKind",
     "authors_batch_augment",
     "synthesis_augment",
+    "sample_synthesis_augment",
+    "apply_synthesis_augment",
     "recording_augment",
     "is_imagenet_scale",
 ]
@@ -348,21 +350,58 @@ def authors_batch_augment(
     if x.ndim != 4:
         raise GVBSMError(f"authors_batch_augment expects (N, C, H, W), got shape {tuple(x.shape)}.")
     n, _, h, w = x.shape
-    if is_imagenet_scale(h):
-        one = sample_crop_flip(1, h, w, scale=crop_scale, generator=generator)
-        params = CropFlipParams(one.boxes.expand(n, 4).contiguous(), one.flip.expand(n).contiguous())
+    draws = sample_synthesis_augment("authors", n, h, w, crop_scale=crop_scale, jitter=jitter, generator=generator)
+    return apply_synthesis_augment(x, "authors", {k: _upload(v, x.device) for k, v in draws.items()})
+
+
+def sample_synthesis_augment(
+    kind: str, n: int, height: int, width: int, *, crop_scale: Sequence[float], jitter: int = AUTHORS_JITTER,
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """The random draws of one :func:`synthesis_augment` view of an ``(n, C, height, width)`` batch, on the CPU,
+    in the generator order of the per-iteration call (so a whole checkpoint interval can be drawn ahead and
+    uploaded at once, issue 32). Keys: ``authors`` below 128 px ``index`` (offset i, j, flip, shift dh, dw);
+    ``authors`` at ImageNet scale ``boxes`` (1, 4), ``flip`` (1,), ``shift`` (2,); ``per_image_rrc``
+    ``boxes`` (n, 4), ``flip`` (n,); ``none``: nothing."""
+    if kind == "none":
+        return {}
+    if kind == "authors":
+        if is_imagenet_scale(height):
+            one = sample_crop_flip(1, height, width, scale=crop_scale, generator=generator)
+            shift = torch.randint(0, int(jitter) + 1, (2,), generator=generator)
+            return {"boxes": one.boxes, "flip": one.flip, "shift": shift}
+        p = authors_pad(height)
+        offset = torch.randint(0, 2 * p + 1, (2,), generator=generator)
+        flip = (torch.rand((), generator=generator) < 0.5).long().view(1)
+        shift = torch.randint(0, int(jitter) + 1, (2,), generator=generator)
+        return {"index": torch.cat([offset, flip, shift])}
+    if kind == "per_image_rrc":
+        params = sample_crop_flip(n, height, width, scale=tuple(crop_scale), generator=generator)
+        return {"boxes": params.boxes, "flip": params.flip}
+    raise GVBSMError(f"Unknown augmentation {kind!r}; choose one of {AUGMENT_KINDS}.")
+
+
+def apply_synthesis_augment(x: torch.Tensor, kind: str, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The view of ``x`` that :func:`sample_synthesis_augment`'s ``draws`` describe (already on ``x``'s
+    device: no copy here, no value read back to Python). Differentiable w.r.t. ``x``."""
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    if kind == "authors" and "index" in draws:
+        p = authors_pad(h)
+        i, j, f, dh, dw = draws["index"]
+        cols = _roll_index(w, dw)
+        cols = torch.where(f.bool(), (w - 1) - cols, cols)  # the flip before the roll: read the columns backwards
+        padded = F.pad(x, (p, p, p, p))
+        return padded.index_select(2, i + _roll_index(h, dh)).index_select(3, j + cols)
+    if kind == "authors":
+        params = CropFlipParams(draws["boxes"].expand(n, 4).contiguous(), draws["flip"].expand(n).contiguous())
         out = apply_crop_flip(x, params, (h, w))
-        shift = _upload(torch.randint(0, int(jitter) + 1, (2,), generator=generator), x.device)
+        shift = draws["shift"]
         return out.index_select(2, _roll_index(h, shift[0])).index_select(3, _roll_index(w, shift[1]))
-    p = authors_pad(h)
-    offset = torch.randint(0, 2 * p + 1, (2,), generator=generator)
-    flip = (torch.rand((), generator=generator) < 0.5).long().view(1)
-    shift = torch.randint(0, int(jitter) + 1, (2,), generator=generator)
-    i, j, f, dh, dw = _upload(torch.cat([offset, flip, shift]), x.device)  # one upload of the five draws
-    cols = _roll_index(w, dw)
-    cols = torch.where(f.bool(), (w - 1) - cols, cols)  # the flip before the roll: read the columns backwards
-    padded = F.pad(x, (p, p, p, p))
-    return padded.index_select(2, i + _roll_index(h, dh)).index_select(3, j + cols)
+    if kind == "per_image_rrc":
+        return apply_crop_flip(x, CropFlipParams(draws["boxes"], draws["flip"]), (h, w))
+    raise GVBSMError(f"Unknown augmentation {kind!r}; choose one of {AUGMENT_KINDS}.")
 
 
 def synthesis_augment(
@@ -370,16 +409,11 @@ def synthesis_augment(
 ) -> torch.Tensor:
     """The synthetic batch's view at one iteration: ``authors`` (one crop/flip/roll per batch,
     :func:`authors_batch_augment`), ``per_image_rrc`` (an independent random-resized crop + flip
-    per image, gvbsm-hf 0.1) or ``none``."""
-    if kind == "none":
-        return x
-    if kind == "authors":
-        return authors_batch_augment(x, crop_scale=crop_scale, generator=generator)
-    if kind == "per_image_rrc":
-        n, _, h, w = x.shape
-        params = sample_crop_flip(n, h, w, scale=tuple(crop_scale), generator=generator)
-        return apply_crop_flip(x, params, (h, w))  # uploads the draws itself (pinned, non-blocking)
-    raise GVBSMError(f"Unknown augmentation {kind!r}; choose one of {AUGMENT_KINDS}.")
+    per image, gvbsm-hf 0.1) or ``none``: :func:`sample_synthesis_augment` then
+    :func:`apply_synthesis_augment` (the draws uploaded pinned and non-blocking)."""
+    n, _, h, w = x.shape
+    draws = sample_synthesis_augment(kind, n, h, w, crop_scale=crop_scale, generator=generator)
+    return apply_synthesis_augment(x, kind, {k: _upload(v, x.device) for k, v in draws.items()})
 
 
 def recording_augment(

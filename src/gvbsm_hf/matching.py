@@ -27,7 +27,7 @@ import torch
 
 from .errors import GVBSMError, StatisticsMismatchError
 
-__all__ = ["FlatLayout", "build_layout", "drop_draws", "fused_matching_loss", "layout_key"]
+__all__ = ["FlatLayout", "build_layout", "drop_draws", "drop_uniforms", "fused_matching_loss", "keep_mask", "layout_key"]
 
 
 @dataclass(frozen=True)
@@ -139,25 +139,39 @@ def build_layout(
         draw=torch.tensor(draws).to(device), segment=segment.to(device), n_draws=n_draws, width=width)
 
 
-def drop_draws(layout: FlatLayout, beta_dr: float, generator: torch.Generator | None) -> torch.Tensor | None:
-    """The ``beta_dr`` keep mask of the terms ``(T,)`` on the layout's device, or ``None`` (keep all).
+def drop_uniforms(layout: FlatLayout, beta_dr: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The ``beta_dr`` draws of one step on the CPU: ``torch.rand(n_draws, generator)`` (one per Conv layer or per
+    Conv statistic, forward order, as :func:`gvbsm_hf.losses.conv_matching_loss` draws them), only when
+    ``0 < beta_dr < 1``; ``None`` otherwise (the generator untouched)."""
+    if layout.n_draws == 0 or not 0.0 < beta_dr < 1.0:
+        return None
+    return torch.rand(layout.n_draws, generator=generator)
 
-    The draws are those of :func:`gvbsm_hf.losses.conv_matching_loss`: ``torch.rand(n_draws, generator)``
-    on the CPU (one per Conv layer or per Conv statistic, forward order), only when ``0 < beta_dr < 1``;
-    uploaded with a non-blocking copy (pinned on CUDA); the comparison runs on the device."""
+
+def keep_mask(layout: FlatLayout, beta_dr: float, uniforms: torch.Tensor | None) -> torch.Tensor | None:
+    """The keep mask of the terms ``(T,)`` from :func:`drop_uniforms`' draws already on the layout's device
+    (the comparison runs there, nothing is read back), or ``None`` (keep all)."""
     if layout.n_draws == 0 or beta_dr <= 0.0:
         return None
     device = layout.target.device
-    if beta_dr >= 1.0:  # everything dropped without drawing (generator untouched), the BN terms kept
+    if beta_dr >= 1.0:  # everything dropped without drawing, the BN terms kept
         table = torch.zeros(layout.n_draws + 1, dtype=torch.bool, device=device)
         table[0] = True
     else:
-        u = torch.rand(layout.n_draws, generator=generator)
+        table = torch.cat([uniforms.new_ones(1), uniforms]) >= beta_dr  # entry 0: BN terms, always kept
+    return table[layout.draw]
+
+
+def drop_draws(layout: FlatLayout, beta_dr: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The ``beta_dr`` keep mask of the terms ``(T,)`` on the layout's device, or ``None`` (keep all):
+    :func:`drop_uniforms` uploaded with a non-blocking copy (pinned on CUDA), then :func:`keep_mask`."""
+    u = drop_uniforms(layout, beta_dr, generator)
+    device = layout.target.device
+    if u is not None:
         if device.type == "cuda":
             u = u.pin_memory()
         u = u.to(device, non_blocking=True)
-        table = torch.cat([u.new_ones(1), u]) >= beta_dr  # entry 0: BN terms, always kept
-    return table[layout.draw]
+    return keep_mask(layout, beta_dr, u)
 
 
 def _flat_state(layout: FlatLayout, state: dict) -> dict[str, torch.Tensor]:

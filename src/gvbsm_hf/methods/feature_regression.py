@@ -139,9 +139,9 @@ class StudentPool:
             self._templates[key] = (model, head)
         self.template, self.head = self._templates[key]
 
-    def fresh_parameters(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """A new seeded initialisation of the backbone (its own ``reset_parameters``)."""
-        seed = int(torch.randint(2**62, (1,), generator=generator))
+    def fresh_parameters(self, seed: int) -> dict[str, torch.Tensor]:
+        """A new initialisation of the backbone (its own ``reset_parameters``) from ``seed``
+        (:func:`draw_pool_seed`)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = create_backbone(self.config.syn_fr_backbone, num_classes=self.num_classes,
@@ -183,6 +183,37 @@ def pool_lifetime(index: int, pool_size: int, online_steps: int, *, first: bool)
     return max(1, -(-(index + 1) * online_steps // pool_size))
 
 
+def draw_pool_seed(generator: torch.Generator) -> int:
+    """The seed of a re-drawn pool network: one draw from the job's generator."""
+    return int(torch.randint(2**62, (1,), generator=generator))
+
+
+def _redraws(config: "FeatureRegressionConfig", entry: dict | None) -> bool:
+    """Whether the pool network of ``entry`` (``None``: never drawn) is re-drawn before this step."""
+    return entry is None or int(entry["age"]) >= int(entry.get("life", config.syn_fr_online_steps))
+
+
+def draw_pool(config: "FeatureRegressionConfig", teacher, generator: torch.Generator, *, iteration: int,
+              job_state: dict, scratch: dict, **_: object) -> dict:
+    """The random draws of step ``iteration``, made ahead of it (a checkpoint interval at once): the seed of
+    the pool network the step re-draws, ``{"seed": int}``, or ``{}``. ``scratch`` follows the networks' ages
+    over the interval (filled from ``job_state``, the pool as the interval starts), so the draws are the
+    step's own."""
+    m = iteration % int(config.syn_fr_pool_size)
+    if m not in scratch:
+        entry = job_state.get("pool", {}).get(str(m))
+        scratch[m] = None if entry is None else {"age": int(entry["age"]),
+                                                 "life": int(entry.get("life", config.syn_fr_online_steps))}
+    entry = scratch[m]
+    if _redraws(config, entry):
+        life = pool_lifetime(m, int(config.syn_fr_pool_size), int(config.syn_fr_online_steps),
+                             first=entry is None and bool(config.syn_fr_stagger))
+        scratch[m] = {"age": 1, "life": life}
+        return {"seed": draw_pool_seed(generator)}
+    entry["age"] += 1
+    return {}
+
+
 def regression_targets(step: SynthesisStep, *, ensemble: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T_S, T_R)`` of Eq. 12 in float32: the iteration's teacher on the synthetic views (differentiable)
     and on the real batch (no gradient), or with ``ensemble`` the mean logits of every teacher in
@@ -212,10 +243,17 @@ def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str
     entry = state.get("pool", {}).get(str(m))
     if entry is not None and "life" not in entry:  # a checkpoint written before lifetimes were stored
         entry = {**entry, "life": torch.tensor(int(config.syn_fr_online_steps), dtype=torch.long)}
-    if entry is None or int(entry["age"]) >= int(entry["life"]):
+    if _redraws(config, entry):
         life = pool_lifetime(m, int(config.syn_fr_pool_size), int(config.syn_fr_online_steps),
                              first=entry is None and bool(config.syn_fr_stagger))
-        params = pool.fresh_parameters(step.generator)
+        if step.draws is None:
+            seed = draw_pool_seed(step.generator)
+        elif "seed" in step.draws:  # drawn ahead of the step (draw_pool)
+            seed = step.draws["seed"]
+        else:
+            raise GVBSMError(f"feature_regression: the draws made ahead of step {step.iteration} have no seed for "
+                             f"pool network {m}, which this step re-draws; the pool state changed after the draws.")
+        params = pool.fresh_parameters(seed)
         entry = {"age": torch.zeros((), dtype=torch.long),
                  "life": torch.tensor(life, dtype=torch.long),
                  "params": params,
@@ -242,3 +280,7 @@ def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str
     state.setdefault("pool", {})[str(m)] = {"age": torch.tensor(age, dtype=torch.long), "life": entry["life"],
                                             "params": new_params, "exp_avg": new_avg, "exp_avg_sq": new_sq}
     return loss, {"feature_regression": loss.detach(), "pool_student_mse": student_loss.detach()}
+
+
+feature_regression_step.draw = draw_pool  # type: ignore[attr-defined]
+feature_regression_step.compilable = False  # type: ignore[attr-defined]  # pool re-draws are Python control flow

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from ..densification import class_major_dd_loss
-from ..errors import GVBSMError, StatisticsMismatchError
+from ..errors import StatisticsMismatchError
 from ..losses import data_densification_loss, total_variation_loss
-from ..matching import FlatLayout, build_layout, drop_draws, fused_matching_loss, layout_key
+from ..matching import FlatLayout, build_layout, drop_draws, drop_uniforms, fused_matching_loss, keep_mask, layout_key
 from ..validation import check_range
 from .registry import SynthesisConfig, SynthesisStep, register_method
 
@@ -228,13 +228,12 @@ def teacher_layout(teacher, bn_stats, conv_stats, c: GVBSMConfig, bn_multiplier:
     return layout
 
 
-def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator) -> dict | None:
-    """The ``beta_dr`` draws of the next step (:func:`gvbsm_hf.matching.drop_draws`), made before a compiled
-    step (``SynthesisStep.draws``). The terms' layout comes from the teacher's last step, or from the
-    statistics its hooks hold (a probe forward); ``None`` when neither exists yet."""
-    if c.uses_class_stats():
-        raise GVBSMError("syn_compile does not support syn_class_weight < 1 (its per-class drops draw inside the "
-                         "loss): set syn_compile: false.")
+def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator, **_: object) -> dict | None:
+    """The random draws of the next step, made ahead of it (``SynthesisStep.draws``; a whole checkpoint interval
+    at once, or before a compiled step): the ``beta_dr`` uniforms ``{"u": (n_draws,)}`` on the CPU
+    (:func:`gvbsm_hf.matching.drop_uniforms`, the loss's own order), ``{}`` when the step draws nothing. The
+    terms' layout comes from the teacher's last step, or from the statistics its hooks hold (a probe forward);
+    ``None`` when neither exists yet (nothing drawn)."""
     bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
     layout = (getattr(teacher, "layouts", None) or {}).get(
         ("last", float(bn_multiplier), float(c.syn_first_layer_multiplier), c.syn_beta_dr_unit))
@@ -244,9 +243,20 @@ def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator) -> dict |
         if not (bn_stats or conv_stats):
             return None
         layout = teacher_layout(teacher, bn_stats, conv_stats, c, bn_multiplier)
-    if layout is None:
+    if layout is None or not layout.conv_layers:
         return {}
-    return {"keep": drop_draws(layout, c.syn_beta_dr, generator) if layout.conv_layers else None}
+    u = drop_uniforms(layout, c.syn_beta_dr, generator)
+    return {} if u is None else {"u": u}
+
+
+def _draws_unsupported(c: GVBSMConfig) -> str | None:
+    """Why this config's draws cannot be made ahead of the step (``None``: they can)."""
+    if c.uses_class_stats():
+        return "syn_class_weight < 1 draws its per-class drops inside the loss"
+    return None
+
+
+draw_matching.unsupported = _draws_unsupported  # type: ignore[attr-defined]
 
 
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -266,8 +276,8 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
         conv_stats = t.hooks.conv_stats if c.syn_r_conv > 0 else {}
         if bn_stats or conv_stats:  # a teacher without such layers matches nothing (zero terms)
             layout = teacher_layout(t, bn_stats, conv_stats, c, bn_multiplier)
-            if step.draws is not None:  # drawn before a compiled step (draw_matching)
-                keep = step.draws.get("keep")
+            if step.draws is not None:  # drawn ahead of the step (draw_matching)
+                keep = keep_mask(layout, c.syn_beta_dr, step.draws.get("u")) if conv_stats else None
             else:
                 keep = drop_draws(layout, c.syn_beta_dr, step.generator) if conv_stats else None
             bn, conv = fused_matching_loss(layout, bn_stats, conv_stats, step.state, alpha=c.syn_alpha, keep=keep,

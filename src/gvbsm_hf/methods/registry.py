@@ -121,10 +121,15 @@ class SynthesisStep:
     batch is class-major with this many images per class (the recover engine's jobs), so per-class
     terms may reshape instead of grouping ``labels``; 0: no such layout is promised.
 
-    A loss function may carry a ``draw`` attribute, ``draw(config, teacher, generator) -> dict | None``: the
-    random draws of its next step, made eagerly before a compiled step (``syn_compile``) in the order the
-    loss would make them, then passed as ``draws`` (``None``: not ready yet, e.g. before the first forward,
-    and the step runs eagerly)."""
+    A loss function may declare its random draws with a ``draw`` attribute,
+    ``draw(config, teacher, generator, *, iteration, job_state, scratch) -> dict | None``: the draws of step
+    ``iteration`` in the order the loss would make them (CPU tensors, or Python numbers), made ahead of the
+    step: the engine draws a whole checkpoint interval at once (:mod:`gvbsm_hf.recover.draws`) and passes
+    each step its ``draws`` (on the device). ``scratch`` is a dict the draw function owns for one interval
+    (e.g. counters it advances); ``None`` means it needs the teacher's statistics first (the engine runs a
+    probe forward and asks again). ``draw.unsupported(config) -> str | None`` names a config whose draws stay
+    inside the loss (then the loss gets ``generator`` and draws itself, one iteration at a time);
+    ``loss.compilable = False`` keeps ``syn_compile`` off for a loss with Python control flow."""
 
     config: SynthesisConfig
     x: "torch.Tensor"
@@ -141,8 +146,8 @@ class SynthesisStep:
     teacher_index: int = 0
     group_size: int = 0
     draws: Optional[dict] = None
-    """Random draws the method's ``loss.draw`` made before a compiled step (``syn_compile``); ``None``: eager,
-    the loss draws from ``generator`` itself."""
+    """Random draws the method's ``loss.draw`` made ahead of this step (then ``generator`` is ``None``);
+    ``None``: the loss draws from ``generator`` itself."""
 
 
 LossFn = Callable[[SynthesisStep], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]

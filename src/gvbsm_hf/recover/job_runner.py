@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..augment import synthesis_augment
+from ..augment import apply_synthesis_augment, sample_synthesis_augment
 from ..data import DatasetSpec
 from ..errors import GVBSMError, NonFiniteLossError
 from ..methods import SynthesisConfig, SynthesisStep, get_method
 from ..utils import load_safetensors, seeded_generator
+from .draws import IntervalDraws, IterationDraws, upload_batched
 from .jobs import SynthesisJob, cosine_lr
 from .teacher_slot import TeacherSlot
 
@@ -128,15 +129,22 @@ class JobRunner:
         self.teachers_used: set[int] = set()
         self.log_path = folder / f"job_{job.index:05d}.log.jsonl"
         self.draw_fn = getattr(self.loss_fn, "draw", None)
-        if args.syn_compile and self.draw_fn is None:
-            raise GVBSMError(f"syn_compile: the loss of method {args.syn_method!r} does not declare its random draws "
-                             "(loss.draw, gvbsm_hf.methods.SynthesisStep), so it cannot be compiled; set syn_compile: false.")
+        unsupported = getattr(self.draw_fn, "unsupported", None)
+        self.draws_unsupported = unsupported(args) if unsupported is not None else None
+        if args.syn_compile:
+            why = ("does not declare its random draws (loss.draw, gvbsm_hf.methods.SynthesisStep)" if self.draw_fn is None
+                   else "is Python control flow" if not getattr(self.loss_fn, "compilable", True)
+                   else self.draws_unsupported)
+            if why:
+                raise GVBSMError(f"syn_compile: the loss of method {args.syn_method!r} {why}, so it cannot be "
+                                 "compiled; set syn_compile: false.")
         self.compiled: dict[int, object] = {}
+        self.plan: IntervalDraws | None = None
 
     # -- checkpointing -------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         state = self.optimizer.state[self.x]
-        tensors = {"x": self.x.detach().contiguous(), "rng": self.generator.get_state()}
+        tensors = {"x": self.x.detach().contiguous(), "rng": self.rng_state()}
         if state:
             tensors["exp_avg"] = state["exp_avg"].contiguous()
             tensors["exp_avg_sq"] = state["exp_avg_sq"].contiguous()
@@ -161,6 +169,7 @@ class JobRunner:
         with torch.no_grad():
             self.x.copy_(t["x"].to(self.device))
         self.generator.set_state(t["rng"])
+        self.plan = None
         if "exp_avg" in t:
             fused = bool(self.optimizer.defaults.get("fused") or self.optimizer.defaults.get("capturable"))
             self.optimizer.state[self.x] = {  # fused / capturable Adam keeps its step count beside the pixels
@@ -173,52 +182,121 @@ class JobRunner:
         self.iteration = int(meta["iteration"])
         return True
 
-    # -- one iteration -------------------------------------------------------------------------
-    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """``real_batch_size() // C`` (at least 1) random real train images of each of the job's ``C``
-        classes (with replacement, the job's generator), normalised, class-major; ``(None, None)`` if the
-        method asks for none."""
-        if self.real_images is None:
-            return None, None
-        per_class = max(1, self.args.real_batch_size() // len(self.real_rows))
-        rows = torch.cat([r[torch.randint(len(r), (per_class,), generator=self.generator)] for r in self.real_rows])
-        if self.real_labels is None:  # the same every iteration: uploaded once
-            labels = torch.tensor(self.job.classes, dtype=torch.long).repeat_interleave(per_class)
-            self.real_labels = labels.to(self.device)
-        return upload(self.spec.normalize(self.real_images[rows]), self.device), self.real_labels
+    # -- the draws ---------------------------------------------------------------------------------
+    @property
+    def predraws(self) -> bool:
+        """Whether a whole checkpoint interval is drawn ahead: the method declares its loss draws for this config."""
+        return self.draw_fn is not None and not self.draws_unsupported
 
-    def choose_backbone(self) -> int:
+    def rng_state(self) -> torch.Tensor:
+        """The job generator's state before this iteration's draws (what a checkpoint stores)."""
+        if self.plan is not None and self.plan.covers(self.iteration):  # drawn ahead: the state kept before it
+            return self.plan.rng_state(self.iteration)
+        return self.generator.get_state()
+
+    def choose_backbone(self, iteration: int) -> int:
         k = len(self.slots)
         if k == 1:
             return 0
         if self.args.syn_backbone_choice == "round_robin":
-            return self.iteration % k
+            return iteration % k
         return int(torch.randint(k, (1,), generator=self.generator))
+
+    def draw_real_rows(self) -> torch.Tensor | None:
+        """``real_batch_size() // C`` (at least 1) random rows of each of the job's ``C`` classes of the real
+        train split (with replacement, the job's generator), class-major; ``None`` if the method asks for none."""
+        if self.real_images is None:
+            return None
+        per_class = max(1, self.args.real_batch_size() // len(self.real_rows))
+        return torch.cat([r[torch.randint(len(r), (per_class,), generator=self.generator)] for r in self.real_rows])
+
+    def draw_loss(self, k: int, iteration: int, scratch: dict) -> dict | None:
+        """The method's draws of step ``iteration`` with teacher ``k`` (``loss.draw``); ``None`` while they need
+        the teacher's statistics layout, which its first step makes. A compiled step needs them at once: a
+        probe forward without graph (no draw) gives the layout."""
+        slot = self.slots[k]
+        draw = lambda: self.draw_fn(self.args, slot, self.generator, iteration=iteration,  # noqa: E731
+                                    job_state=self.job_state, scratch=scratch)
+        draws = draw()
+        if draws is None and self.args.syn_compile:
+            for other in self.slots:
+                other.hooks.enabled = other is slot
+            with torch.no_grad(), self.autocast():
+                slot.model(self.x.detach())
+            draws = draw()
+            slot.hooks.clear()
+            if draws is None:
+                raise GVBSMError(f"The loss of method {self.args.syn_method!r} could not make its draws after a probe "
+                                 f"forward of teacher {k}.")
+        return draws
+
+    def draw_interval(self) -> IntervalDraws:
+        """The draws from this iteration to the next checkpoint (:mod:`gvbsm_hf.recover.draws`), tensors uploaded
+        at once; this iteration's alone when the loss draws inside (:attr:`predraws` false), and up to the first
+        step of a teacher whose loss draws need its own forward (that step draws inside, then intervals go on)."""
+        args, start = self.args, self.iteration
+        every = args.syn_checkpoint_every
+        stop = min(args.syn_iterations, (start // every + 1) * every) if self.predraws else start + 1
+        n, _, h, w = self.x.shape
+        states, backbones, rows, uploads, scratch = [], [], [], [], {}
+        for iteration in range(start, stop):
+            state = self.generator.get_state()
+            k = self.choose_backbone(iteration)
+            augment = sample_synthesis_augment(args.syn_augment, n, h, w, crop_scale=args.syn_crop_scale,
+                                               generator=self.generator)
+            real_rows = self.draw_real_rows()
+            loss = self.draw_loss(k, iteration, scratch) if self.predraws else None
+            if loss is None and iteration > start:  # its loss draws inside: it comes first in the next interval
+                self.generator.set_state(state)
+                break
+            states.append(state)
+            backbones.append(k)
+            rows.append(real_rows)
+            uploads.append({f"augment/{key}": v for key, v in augment.items()}
+                           | ({f"loss/{key}": v for key, v in loss.items()} if loss is not None else {"loss": None}))
+            if loss is None:  # the step draws inside its loss, after these: nothing may be drawn before it runs
+                break
+        items = []
+        for k, r, placed in zip(backbones, rows, upload_batched(uploads, self.device)):
+            augment = {key.split("/", 1)[1]: v for key, v in placed.items() if key.startswith("augment/")}
+            loss = None if "loss" in placed else {key.split("/", 1)[1]: v for key, v in placed.items()
+                                                   if key.startswith("loss/")}
+            items.append(IterationDraws(backbone=k, augment=augment, real_rows=r, loss=loss))
+        return IntervalDraws(start=start, items=items, rng_states=states)
+
+    # -- one iteration -------------------------------------------------------------------------
+    def real_batch(self, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """The real train images of ``rows`` (:meth:`draw_real_rows`), normalised, on the device (pinned,
+        non-blocking), with their labels; ``(None, None)`` without rows."""
+        if rows is None:
+            return None, None
+        if self.real_labels is None:  # the same every iteration: uploaded once
+            per_class = len(rows) // len(self.real_rows)
+            labels = torch.tensor(self.job.classes, dtype=torch.long).repeat_interleave(per_class)
+            self.real_labels = labels.to(self.device)
+        return upload(self.spec.normalize(self.real_images[rows]), self.device), self.real_labels
 
     def step(self) -> None:
         args = self.args
+        if self.plan is None or not self.plan.covers(self.iteration):
+            self.plan = self.draw_interval()
+        draws = self.plan.at(self.iteration)
         for group in self.optimizer.param_groups:  # a tensor: filled in place, no new graph constant
             group["lr"].fill_(cosine_lr(args.syn_lr, self.iteration, args.syn_iterations))
-        k = self.choose_backbone()
+        k = draws.backbone
         self.teachers_used.add(k)
         slot = self.slots[k]
-        x = self.x
-        x = synthesis_augment(x, args.syn_augment, crop_scale=args.syn_crop_scale, generator=self.generator)
+        x = apply_synthesis_augment(self.x, args.syn_augment, draws.augment)
         if args.syn_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         for other in self.slots:
             other.hooks.enabled = other is slot
-        draws = self.draw_fn(args, slot, self.generator) if args.syn_compile else None
-        if args.syn_compile and draws is None:  # the draws need one forward's statistics: a probe, no graph
-            with torch.no_grad(), self.autocast():
-                slot.model(x)
-            draws = self.draw_fn(args, slot, self.generator)
-            slot.hooks.clear()
+        real_x, real_labels = self.real_batch(draws.real_rows)
         try:
-            if draws is not None:  # syn_compile: forward, statistics and loss as one graph, draws made above
-                loss, components = self.compiled_step(k)(x, draws)
+            if args.syn_compile:  # forward, statistics and loss as one graph, its draws made ahead
+                loss, components = self.compiled_step(k)(x, draws.loss, real_x, real_labels)
             else:
-                loss, components = self.forward_loss(k, x, None)
+                loss, components = self.forward_loss(k, x, draws.loss, real_x, real_labels)
         except torch.linalg.LinAlgError as err:  # eigvalsh on NaN pixels: an earlier step diverged
             if bool(torch.isfinite(x).all()):
                 raise
@@ -244,19 +322,19 @@ class JobRunner:
         return torch.autocast(self.device.type,
                               dtype=torch.bfloat16 if args.syn_mixed_precision == "bf16" else torch.float16)
 
-    def forward_loss(self, k: int, x: torch.Tensor, draws: dict | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward_loss(self, k: int, x: torch.Tensor, draws: dict | None, real_x: torch.Tensor | None = None,
+                     real_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher ``k``'s forward of the augmented batch ``x`` (its hooks record the statistics) and the
-        method's loss: the per-teacher step that ``syn_compile`` compiles. With ``draws`` (a compiled step) the
-        loss gets no generator and iteration 0: its random draws were made before, and the iteration number
-        is no input, so the graph never recompiles."""
+        method's loss: the per-teacher step that ``syn_compile`` compiles. With ``draws`` (made ahead) the loss
+        gets no generator; compiled, it gets iteration 0 (the number is no input, so the graph never
+        recompiles)."""
         slot = self.slots[k]
         with self.autocast():
             logits = slot.model(x)
-        real_x, real_labels = self.real_batch()
-        eager = draws is None
         step = SynthesisStep(config=self.args, x=x, logits=logits, labels=self.labels, teacher=slot,
-                             state=self.states[k], generator=self.generator if eager else None,
-                             iteration=self.iteration if eager else 0, job_state=self.job_state, real_x=real_x,
+                             state=self.states[k], generator=self.generator if draws is None else None,
+                             iteration=0 if self.args.syn_compile else self.iteration, job_state=self.job_state,
+                             real_x=real_x,
                              real_labels=real_labels, teachers=tuple(s.model for s in self.slots), teacher_index=k,
                              group_size=len(self.job.slots), draws=draws)
         return self.loss_fn(step)
@@ -267,8 +345,9 @@ class JobRunner:
     def compiled_step(self, k: int):
         """:meth:`forward_loss` of teacher ``k`` compiled with ``fullgraph=True`` (one per teacher, built once)."""
         if k not in self.compiled:
-            self.compiled[k] = torch.compile(lambda x, draws: self.forward_loss(k, x, draws), fullgraph=True,
-                                             backend=self.compile_backend)
+            self.compiled[k] = torch.compile(
+                lambda x, draws, real_x, real_labels: self.forward_loss(k, x, draws, real_x, real_labels),
+                fullgraph=True, backend=self.compile_backend)
         return self.compiled[k]
 
     def non_finite_error(self, what: str) -> NonFiniteLossError:
