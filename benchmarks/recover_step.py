@@ -30,7 +30,9 @@ ImageNet-1k image of G-VBSM = mean ms per iteration over the four teachers (roun
 ``syn_iterations`` / batch; ``sync_debug_clean``: the steady-state iterations ran under
 ``torch.cuda.set_sync_debug_mode("error")`` without an error.
 
-Writes ``benchmarks/results/recover_step.json`` (``--smoke``: nothing).
+Writes ``benchmarks/results/recover_step.json`` (``--smoke``: nothing); ``--breakdown TOP`` also writes
+``recover_step_breakdown.json``: per row the TOP ATen ops by self CPU time of one method and one CE-only
+iteration (where the time over CE-only goes).
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ def count_aten_ops(fn) -> int:
     return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
+def op_times(fn, top: int) -> dict[str, Any]:
+    """Self CPU milliseconds of ``fn()`` per ATen op (torch.profiler), the ``top`` largest and the total."""
+    from torch.profiler import ProfilerActivity, profile  # the profiler is only needed here
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in prof.key_averages()]
+    events.sort(key=lambda e: -e[1])
+    return {"total_ms": round(sum(e[1] for e in events), 1),
+            "top": [{"op": k, "ms": round(ms, 1), "calls": n} for k, ms, n in events[:top]]}
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     """Median milliseconds of ``fn()`` over ``repeats`` calls."""
     samples = []
@@ -108,7 +122,8 @@ def recipe_options() -> dict[str, Any]:
 
 
 def measure(backbone: str, size: int, channels: int, classes: int, method: str, *, variant: str, classes_per_job: int,
-            slots: int, device: torch.device, warmup: int, repeats: int, gpu: dict | None = None) -> dict[str, Any]:
+            slots: int, device: torch.device, warmup: int, repeats: int, gpu: dict | None = None,
+            breakdown: int = 0) -> dict[str, Any]:
     """One row: the method's iteration and the CE-only iteration of the same teacher on one job."""
     # the package is imported here, after main() put src/ on the path (the script runs without installing it)
     from gvbsm_hf.backbones import create_backbone
@@ -179,6 +194,7 @@ def measure(backbone: str, size: int, channels: int, classes: int, method: str, 
         sync(device)
         ops = count_aten_ops(method_step)
         ops_ce = count_aten_ops(ce_step)
+        where = {"method": op_times(method_step, breakdown), "ce_only": op_times(ce_step, breakdown)} if breakdown else None
         clean = True
         with sync_debug(gpu is not None):
             try:
@@ -193,7 +209,7 @@ def measure(backbone: str, size: int, channels: int, classes: int, method: str, 
            "ops_per_iteration": ops, "extra_ops_over_ce_only": ops - ops_ce, "ms_per_iteration": round(ms, 3),
            "over_ce_only": round(ms / ms_ce, 3)}
     print(json.dumps(row), flush=True)
-    return row | ({"_sync_clean": clean} if gpu is not None else {})
+    return row | ({"_sync_clean": clean} if gpu is not None else {}) | ({"_breakdown": where} if where else {})
 
 
 def main() -> None:
@@ -213,6 +229,9 @@ def main() -> None:
                    "the ImageNet-1k recipe's options, bf16 + channels_last, sync debug mode 'error'")
     p.add_argument("--note", default="", help="appended to the command (e.g. 'timings under load')")
     p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--breakdown", type=int, default=0, metavar="TOP",
+                   help="CPU: also profile one method and one CE-only iteration per row and write the TOP ops by self "
+                   "CPU time to recover_step_breakdown.json beside --output (where the time over CE-only goes)")
     p.add_argument("--smoke", action="store_true", help="seconds: convnet32 @ 28 px, batch 2, 1 warm-up, 1 repeat, "
                    "writes nothing")
     args = p.parse_args()
@@ -221,9 +240,10 @@ def main() -> None:
     common = dict(variant=args.variant, warmup=args.warmup, repeats=args.repeats)
     if args.smoke:
         rows = [measure("convnet32", 28, 1, 4, m, classes_per_job=1, slots=2, device=torch.device("cpu"),
-                        variant=args.variant if args.variant != "after_compiled" else "after", warmup=1, repeats=1)
+                        variant=args.variant if args.variant != "after_compiled" else "after", warmup=1, repeats=1,
+                        breakdown=3)
                 for m in METHODS]
-        assert all(r["ops_per_iteration"] > 0 for r in rows)
+        assert all(r["ops_per_iteration"] > 0 and r["_breakdown"]["method"]["top"] for r in rows)
         return
     out = Path(args.output)
     result = json.loads(out.read_text()) if out.exists() else {"rows": [], "gpu": None}
@@ -252,8 +272,16 @@ def main() -> None:
     else:
         device = torch.device("cpu")
         chosen = [r for r in CPU_ROWS if args.backbones is None or r[0] in args.backbones]
-        rows = [measure(b, s, c, k, m, classes_per_job=args.classes_per_job, slots=args.slots, device=device, **common)
+        rows = [measure(b, s, c, k, m, classes_per_job=args.classes_per_job, slots=args.slots, device=device,
+                        breakdown=args.breakdown, **common)
                 for b, s, c, k in chosen for m in args.methods]
+        if args.breakdown:
+            detail = [{k: r[k] for k in ("backbone", "image_size", "batch", "method", "variant")} | r.pop("_breakdown")
+                      for r in rows]
+            where = out.with_name(out.stem + "_breakdown.json")
+            where.write_text(json.dumps({"command": command, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                         "rows": detail}, indent=2) + "\n")
+            print(f"wrote {where}")
         keys = {(r["backbone"], r["method"], r["variant"]) for r in rows}
         result["rows"] = [r for r in result.get("rows", []) if (r["backbone"], r["method"], r["variant"]) not in keys]
         result["rows"] += rows

@@ -30,8 +30,8 @@ channel means ``m_{i,c}`` ``(N, C)`` and keeps their variance over the images, `
 ``(C,)`` (and their mean, ``bn_instance_means[name]``, which the record pass needs to pool batches):
 :func:`~gvbsm_hf.moments.instance_mean_statistics`. Extra memory: ``N x C`` per layer.
 
-Efficiency (issue 32): a BN layer's statistics are one ``var_mean`` whose backward is one ``addcmul`` over
-the map (custom autograd Function saving only the activation and the mean); a Conv layer adds, for its
+Efficiency (issue 32): a BN layer's statistics are one ``var_mean`` (on the CPU a mean and a centred mean)
+whose backward is one ``addcmul`` over the map (custom autograd Function saving only the activation and the mean); a Conv layer adds, for its
 patch statistics, one pass ``x - t`` (``t`` the detached mean of the map, so a large common offset
 cancels before any squaring) reduced over batch and channels to two ``(H, W)`` maps, again with a
 one-``addcmul`` backward. Pooling into patches and the rest run on those small maps. A handful of
