@@ -194,7 +194,7 @@ def measure(backbone: str, size: int, channels: int, classes: int, method: str, 
         sync(device)
         ops = count_aten_ops(method_step)
         ops_ce = count_aten_ops(ce_step)
-        where = {"method": op_times(method_step, breakdown), "ce_only": op_times(ce_step, breakdown)} if breakdown else None
+        where = {"method_step": op_times(method_step, breakdown), "ce_only_step": op_times(ce_step, breakdown)} if breakdown else None
         clean = True
         with sync_debug(gpu is not None):
             try:
@@ -243,7 +243,7 @@ def main() -> None:
                         variant=args.variant if args.variant != "after_compiled" else "after", warmup=1, repeats=1,
                         breakdown=3)
                 for m in METHODS]
-        assert all(r["ops_per_iteration"] > 0 and r["_breakdown"]["method"]["top"] for r in rows)
+        assert all(r["ops_per_iteration"] > 0 and r["_breakdown"]["method_step"]["top"] for r in rows)
         return
     out = Path(args.output)
     result = json.loads(out.read_text()) if out.exists() else {"rows": [], "gpu": None}
