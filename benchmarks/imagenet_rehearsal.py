@@ -25,7 +25,7 @@ Writes ``benchmarks/results/imagenet_rehearsal.json``:
 
 ``--smoke`` (``tests/test_benchmarks.py``) runs the same code path at its smallest: 2 classes, one
 teacher and student (ShuffleNet-V2 0.5x, the recipe's smallest) at 128 px (still the ImageNet
-preprocessing: ``gvbsm_hf.augment.IMAGENET_SCALE``), every stage in ONE process (``--one-process``:
+preprocessing: ``gvbsm_hf.augment_families.IMAGENET_SCALE``), every stage in ONE process (``--one-process``:
 each stage process would repeat the imports), in a temporary folder that is deleted; no results file.
 """
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from synthesis_setup import SPEC, digits_uint8, make_statistics, make_teachers  # noqa: E402
 
-from gvbsm_hf.augment import authors_batch_augment, recording_augment, synthesis_augment  # noqa: E402
+from gvbsm_hf.augment_families import authors_batch_augment, recording_augment, synthesis_augment  # noqa: E402
 from gvbsm_hf.recover.config import PROTOCOLS, SynthesisArguments  # noqa: E402
 from gvbsm_hf.record.config import StatisticsArguments
 from gvbsm_hf.errors import StatisticsMismatchError  # noqa: E402
@@ -293,7 +293,9 @@ def test_the_evaluate_stage_trains_on_the_exported_uint8_images(tmp_path, monkey
 def test_authors_augmentation_equals_slice_flip_roll_with_its_gradient(size):
     """The gather form (tensor draws, issue 32) gives bit for bit the values AND the pixel gradient of the
     slicing / flip / torch.roll form it replaced, for many draws (both flips, shifts beyond the side)."""
-    from gvbsm_hf.augment import apply_crop_flip, authors_pad, is_imagenet_scale, sample_crop_flip, CropFlipParams
+    from gvbsm_hf.augment import apply_crop_flip, sample_crop_flip, CropFlipParams
+
+    from gvbsm_hf.augment_families import authors_pad, is_imagenet_scale
 
     x = torch.randn(3, 2, size, size, generator=torch.Generator().manual_seed(size))
     weight = torch.randn(3, 2, size, size, generator=torch.Generator().manual_seed(size + 1))

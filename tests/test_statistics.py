@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import gvbsm_hf.augment as aug
+import gvbsm_hf.augment_families as aug  # the families look random_resized_crop_flip up here (monkeypatched)
 
 from gvbsm_hf.data import DatasetSpec
 from gvbsm_hf.errors import DataValidationError, StatisticsMismatchError

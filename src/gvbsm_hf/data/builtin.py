@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 from PIL import Image as PILImage
 
-from ..augment import is_imagenet_scale
+from ..augment_families import is_imagenet_scale
 from ..errors import DataValidationError, GVBSMError
 from .sampling import stratified_split
 
@@ -74,7 +74,7 @@ Resize(256) + CenterCrop(224) for evaluation; splits streamed."""
 
 def preprocessing_for(image_size: int) -> Preprocessing:
     """THE rule choosing a dataset's :class:`Preprocessing`: by working size
-    (:func:`gvbsm_hf.augment.is_imagenet_scale`, the same threshold as the authors' protocol)."""
+    (:func:`gvbsm_hf.augment_families.is_imagenet_scale`, the same threshold as the authors' protocol)."""
     return IMAGENET_PREPROCESSING if is_imagenet_scale(int(image_size)) else SMALL_PREPROCESSING
 
 

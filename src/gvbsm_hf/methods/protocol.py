@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..augment import AugmentKind
+from ..augment_families import AugmentKind
 from ..validation import RecipeError, ValidatedArguments, check_crop_scale, check_range
 
 MixedPrecision = Literal["no", "bf16", "fp16"]

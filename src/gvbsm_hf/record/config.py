@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..augment import AugmentKind
+from ..augment_families import AugmentKind
 from ..validation import ValidatedArguments, check_range
 
 ConvTarget = Literal["input", "output"]

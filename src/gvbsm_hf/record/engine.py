@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..augment import recording_augment
+from ..augment_families import recording_augment
 from ..data import DatasetSpec
 from ..errors import DataValidationError
 from ..hooks import StatisticsHooks
@@ -220,7 +220,7 @@ def record_statistics(
             ``gvbsm_hf.data.image_batches`` shards).
         spec: the images' normalisation (``spec.normalize``), classes and name (provenance).
         args: ``stats_patch_size``, ``stats_conv_target``, ``stats_patch_mode`` (unset: ``"partial"``),
-            ``stats_augment`` (unset: ``"none"``; :func:`gvbsm_hf.augment.recording_augment`) and
+            ``stats_augment`` (unset: ``"none"``; :func:`gvbsm_hf.augment_families.recording_augment`) and
             ``stats_per_class``, ``stats_instance``; ``None``: the defaults. Batch size and sample cap belong to the caller.
         accelerator: ``accelerate.Accelerator`` (device, process index, reduction); None = one
             process on the teacher's device.

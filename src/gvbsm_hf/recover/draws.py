@@ -1,7 +1,7 @@
 """The random draws of a stretch of recover iterations, made at once (docs/method.md "Recover", issue 32).
 
 Per iteration the job's CPU generator draws, in this order: the backbone (GBM, Eq. 7; ``uniform`` choice
-with several teachers), the augmentation (:func:`gvbsm_hf.augment.sample_synthesis_augment`), the real
+with several teachers), the augmentation (:func:`gvbsm_hf.augment_families.sample_synthesis_augment`), the real
 rows (methods that regress on real images), then the method's loss draws (``loss.draw``: beta_dr drops,
 pool seeds). When the method declares its loss draws, a whole checkpoint interval is drawn in that order
 before its first step and every tensor is uploaded in one copy per dtype (pinned, non-blocking on CUDA);

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..augment import apply_synthesis_augment, sample_synthesis_augment
+from ..augment_families import apply_synthesis_augment, sample_synthesis_augment
 from ..data import DatasetSpec
 from ..errors import GVBSMError, NonFiniteLossError
 from ..methods import SynthesisConfig, SynthesisStep, get_method
