@@ -236,7 +236,7 @@ class JobRunner:
         step of a teacher whose loss draws need its own forward (that step draws inside, then intervals go on)."""
         args, start = self.args, self.iteration
         every = args.syn_checkpoint_every
-        stop = min(args.syn_iterations, (start // every + 1) * every) if self.predraws else start + 1
+        stop = min(args.syn_iterations, (start // every + 1) * every)
         n, _, h, w = self.x.shape
         states, backbones, rows, uploads, scratch = [], [], [], [], {}
         for iteration in range(start, stop):
