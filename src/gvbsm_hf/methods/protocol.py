@@ -74,9 +74,11 @@ class SynthesisProtocol(ValidatedArguments):
     syn_channels_last: bool = field(default=False)
     syn_compile: bool = field(
         default=False, metadata={"help": "Compile each teacher's step (forward, statistics, loss) with "
-                                 "torch.compile(fullgraph=True): no graph break, no host sync inside; the first "
-                                 "iteration of a job runs eagerly. Methods whose loss declares its random draws."})
-    syn_checkpoint_every: int = field(default=100, metadata={"help": "Iterations between checkpoints."})
+                                 "torch.compile(fullgraph=True): no graph break, no host sync inside (one probe "
+                                 "forward without graph gives a teacher's matching layout before its first step). "
+                                 "Methods whose loss declares its random draws (gvbsm, sre2l*), syn_class_weight 1."})
+    syn_checkpoint_every: int = field(default=100, metadata={"help": "Iterations between checkpoints; the random draws "
+                                      "of an interval are made before its first step (docs/method.md 'Recover')."})
     syn_seed: int = field(default=0)
 
     def validate(self) -> None:
