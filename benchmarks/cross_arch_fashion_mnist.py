@@ -29,7 +29,7 @@ pipeline as ``--method_args '{"<method>": {...}}'``):
 * ``gvbsm_real_init_instance``: the same with per-instance BN statistic matching (``syn_r_instance``,
   ``stats_instance: true``, docs/method.md Eq. 19);
 * ``gvbsm_real_init_tv_instance``: both remedies at once; ``gvbsm_real_init_tv_instance_strong``: both at
-  weights that move their terms (``TV_WEIGHT_STRONG``, ``INSTANCE_WEIGHT_STRONG``);
+  weights that move their terms (``TV_WEIGHT_STRONG``, ``INSTANCE_WEIGHT_STRONG`` in ``cross_arch/rows.py``);
 * ``random_real_draw1``: another random real subset (``syn_seed: 1``): how far two random draws lie apart
   under this protocol, the scale against which every other row's margin is read;
 * each component's share in ``gvbsm_authors`` (issue 35 item 3), one change each: ``gvbsm_authors_no_bn``
@@ -84,14 +84,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from statistics import mean, stdev
+from statistics import mean
 from typing import Any
 
 import torch
@@ -108,98 +107,12 @@ RECIPE = REPO / "recipes" / "fashion_mnist" / "gvbsm_ipc10.yaml"
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_OUTPUT = RESULTS / "cross_arch_fashion_mnist.json"
 
-EVALUATORS = ["convnet128_in", "convnet128_nn", "resnet18_cifar", "mobilenetv2_100", "shufflenetv2_100", "vit_tiny_p4"]
-HARD_EVALUATOR = "convnet128_in"
-RANDOM = "random_real"
-
-# the authors' student protocol for every row and evaluator (as benchmarks/margin_fashion_mnist.py's AUTHORS)
-STUDENT = ["--cutmix_prob", "1.0", "--cutmix_ce_label", "original"]
-RDED_CROPS = {"syn_rded_factor": 1, "syn_rded_crop_scale": [0.5, 1.0]}  # margin_fashion_mnist.py's RDED_CROPS
-TV_WEIGHT = 0.1  # syn_tv_weight of the gvbsm_real_init_tv row
-INSTANCE_WEIGHT = 0.05  # syn_r_instance of the gvbsm_real_init_instance row (5 x syn_r_bn)
-# the _strong row: weights large enough to move the terms (at 0.05 the instance term stayed at 1.7-1.8)
-TV_WEIGHT_STRONG, INSTANCE_WEIGHT_STRONG = 0.3, 1.0
-# k-center coverage of the teachers' penultimate features over 1000 whole real images per class (margin_fashion_mnist.py's
-# KCENTER + FULL_IMAGES: the best selection rule of the margin benchmark)
-KCENTER_FULL = {"syn_rded_factor": 1, "syn_rded_crop_scale": [1.0, 1.0], "syn_rded_selection": "kcenter",
-                "syn_rded_candidates": 1000}
-FR_FLAGS = ["--syn_protocol", "authors", "--syn_augment", "per_image_rrc", "--stats_augment", "authors",
-            "--syn_crop_scale", "0.5", "1.0", "--syn_lr", "0.01"]
-
-# name: (syn_method, recipe flags, that method's own options -> --method_args '{"<method>": {...}}')
-RECIPES: dict[str, tuple[str, list[str], dict[str, Any]]] = {
-    "sre2l": ("sre2l", ["--syn_protocol", "authors"], {}),
-    "gvbsm_authors": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin"}),
-    "gvbsm_hf_v0": ("gvbsm", ["--syn_protocol", "gvbsm_hf_v0"], {"syn_backbone_choice": "uniform"}),
-    "rded": ("rded", ["--syn_protocol", "authors"], dict(RDED_CROPS)),
-    "edc_style": ("gvbsm", ["--syn_protocol", "authors", "--stats_per_class", "true"],
-                  {"syn_init": "rded", **RDED_CROPS, "syn_class_weight": 0.5}),
-    "feature_regression": ("feature_regression", FR_FLAGS, {"syn_init": "real"}),
-    # selection by coverage, and feature regression started from it (the margin benchmark's best rows)
-    "rded_kcenter": ("rded", ["--syn_protocol", "authors"], dict(KCENTER_FULL)),
-    "feature_regression_kcenter_init": ("feature_regression", FR_FLAGS, {"syn_init": "rded", **KCENTER_FULL}),
-    # remedies (issue 35 item 3): G-VBSM (authors' protocol) from random real images, and with the
-    # total-variation prior (docs/method.md Eq. 18) on top
-    "gvbsm_real_init": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", "syn_init": "real"}),
-    "gvbsm_real_init_tv": ("gvbsm", ["--syn_protocol", "authors"],
-                           {"syn_backbone_choice": "round_robin", "syn_init": "real", "syn_tv_weight": TV_WEIGHT}),
-    "gvbsm_real_init_instance": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
-                                 {"syn_backbone_choice": "round_robin", "syn_init": "real",
-                                  "syn_r_instance": INSTANCE_WEIGHT}),
-    "gvbsm_real_init_tv_instance": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
-                                    {"syn_backbone_choice": "round_robin", "syn_init": "real", "syn_tv_weight": TV_WEIGHT,
-                                     "syn_r_instance": INSTANCE_WEIGHT}),
-    "gvbsm_real_init_tv_instance_strong": ("gvbsm", ["--syn_protocol", "authors", "--stats_instance", "true"],
-                                           {"syn_backbone_choice": "round_robin", "syn_init": "real",
-                                            "syn_tv_weight": TV_WEIGHT_STRONG, "syn_r_instance": INSTANCE_WEIGHT_STRONG}),
-    # each component's share in gvbsm_authors: one change each (docs/method.md Eqs. 6, 10, 5; the first-layer weight)
-    **{f"gvbsm_authors_{suffix}": ("gvbsm", ["--syn_protocol", "authors"], {"syn_backbone_choice": "round_robin", **change})
-       for suffix, change in {"no_bn": {"syn_r_bn": 0.0}, "no_conv": {"syn_r_conv": 0.0}, "no_dd": {"syn_dd": False},
-                              "first_layer_1": {"syn_first_layer_multiplier": 1.0},
-                              "convnet_teachers": {}}.items()},  # the teacher family: SYN_TEACHER_FILTER
-    # the relabel ensemble's size and logit normalisation, on the random subset's images (RELABEL_ENSEMBLE)
-    "random_real_relabel_1": (RANDOM, [], {}),
-    "random_real_relabel_2": (RANDOM, [], {}),
-    "random_real_relabel_3": (RANDOM, [], {}),
-    "random_real_logit_norm": (RANDOM, ["--relabel_logit_norm", "true"], {}),
-    # another random subset (syn_seed 1): the baseline's own draw-to-draw spread, the scale of every margin
-    "random_real_draw1": (RANDOM, ["--syn_seed", "1"], {}),
-    RANDOM: (RANDOM, [], {}),  # the baseline (``random_real`` of the results), not a row
-}
-
-# rows that synthesise from a subset of the teachers (``--syn_teachers``; relabelling keeps all): row -> keep(teacher)
-SYN_TEACHER_FILTER: dict[str, Callable[[str], bool]] = {
-    "gvbsm_authors_convnet_teachers": lambda teacher: Path(teacher).name.startswith("convnet"),
-}
-
-
-# rows relabelled by the first k teachers as given (``--relabel_teachers``; synthesis unchanged): row -> k
-RELABEL_ENSEMBLE: dict[str, int] = {"random_real_relabel_1": 1, "random_real_relabel_2": 2, "random_real_relabel_3": 3}
-
-
-def relabel_teachers(name: str, teachers: Sequence[str]) -> list[str]:
-    """The ``--relabel_teachers`` of row ``name`` (empty: the whole ensemble); refuses a set too small for the row."""
-    if name not in RELABEL_ENSEMBLE:
-        return []
-    k = RELABEL_ENSEMBLE[name]
-    if k >= len(teachers):
-        raise SystemExit(f"row {name} relabels with the first {k} teachers, so it needs more than {k} (got "
-                         f"{len(teachers)}: it would be random_real under another name); pass the margin benchmark's four.")
-    return list(teachers[:k])
-
-
-def syn_teachers(name: str, teachers: Sequence[str]) -> list[str]:
-    """The ``--syn_teachers`` of row ``name`` (empty: every teacher synthesises); refuses a filter that keeps
-    no teacher or every teacher (the row would not be what its name says)."""
-    if name not in SYN_TEACHER_FILTER:
-        return []
-    kept = [t for t in teachers if SYN_TEACHER_FILTER[name](t)]
-    if not kept or len(kept) == len(teachers):
-        raise SystemExit(f"row {name} synthesises from a subset of the teachers, but {teachers} gives "
-                         f"{len(kept)} of {len(teachers)}: pass teachers of more than one family (the ConvNets and "
-                         "another), e.g. the margin benchmark's four.")
-    return kept
-
+# the rows (what each one runs) and the results document (its schema, tables) are modules of their own
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/, also when loaded by path (tests)
+from cross_arch.results import (DIAGNOSTIC_COLUMNS, build_result, diagnostics_markdown, diagnostics_of,  # noqa: E402,F401
+                                markdown, validate_result)
+from cross_arch.rows import (EVALUATORS, HARD_EVALUATOR, RANDOM, RECIPES, RELABEL_ENSEMBLE, STUDENT,  # noqa: E402,F401
+                             SYN_TEACHER_FILTER, relabel_teachers, syn_teachers)
 
 # --smoke (module docstring); explicit flags still win
 SMOKE = {"ipc": 2, "recipes": ["gvbsm_authors", "rded"], "evaluators": ["convnet128_in", "vit_tiny_p4"],
@@ -207,15 +120,6 @@ SMOKE = {"ipc": 2, "recipes": ["gvbsm_authors", "rded"], "evaluators": ["convnet
          "real_per_class": 20,
          "extra": [("--dataset_name digits --max_train_samples 200 --max_eval_samples 100 --student convnet32 "
                     "--per_device_train_batch_size 20 --accept_unhealthy_synthesis true")]}
-
-STATS_KEYS = {"mean": float, "std": float, "per_seed": list}
-ROW_KEYS = {"recipe": str, "per_evaluator": dict, "mean_over_evaluators": float, "min_margin_vs_random": float,
-            "hard_label_in": float, "within_class_diversity": float}
-EXTRA_ROW_KEYS = {"diagnostics"}  # beside the issue's schema: {measure: float} (gvbsm_hf.image_diagnostics.diagnose)
-TOP_KEYS = {"command": str, "teachers": list, "ipc": int, "labels": str, "evaluators": list, "random_real": dict,
-            "rows": list, "best": dict}
-BEST_KEYS = {"recipe": str, "mean_over_evaluators": float, "min_margin_vs_random": float}
-
 
 # ------------------------------------------------------------------------------------- diversity
 
@@ -337,7 +241,7 @@ def _restore_rows(results: Path, work: Path) -> None:
     restored = [{"recipe": RANDOM, "method": RANDOM, "hard_label_in": None, "within_class_diversity": None,
                  "per_evaluator": {e: s["per_seed"] for e, s in data["random_real"].items()}}]
     restored += [{"recipe": r["recipe"], "method": RECIPES[r["recipe"]][0], "hard_label_in": r["hard_label_in"],
-                  "within_class_diversity": r["within_class_diversity"], **_diagnostics_of(r),
+                  "within_class_diversity": r["within_class_diversity"], **diagnostics_of(r),
                   "per_evaluator": {e: s["per_seed"] for e, s in r["per_evaluator"].items()}} for r in data["rows"]]
     for row in restored:
         path = out / f"{row['recipe']}.json"
@@ -348,150 +252,6 @@ def _restore_rows(results: Path, work: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- collect
-
-
-def _diagnostics_of(row: dict) -> dict[str, Any]:
-    """``{"diagnostics": {...}}`` (rounded) when the saved row has them (a row saved before they existed has
-    none), else ``{}``: the results row's extra key beside the issue's schema."""
-    d = row.get("diagnostics")
-    return {"diagnostics": {k: round(float(v), 6) for k, v in d.items()}} if d else {}
-
-
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    values = [float(v) for v in values]
-    return {"mean": round(mean(values), 3), "std": round(stdev(values), 3) if len(values) > 1 else 0.0,
-            "per_seed": [round(v, 3) for v in values]}
-
-
-def build_result(command: str, teachers: list[dict], ipc: int, labels: str, evaluators: list[str],
-                 saved: dict[str, dict]) -> dict[str, Any]:
-    """The results document (:func:`validate_result`) from the saved rows (``{recipe: row}``, the random
-    subset under ``random_real``); rows lacking an evaluator are left out."""
-    if RANDOM not in saved or not set(evaluators) <= set(saved[RANDOM]["per_evaluator"]):
-        raise RuntimeError(f"the random subset ({RANDOM}) has not run on every evaluator {evaluators}: run it first")
-    random_real = {e: _stats(saved[RANDOM]["per_evaluator"][e]) for e in evaluators}
-    rows = []
-    for name in [n for n in RECIPES if n != RANDOM and n in saved]:
-        s = saved[name]
-        if not set(evaluators) <= set(s["per_evaluator"]) or s.get("hard_label_in") is None:
-            print(f"{name}: not on every evaluator or without its hard-label row; left out", flush=True)
-            continue
-        per = {e: _stats(s["per_evaluator"][e]) for e in evaluators}
-        rows.append({"recipe": name, "per_evaluator": per,
-                     "mean_over_evaluators": round(mean(per[e]["mean"] for e in evaluators), 3),
-                     "min_margin_vs_random": round(min(per[e]["mean"] - random_real[e]["mean"] for e in evaluators), 3),
-                     "hard_label_in": round(float(s["hard_label_in"]), 3),
-                     "within_class_diversity": round(float(s["within_class_diversity"]), 4), **_diagnostics_of(s)})
-    if not rows:
-        raise RuntimeError("no row has run on every evaluator yet")
-    # the best distilled set: rows of the random subset itself (another draw, other labels) are baselines
-    distilled = [r for r in rows if RECIPES[r["recipe"]][0] != RANDOM] or rows
-    best = max(distilled, key=lambda r: r["mean_over_evaluators"])
-    return {"command": command, "teachers": teachers, "ipc": int(ipc), "labels": labels, "evaluators": list(evaluators),
-            "random_real": random_real, "rows": rows,
-            "best": {k: best[k] for k in ("recipe", "mean_over_evaluators", "min_margin_vs_random")}}
-
-
-def _check(value: Any, kind: type, where: str) -> None:
-    ok = isinstance(value, kind) and not isinstance(value, bool) if kind in (int, float) else isinstance(value, kind)
-    if kind is float and ok and not math.isfinite(value):
-        ok = False
-    if not ok:
-        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}")
-
-
-def _check_keys(d: Any, keys: dict[str, type], where: str) -> None:
-    _check(d, dict, where)
-    if set(d) != set(keys):
-        raise ValueError(f"{where}: keys {sorted(d)} != {sorted(keys)}")
-    for k, kind in keys.items():
-        _check(d[k], kind, f"{where}.{k}")
-
-
-def _check_stats(d: Any, where: str) -> None:
-    _check_keys(d, STATS_KEYS, where)
-    if not d["per_seed"]:
-        raise ValueError(f"{where}.per_seed is empty")
-    for i, v in enumerate(d["per_seed"]):
-        _check(v, float, f"{where}.per_seed[{i}]")
-
-
-def validate_result(result: Any) -> None:
-    """Raise ``ValueError`` unless ``result`` has exactly the schema of issue 35::
-
-        {"command": str, "teachers": [{"name": str, "top1": float}], "ipc": int, "labels": str,
-         "evaluators": [str], "random_real": {EVALUATOR: {"mean": float, "std": float, "per_seed": [float]}},
-         "rows": [{"recipe": str, "per_evaluator": {EVALUATOR: {...}}, "mean_over_evaluators": float,
-                   "min_margin_vs_random": float, "hard_label_in": float, "within_class_diversity": float}],
-         "best": {"recipe": str, "mean_over_evaluators": float, "min_margin_vs_random": float}}
-
-    A row may also hold the extra key ``diagnostics`` (:data:`EXTRA_ROW_KEYS`, ``{measure: float}``).
-    """
-    _check_keys(result, TOP_KEYS, "result")
-    for i, t in enumerate(result["teachers"]):
-        _check_keys(t, {"name": str, "top1": float}, f"teachers[{i}]")
-    evaluators = result["evaluators"]
-    if not evaluators or not all(isinstance(e, str) for e in evaluators):
-        raise ValueError(f"evaluators: expected a non-empty list of str, got {evaluators!r}")
-    if set(result["random_real"]) != set(evaluators):
-        raise ValueError(f"random_real: keys {sorted(result['random_real'])} != evaluators {sorted(evaluators)}")
-    for e, s in result["random_real"].items():
-        _check_stats(s, f"random_real.{e}")
-    if not result["rows"]:
-        raise ValueError("rows is empty")
-    for i, row in enumerate(result["rows"]):
-        _check_keys({k: v for k, v in row.items() if k not in EXTRA_ROW_KEYS}, ROW_KEYS, f"rows[{i}]")
-        for k, v in row.get("diagnostics", {}).items():
-            _check(v, float, f"rows[{i}].diagnostics.{k}")
-        if set(row["per_evaluator"]) != set(evaluators):
-            raise ValueError(f"rows[{i}].per_evaluator: keys {sorted(row['per_evaluator'])} != {sorted(evaluators)}")
-        for e, s in row["per_evaluator"].items():
-            _check_stats(s, f"rows[{i}].per_evaluator.{e}")
-    _check_keys(result["best"], BEST_KEYS, "best")
-    if result["best"]["recipe"] not in {r["recipe"] for r in result["rows"]}:
-        raise ValueError(f"best.recipe {result['best']['recipe']!r} is not a row")
-
-
-def markdown(result: dict) -> str:
-    evs = result["evaluators"]
-    lines = ["| row | " + " | ".join(evs) + " | mean | min margin vs random | hard labels (convnet128_in) | "
-             "within-class diversity |", "| --- |" + " --- |" * (len(evs) + 4)]
-    lines.append(f"| {RANDOM} | " + " | ".join(f"{result['random_real'][e]['mean']:.2f} ± "
-                                               f"{result['random_real'][e]['std']:.2f}" for e in evs)
-                 + f" | {mean(result['random_real'][e]['mean'] for e in evs):.2f} | 0 |  |  |")
-    for r in result["rows"]:
-        lines.append(f"| {r['recipe']} | " + " | ".join(f"{r['per_evaluator'][e]['mean']:.2f} ± "
-                                                      f"{r['per_evaluator'][e]['std']:.2f}" for e in evs)
-                     + f" | {r['mean_over_evaluators']:.2f} | {r['min_margin_vs_random']:+.2f} | "
-                       f"{r['hard_label_in']:.2f} | {r['within_class_diversity']:.3f} |")
-    return "\n".join(lines) + "\n" + diagnostics_markdown(result["rows"])
-
-
-DIAGNOSTIC_COLUMNS = ("contrast", "saturated_fraction", "high_frequency_share", "instance_mean_distance",
-                      "instance_std_distance", "instance_mean_spread_ratio", "within_class_diversity")
-"""The measures of :func:`diagnostics_markdown` (docs/method.md "Image diagnostics", Eq. 13-17)."""
-
-
-def diagnostics_markdown(rows: Sequence[dict]) -> str:
-    """A second table: each row's image diagnostics (:data:`DIAGNOSTIC_COLUMNS`), and a ``real images`` line
-    with the real reference's values (``_real``; 0 / 1 for the measures relative to real); empty when no row
-    has diagnostics."""
-    rows = [r for r in rows if r.get("diagnostics")]
-    if not rows:
-        return ""
-
-    def cell(d: dict, key: str, side: str) -> str:
-        value = d.get(f"{key}_{side}", d.get(key) if side == "syn" else None)
-        if value is None and side == "real":
-            value = {"instance_mean_distance": 0.0, "instance_std_distance": 0.0}.get(key, 1.0)
-        return "" if value is None else f"{float(value):.3f}"
-
-    lines = ["", "| images | " + " | ".join(DIAGNOSTIC_COLUMNS) + " |", "| --- |" + " --- |" * len(DIAGNOSTIC_COLUMNS)]
-    lines.append("| real images | " + " | ".join(cell(rows[0]["diagnostics"], k, "real") for k in DIAGNOSTIC_COLUMNS)
-                 + " |")
-    lines += [f"| {r['recipe']} | " + " | ".join(cell(r["diagnostics"], k, "syn") for k in DIAGNOSTIC_COLUMNS) + " |"
-              for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def teacher_set(folders: Sequence[str]) -> list[dict[str, Any]]:
