@@ -22,7 +22,7 @@ variant's rows in the results file, so the variants accumulate.
     python benchmarks/recover_step.py --variant before
     python benchmarks/recover_step.py --variant after
     python benchmarks/recover_step.py --gpu               # CUDA machine: batch 100 @ 224 px, bf16, channels_last
-    python benchmarks/recover_step.py --smoke             # seconds: convnet32, batch 2, writes nothing
+    python benchmarks/recover_step.py --smoke             # seconds: convnet32, batch 2 (also with the --gpu options), writes nothing
 
 ``--gpu`` adds the ``gpu`` entry: the four ImageNet teachers at batch 100 (50 classes x 2 slots, the
 ImageNet-1k recipe's job) with the options of ``recipes/imagenet1k/gvbsm_ipc10.yaml``; seconds per
@@ -196,7 +196,7 @@ def measure(backbone: str, size: int, channels: int, classes: int, method: str, 
         ops_ce = count_aten_ops(ce_step)
         where = {"method_step": op_times(method_step, breakdown), "ce_only_step": op_times(ce_step, breakdown)} if breakdown else None
         clean = True
-        with sync_debug(gpu is not None):
+        with sync_debug(gpu is not None and device.type == "cuda"):
             try:
                 ms = timed(method_step, device, repeats)
             except RuntimeError as err:  # a host sync inside the step under set_sync_debug_mode("error")
@@ -240,10 +240,14 @@ def main() -> None:
     common = dict(variant=args.variant, warmup=args.warmup, repeats=args.repeats)
     if args.smoke:
         rows = [measure("convnet32", 28, 1, 4, m, classes_per_job=1, slots=2, device=torch.device("cpu"),
-                        variant=args.variant if args.variant != "after_compiled" else "after", warmup=1, repeats=1,
+                        variant=args.variant if args.variant != "after_compiled" else "after", warmup=2, repeats=1,
                         breakdown=3)
                 for m in METHODS]
-        assert all(r["ops_per_iteration"] > 0 and r["_breakdown"]["method_step"]["top"] for r in rows)
+        # the --gpu options (the ImageNet recipe's gvbsm group, bf16 autocast, channels_last) on the CPU
+        rows.append(measure("convnet32", 28, 1, 4, "gvbsm", classes_per_job=1, slots=2, device=torch.device("cpu"),
+                            variant="after", warmup=2, repeats=1, gpu=recipe_options() | {"patch_size": 4}))
+        assert all(r["ops_per_iteration"] > 0 for r in rows) and rows[-1].pop("_sync_clean")
+        assert all(r["_breakdown"]["method_step"]["top"] for r in rows[:-1])
         return
     out = Path(args.output)
     result = json.loads(out.read_text()) if out.exists() else {"rows": [], "gpu": None}
