@@ -232,7 +232,7 @@ def main() -> None:
     p.add_argument("--breakdown", type=int, default=0, metavar="TOP",
                    help="CPU: also profile one method and one CE-only iteration per row and write the TOP ops by self "
                    "CPU time to recover_step_breakdown.json beside --output (where the time over CE-only goes)")
-    p.add_argument("--smoke", action="store_true", help="seconds: convnet32 @ 28 px, batch 2, 1 warm-up, 1 repeat, "
+    p.add_argument("--smoke", action="store_true", help="seconds: convnet32 @ 28 px, batch 2, 2 warm-ups, 1 repeat, "
                    "writes nothing")
     args = p.parse_args()
     if args.threads:
