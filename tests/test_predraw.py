@@ -30,6 +30,20 @@ def teachers_and_stats():
     return teachers, make_statistics(teachers)
 
 
+@pytest.fixture(scope="module")
+def class_stats(teachers_and_stats):
+    """The same teachers' statistics with the per-class ones (syn_class_weight < 1)."""
+    from gvbsm_hf.record.config import StatisticsArguments
+    from gvbsm_hf.record.engine import record_statistics
+
+    teachers, _ = teachers_and_stats
+    images, labels = digits_uint8()
+    batches = list(zip(images[:400].split(100), labels[:400].split(100)))
+    return [record_statistics(t, batches, SPEC, StatisticsArguments(
+        stats_patch_size=4, stats_conv_target="input", stats_augment="authors", stats_patch_mode="resize",
+        stats_per_class=True)) for t in teachers]
+
+
 def _runner(teachers, stats, stack, folder: Path, method: str, real, **options) -> JobRunner:
     config = method_config(method, small_args(syn_method=method, **options))
     stats_args = dataclasses.replace(STATS_ARGS, stats_augment="authors")  # the statistics' family, any syn_augment
@@ -46,6 +60,7 @@ CASES = [
     ("gvbsm", {"syn_beta_dr": 1.0, "syn_augment": "none"}),
     ("sre2l", {}), ("sre2l+dd", {}), ("sre2l+gbm", {"syn_backbone_choice": "uniform"}),
     ("feature_regression", FR), ("feature_regression", FR | {"syn_fr_stagger": True}),
+    ("gvbsm", {"syn_class_weight": 0.5}), ("gvbsm", {"syn_class_weight": 0.3, "syn_beta_dr_unit": "statistic"}),
 ]
 """Every registered optimised method (random_real and rded select, they draw nothing per iteration)."""
 
@@ -58,8 +73,10 @@ def test_every_optimised_method_is_covered():
 
 
 @pytest.mark.parametrize("method,options", CASES)
-def test_interval_draws_match_the_per_iteration_draws(teachers_and_stats, tmp_path, method, options):
+def test_interval_draws_match_the_per_iteration_draws(teachers_and_stats, class_stats, tmp_path, method, options):
     teachers, stats = teachers_and_stats
+    if "syn_class_weight" in options:  # soft category-aware matching: per-class drops after the global ones
+        stats = class_stats
     real = digits_uint8() if method == "feature_regression" else None
     options = {"syn_iterations": 10, "syn_checkpoint_every": 4} | options
     with ExitStack() as stack:
@@ -110,8 +127,9 @@ def test_kill_mid_interval_resumes_to_the_same_images(teachers_and_stats, tmp_pa
     assert torch.equal(full.images, resumed.images)
 
 
-def test_class_weight_draws_inside_the_loss_and_refuses_compile():
-    config = method_config("gvbsm", small_args(syn_method="gvbsm", syn_class_weight=0.5))
-    draw = get_method("gvbsm").loss.draw
-    assert "syn_class_weight" in draw.unsupported(config)
-    assert draw.unsupported(method_config("gvbsm", small_args(syn_method="gvbsm"))) is None
+def test_not_compilable_names_the_configs_syn_compile_refuses():
+    loss = get_method("gvbsm").loss
+    assert "syn_class_weight" in loss.not_compilable(method_config("gvbsm", small_args(syn_method="gvbsm",
+                                                                                     syn_class_weight=0.5)))
+    assert loss.not_compilable(method_config("gvbsm", small_args(syn_method="gvbsm"))) is None
+    assert get_method("feature_regression").loss.not_compilable(None)

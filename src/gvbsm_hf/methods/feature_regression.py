@@ -283,4 +283,5 @@ def feature_regression_step(step: SynthesisStep) -> tuple[torch.Tensor, dict[str
 
 
 feature_regression_step.draw = draw_pool  # type: ignore[attr-defined]
-feature_regression_step.compilable = False  # type: ignore[attr-defined]  # pool re-draws are Python control flow
+feature_regression_step.not_compilable = (  # type: ignore[attr-defined]
+    lambda config: "re-draws its pool networks in Python control flow")

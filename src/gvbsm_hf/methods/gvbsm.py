@@ -37,6 +37,7 @@ from ..densification import class_major_dd_loss
 from ..errors import StatisticsMismatchError
 from ..losses import data_densification_loss, total_variation_loss
 from ..matching import FlatLayout, build_layout, drop_draws, drop_uniforms, fused_matching_loss, keep_mask, layout_key
+from ..moments import CONV_STATISTICS
 from ..validation import check_range
 from .registry import SynthesisConfig, SynthesisStep, register_method
 
@@ -171,20 +172,26 @@ def instance_bn_loss(stats: dict[str, torch.Tensor], targets: dict[str, torch.Te
     return torch.stack(terms).sum()
 
 
+def class_drop_keep(n_layers: int, *, beta_dr: float, drop: str, generator=None) -> list[bool]:
+    """The keep flags of :func:`class_conv_loss`'s terms: one per Conv layer (``drop="layer"``) or per layer and
+    statistic of Eq. 9 (``"statistic"``); ``torch.rand`` draws on the CPU only when ``0 < beta_dr < 1``."""
+    n_draws = n_layers * len(CONV_STATISTICS) if drop == "statistic" else n_layers
+    if beta_dr <= 0.0:
+        return [True] * n_draws
+    if beta_dr >= 1.0:
+        return [False] * n_draws
+    return (torch.rand(n_draws, generator=generator) >= beta_dr).tolist()
+
+
 def class_conv_loss(stats, targets, emas, *, alpha: float, beta_dr: float, generator=None, layer_weights=None,
-                    drop: str = "layer", ema_init: str = "first"):
+                    drop: str = "layer", ema_init: str = "first", keep: list[bool] | None = None):
     """``L^class_Conv = sum_l w_l sum_s keep_{l,s} class_sds(s_l)`` (the four statistics of Eq. 9 per class),
-    dropped as :func:`gvbsm_hf.losses.conv_matching_loss` does (draws only when ``0 < beta_dr < 1``; a
-    dropped term keeps its EMA)."""
+    dropped as :func:`gvbsm_hf.losses.conv_matching_loss` does (:func:`class_drop_keep`, or ``keep`` drawn
+    ahead of the step; a dropped term keeps its EMA)."""
     weights = layer_weights or {}
     names = list(stats)
-    n_draws = sum(len(stats[n]) for n in names) if drop == "statistic" else len(names)
-    if beta_dr <= 0.0:
-        keep = [True] * n_draws
-    elif beta_dr >= 1.0:
-        keep = [False] * n_draws
-    else:
-        keep = (torch.rand(n_draws, generator=generator) >= beta_dr).tolist()
+    if keep is None:
+        keep = class_drop_keep(len(names), beta_dr=beta_dr, drop=drop, generator=generator)
     new = {name: dict(v) for name, v in (emas or {}).items()}
     terms, draw = [], 0
     for li, name in enumerate(names):
@@ -230,8 +237,9 @@ def teacher_layout(teacher, bn_stats, conv_stats, c: GVBSMConfig, bn_multiplier:
 
 def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator, **_: object) -> dict | None:
     """The random draws of the next step, made ahead of it (``SynthesisStep.draws``; a whole checkpoint interval
-    at once, or before a compiled step): the ``beta_dr`` uniforms ``{"u": (n_draws,)}`` on the CPU
-    (:func:`gvbsm_hf.matching.drop_uniforms`, the loss's own order), ``{}`` when the step draws nothing. The
+    at once, or before a compiled step), in the loss's own order: the ``beta_dr`` uniforms ``{"u": (n_draws,)}``
+    on the CPU (:func:`gvbsm_hf.matching.drop_uniforms`), then with ``syn_class_weight < 1`` the per-class Conv
+    terms' keep flags ``"class_keep"`` (:func:`class_drop_keep`); ``{}`` when the step draws nothing. The
     terms' layout comes from the teacher's last step, or from the statistics its hooks hold (a probe forward);
     ``None`` when neither exists yet (nothing drawn)."""
     bn_multiplier = c.syn_first_layer_multiplier if c.syn_first_layer == "first_bn_and_conv" else 1.0
@@ -243,20 +251,22 @@ def draw_matching(c: GVBSMConfig, teacher, generator: torch.Generator, **_: obje
         if not (bn_stats or conv_stats):
             return None
         layout = teacher_layout(teacher, bn_stats, conv_stats, c, bn_multiplier)
-    if layout is None or not layout.conv_layers:
-        return {}
-    u = drop_uniforms(layout, c.syn_beta_dr, generator)
-    return {} if u is None else {"u": u}
+    draws: dict = {}
+    if layout is not None and layout.conv_layers:
+        u = drop_uniforms(layout, c.syn_beta_dr, generator)
+        if u is not None:
+            draws["u"] = u
+    if c.uses_class_stats() and c.syn_r_conv > 0:  # then the per-class Conv terms' drops (a list: no upload)
+        draws["class_keep"] = class_drop_keep(len(teacher.class_conv_targets), beta_dr=c.syn_beta_dr,
+                                              drop=c.syn_beta_dr_unit, generator=generator)
+    return draws
 
 
-def _draws_unsupported(c: GVBSMConfig) -> str | None:
-    """Why this config's draws cannot be made ahead of the step (``None``: they can)."""
+def _not_compilable(c: GVBSMConfig) -> str | None:
+    """Why ``syn_compile`` cannot compile this config's step (``None``: it can)."""
     if c.uses_class_stats():
-        return "syn_class_weight < 1 draws its per-class drops inside the loss"
+        return "turns the per-class drops (syn_class_weight < 1) into Python control flow"
     return None
-
-
-draw_matching.unsupported = _draws_unsupported  # type: ignore[attr-defined]
 
 
 def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -297,7 +307,7 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
                 t.hooks.conv_class_stats, t.class_conv_targets, step.state.get("conv_class"), alpha=c.syn_alpha,
                 beta_dr=c.syn_beta_dr, generator=step.generator,
                 layer_weights=t.layer_weights("conv", c.syn_first_layer_multiplier), drop=c.syn_beta_dr_unit,
-                ema_init=c.syn_ema_init,
+                ema_init=c.syn_ema_init, keep=None if step.draws is None else step.draws["class_keep"],
             )
             extra["conv_class"] = conv_class
             conv = w * conv + (1.0 - w) * conv_class
@@ -320,6 +330,7 @@ def matching_loss(step: SynthesisStep) -> tuple[torch.Tensor, dict[str, torch.Te
 
 
 matching_loss.draw = draw_matching  # type: ignore[attr-defined]
+matching_loss.not_compilable = _not_compilable  # type: ignore[attr-defined]
 
 register_method("gvbsm", config=GVBSMConfig, description="G-VBSM: GBM + BN/Conv matching in SDS form + DD")(matching_loss)
 register_method("sre2l", config=SRe2LConfig, description="SRe2L: CE + BN matching, one teacher")(matching_loss)

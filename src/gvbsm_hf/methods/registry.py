@@ -127,9 +127,9 @@ class SynthesisStep:
     step: the engine draws a whole checkpoint interval at once (:mod:`gvbsm_hf.recover.draws`) and passes
     each step its ``draws`` (on the device). ``scratch`` is a dict the draw function owns for one interval
     (e.g. counters it advances); ``None`` means it needs the teacher's statistics first (the engine runs a
-    probe forward and asks again). ``draw.unsupported(config) -> str | None`` names a config whose draws stay
-    inside the loss (then the loss gets ``generator`` and draws itself, one iteration at a time);
-    ``loss.compilable = False`` keeps ``syn_compile`` off for a loss with Python control flow."""
+    probe forward and asks again). A loss without ``draw`` gets ``generator`` and draws itself, one iteration at
+    a time. ``loss.not_compilable(config) -> str | None`` says why ``syn_compile`` cannot compile a config's step
+    (Python control flow), ``None`` when it can."""
 
     config: SynthesisConfig
     x: "torch.Tensor"

@@ -129,12 +129,10 @@ class JobRunner:
         self.teachers_used: set[int] = set()
         self.log_path = folder / f"job_{job.index:05d}.log.jsonl"
         self.draw_fn = getattr(self.loss_fn, "draw", None)
-        unsupported = getattr(self.draw_fn, "unsupported", None)
-        self.draws_unsupported = unsupported(args) if unsupported is not None else None
         if args.syn_compile:
+            not_compilable = getattr(self.loss_fn, "not_compilable", None)
             why = ("does not declare its random draws (loss.draw, gvbsm_hf.methods.SynthesisStep)" if self.draw_fn is None
-                   else "is Python control flow" if not getattr(self.loss_fn, "compilable", True)
-                   else self.draws_unsupported)
+                   else not_compilable(args) if not_compilable is not None else None)
             if why:
                 raise GVBSMError(f"syn_compile: the loss of method {args.syn_method!r} {why}, so it cannot be "
                                  "compiled; set syn_compile: false.")
@@ -185,8 +183,8 @@ class JobRunner:
     # -- the draws ---------------------------------------------------------------------------------
     @property
     def predraws(self) -> bool:
-        """Whether a whole checkpoint interval is drawn ahead: the method declares its loss draws for this config."""
-        return self.draw_fn is not None and not self.draws_unsupported
+        """Whether a whole checkpoint interval is drawn ahead: the method's loss declares its draws (``loss.draw``)."""
+        return self.draw_fn is not None
 
     def rng_state(self) -> torch.Tensor:
         """The job generator's state before this iteration's draws (what a checkpoint stores)."""
