@@ -123,7 +123,7 @@ def recipe_options() -> dict[str, Any]:
 
 def measure(backbone: str, size: int, channels: int, classes: int, method: str, *, variant: str, classes_per_job: int,
             slots: int, device: torch.device, warmup: int, repeats: int, gpu: dict | None = None,
-            breakdown: int = 0) -> dict[str, Any]:
+            breakdown: int = 0, patch_mode: str | None = None) -> dict[str, Any]:
     """One row: the method's iteration and the CE-only iteration of the same teacher on one job."""
     # the package is imported here, after main() put src/ on the path (the script runs without installing it)
     from gvbsm_hf.backbones import create_backbone
@@ -154,7 +154,7 @@ def measure(backbone: str, size: int, channels: int, classes: int, method: str, 
         if "syn_compile" not in {f.name for f in dataclasses.fields(syn)}:
             raise SystemExit("--variant after_compiled needs the syn_compile option (issue 32, step 5).")
         syn = dataclasses.replace(syn, syn_compile=True)
-    stats_args = StatisticsArguments(stats_patch_size=patch, stats_conv_target="input")
+    stats_args = StatisticsArguments(stats_patch_size=patch, stats_conv_target="input", stats_patch_mode=patch_mode)
     stats = None
     if syn.uses_conv():
         g = torch.Generator().manual_seed(0)
@@ -229,6 +229,9 @@ def main() -> None:
                    "the ImageNet-1k recipe's options, bf16 + channels_last, sync debug mode 'error'")
     p.add_argument("--note", default="", help="appended to the command (e.g. 'timings under load')")
     p.add_argument("--output", default=str(RESULTS))
+    p.add_argument("--stats-patch-mode", default=None, choices=["resize", "partial"],
+                   help="CPU rows: the Conv patch statistics' mode (default: the protocol's, 'resize' for the authors'); "
+                   "with 'partial' write to another --output (the rows' keys do not name the mode)")
     p.add_argument("--breakdown", type=int, default=0, metavar="TOP",
                    help="CPU: also profile one method and one CE-only iteration per row and write the TOP ops by self "
                    "CPU time to recover_step_breakdown.json beside --output (where the time over CE-only goes)")
@@ -250,6 +253,9 @@ def main() -> None:
         assert all(r["_breakdown"]["method_step"]["top"] for r in rows[:-1])
         return
     out = Path(args.output)
+    if args.stats_patch_mode == "partial" and out.resolve() == RESULTS.resolve():
+        raise SystemExit("--stats-patch-mode partial: pass another --output (the rows' keys do not name the mode), "
+                         "e.g. benchmarks/results/recover_step_partial.json")
     result = json.loads(out.read_text()) if out.exists() else {"rows": [], "gpu": None}
     shown, skip = [], False
     for a in sys.argv[1:]:  # the command without --output / --note (the note follows it as a comment)
@@ -277,7 +283,7 @@ def main() -> None:
         device = torch.device("cpu")
         chosen = [r for r in CPU_ROWS if args.backbones is None or r[0] in args.backbones]
         rows = [measure(b, s, c, k, m, classes_per_job=args.classes_per_job, slots=args.slots, device=device,
-                        breakdown=args.breakdown, **common)
+                        breakdown=args.breakdown, patch_mode=args.stats_patch_mode, **common)
                 for b, s, c, k in chosen for m in args.methods]
         if args.breakdown:
             detail = [{k: r[k] for k in ("backbone", "image_size", "batch", "method", "variant")} | r.pop("_breakdown")
