@@ -58,6 +58,7 @@ CASES = [
     ("gvbsm", {}),
     ("gvbsm", {"syn_beta_dr_unit": "statistic", "syn_augment": "per_image_rrc", "syn_backbone_choice": "uniform"}),
     ("gvbsm", {"syn_beta_dr": 1.0, "syn_augment": "none"}),
+    ("gvbsm", {"syn_mixed_precision": "bf16", "syn_channels_last": True}),  # the GPU recipe's precision and layout
     ("sre2l", {}), ("sre2l+dd", {}), ("sre2l+gbm", {"syn_backbone_choice": "uniform"}),
     ("feature_regression", FR), ("feature_regression", FR | {"syn_fr_stagger": True}),
     ("gvbsm", {"syn_class_weight": 0.5}), ("gvbsm", {"syn_class_weight": 0.3, "syn_beta_dr_unit": "statistic"}),
