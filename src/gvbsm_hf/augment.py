@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from .errors import GVBSMError
+from .utils import to_device_async
 
 __all__ = [
     "CropFlipParams",
@@ -33,7 +34,6 @@ __all__ = [
     "cutmix",
     "cutmix_boxes",
     "paste_boxes",
-    "upload_draws",
 ]
 
 @dataclass
@@ -79,13 +79,6 @@ class CropFlipParams:
         boxes = torch.as_tensor(d["boxes"], dtype=torch.float32).reshape(-1, 4)
         flip = torch.as_tensor(d["flip"], dtype=torch.bool).reshape(-1)
         return cls(boxes, flip)
-
-
-def upload_draws(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU draw on ``device``: pinned and non-blocking on CUDA (a pageable copy would wait for the stream)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -178,10 +171,10 @@ def apply_crop_flip(x: torch.Tensor, params: CropFlipParams, out_size: int | Seq
     oh, ow = _out_hw(out_size)
     compute_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xin = x.to(compute_dtype)
-    boxes = upload_draws(params.boxes, x.device).to(compute_dtype)
+    boxes = to_device_async(params.boxes, x.device).to(compute_dtype)
     rois = torch.cat([torch.arange(n, device=x.device, dtype=compute_dtype)[:, None], boxes], dim=1)
     out = roi_align(xin, rois, output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    flip = upload_draws(params.flip, x.device).to(torch.bool).view(-1, 1, 1, 1)
+    flip = to_device_async(params.flip, x.device).to(torch.bool).view(-1, 1, 1, 1)
     out = torch.where(flip, out.flip(-1), out)
     return out.to(x.dtype) if x.dtype.is_floating_point else out
 

@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .augment import CropFlipParams, apply_crop_flip, pad_crop_flip, random_resized_crop_flip, sample_crop_flip, upload_draws
+from .augment import CropFlipParams, apply_crop_flip, pad_crop_flip, random_resized_crop_flip, sample_crop_flip
 from .errors import GVBSMError
+from .utils import to_device_async
 
 __all__ = [
     "AUGMENT_KINDS",
@@ -81,7 +82,7 @@ def authors_batch_augment(
         raise GVBSMError(f"authors_batch_augment expects (N, C, H, W), got shape {tuple(x.shape)}.")
     n, _, h, w = x.shape
     draws = sample_synthesis_augment("authors", n, h, w, crop_scale=crop_scale, jitter=jitter, generator=generator)
-    return apply_synthesis_augment(x, "authors", {k: upload_draws(v, x.device) for k, v in draws.items()})
+    return apply_synthesis_augment(x, "authors", {k: to_device_async(v, x.device) for k, v in draws.items()})
 
 
 def sample_synthesis_augment(
@@ -143,7 +144,7 @@ def synthesis_augment(
     :func:`apply_synthesis_augment` (the draws uploaded pinned and non-blocking)."""
     n, _, h, w = x.shape
     draws = sample_synthesis_augment(kind, n, h, w, crop_scale=crop_scale, generator=generator)
-    return apply_synthesis_augment(x, kind, {k: upload_draws(v, x.device) for k, v in draws.items()})
+    return apply_synthesis_augment(x, kind, {k: to_device_async(v, x.device) for k, v in draws.items()})
 
 
 def recording_augment(

@@ -26,6 +26,7 @@ from typing import Mapping
 import torch
 
 from .errors import GVBSMError, StatisticsMismatchError
+from .utils import to_device_async
 
 __all__ = ["FlatLayout", "build_layout", "drop_draws", "drop_uniforms", "fused_matching_loss", "keep_mask", "layout_key"]
 
@@ -166,12 +167,7 @@ def drop_draws(layout: FlatLayout, beta_dr: float, generator: torch.Generator | 
     """The ``beta_dr`` keep mask of the terms ``(T,)`` on the layout's device, or ``None`` (keep all):
     :func:`drop_uniforms` uploaded with a non-blocking copy (pinned on CUDA), then :func:`keep_mask`."""
     u = drop_uniforms(layout, beta_dr, generator)
-    device = layout.target.device
-    if u is not None:
-        if device.type == "cuda":
-            u = u.pin_memory()
-        u = u.to(device, non_blocking=True)
-    return keep_mask(layout, beta_dr, u)
+    return keep_mask(layout, beta_dr, None if u is None else to_device_async(u, layout.target.device))
 
 
 def _flat_state(layout: FlatLayout, state: dict) -> dict[str, torch.Tensor]:

@@ -18,6 +18,14 @@ from safetensors.torch import save_file
 from .errors import GVBSMError
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: a CPU tensor bound for CUDA goes from pinned memory with a non-blocking copy (a
+    pageable copy would wait for the stream, a host sync); anything else is ``t.to(device)``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)

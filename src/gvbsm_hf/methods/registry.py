@@ -126,9 +126,9 @@ class SynthesisStep:
     ``iteration`` in the order the loss would make them (CPU tensors, or Python numbers), made ahead of the
     step: the engine draws a whole checkpoint interval at once (:mod:`gvbsm_hf.recover.draws`) and passes
     each step its ``draws`` (on the device). ``scratch`` is a dict the draw function owns for one interval
-    (e.g. counters it advances); ``None`` means it needs the teacher's statistics first (the engine runs a
-    probe forward and asks again). A loss without ``draw`` gets ``generator`` and draws itself, one iteration at
-    a time. ``loss.not_compilable(config) -> str | None`` says why ``syn_compile`` cannot compile a config's step
+    (e.g. counters it advances); ``None`` means it needs the teacher's statistics first: that step then draws
+    inside the loss from ``generator`` (under ``syn_compile`` the engine runs a probe forward and asks again).
+    A loss without ``draw`` gets ``generator`` and draws itself, one iteration at a time. ``loss.not_compilable(config) -> str | None`` says why ``syn_compile`` cannot compile a config's step
     (Python control flow), ``None`` when it can."""
 
     config: SynthesisConfig

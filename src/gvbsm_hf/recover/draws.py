@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..utils import to_device_async
+
 __all__ = ["IterationDraws", "IntervalDraws", "upload_batched"]
 
 
@@ -72,13 +74,7 @@ def upload_batched(items: list[dict[str, Any]], device: torch.device) -> list[di
                 sizes[value.dtype] = offset + value.numel()
                 spots[key] = (value.dtype, offset, value.shape)
         where.append(spots)
-    buffers = {}
-    for dtype, chunks in parts.items():
-        flat = torch.cat(chunks)
-        if device.type == "cuda" and flat.device.type == "cpu":
-            buffers[dtype] = flat.pin_memory().to(device, non_blocking=True)
-        else:
-            buffers[dtype] = flat.to(device)
+    buffers = {dtype: to_device_async(torch.cat(chunks), device) for dtype, chunks in parts.items()}
     out = []
     for item, spots in zip(items, where):
         placed = dict(item)

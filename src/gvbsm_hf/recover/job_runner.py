@@ -16,7 +16,7 @@ from ..augment_families import apply_synthesis_augment, sample_synthesis_augment
 from ..data import DatasetSpec
 from ..errors import GVBSMError, NonFiniteLossError
 from ..methods import SynthesisConfig, SynthesisStep, get_method
-from ..utils import load_safetensors, seeded_generator
+from ..utils import load_safetensors, seeded_generator, to_device_async
 from .draws import IntervalDraws, IterationDraws, upload_batched
 from .jobs import SynthesisJob, cosine_lr
 from .teacher_slot import TeacherSlot
@@ -59,13 +59,6 @@ def _unflatten_state(tensors: dict[str, torch.Tensor], prefix: str, device: torc
         return node
 
     return fix(root)
-
-
-def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``: from pinned memory with a non-blocking copy on CUDA (no host sync)."""
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def pixel_adam(x: torch.Tensor, lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
@@ -272,7 +265,7 @@ class JobRunner:
             per_class = len(rows) // len(self.real_rows)
             labels = torch.tensor(self.job.classes, dtype=torch.long).repeat_interleave(per_class)
             self.real_labels = labels.to(self.device)
-        return upload(self.spec.normalize(self.real_images[rows]), self.device), self.real_labels
+        return to_device_async(self.spec.normalize(self.real_images[rows]), self.device), self.real_labels
 
     def step(self) -> None:
         args = self.args
